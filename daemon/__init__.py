@@ -1,0 +1,1 @@
+"""The cloud half of specd: the verifier daemon that holds the target model."""

@@ -1,0 +1,44 @@
+"""``specd``: the user's command line (chat, devices, bench, demo, convert)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specd.shared import __version__
+from specd.shared.errors import SpecdError
+
+NOT_YET = {
+    "chat": "chat with the model through the verifier",
+    "devices": "list the devices that can run the draft model",
+    "bench": "measure speed against cloud-only, side by side",
+    "demo": "run the embedded default end to end",
+    "convert": "prepare a draft model for an edge backend",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specd", description="specd: edge–cloud speculative decoding")
+    parser.add_argument("--version", action="version", version=f"specd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in NOT_YET.items():
+        sub.add_parser(name, help=text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        print(f"specd {args.command}: not available yet", file=sys.stderr)
+        return 2
+    except SpecdError as exc:
+        print(f"specd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Draft-model backends behind one ``Drafter`` interface (one file per backend)."""

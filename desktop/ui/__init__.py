@@ -1,0 +1,1 @@
+"""The PySide6 tray app; the only place specd imports Qt."""

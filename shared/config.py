@@ -1,0 +1,249 @@
+"""Typed, frozen configuration loaded from ``config.toml`` with ``tomllib``.
+
+Every key of the file is a field below; an unknown key, a wrong type or an impossible value fails at
+start with a message naming the key. Command-line flags override the file through
+:func:`load_config`'s ``overrides``. Secrets never live in the file: only the names of the
+environment variable or file that hold them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from specd.shared.errors import ConfigError
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0.0)]
+
+CONFIG_ENV = "SPECD_CONFIG"
+EDGE_DEVICES = ("auto", "npu", "gpu", "cpu")
+DRAFT_BACKENDS = ("auto", "torch", "onnxruntime-genai", "openvino")
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8765
+    api_key_env: str = "SPECD_API_KEY"
+    api_key_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    insecure_no_auth: bool = False
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ClientConfig(_Section):
+    server_url: str = "ws://127.0.0.1:8765"
+    api_key_env: str = "SPECD_API_KEY"
+    api_key_file: str = ""
+    tls_verify: bool = True
+    ca_file: str = ""
+    on_disconnect: Literal["local", "stop"] = "local"
+    connect_timeout_s: Seconds = 10.0
+    reconnect_max_s: Seconds = 30.0
+
+
+class ModelsConfig(_Section):
+    target: str = "smollm2-135m-instruct"
+    draft: str = "smollm2-135m-instruct"
+    draft_backend: Literal["auto", "torch", "onnxruntime-genai", "openvino"] = "auto"
+    draft_precision: Literal["int4", "int8", "fp16", "fp32"] = "int4"
+    cache_dir: str = ""
+
+
+class SamplingConfig(_Section):
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 0.7
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.95
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_new_tokens: Positive = 256
+    seed: Annotated[int, msgspec.Meta(ge=-1)] = -1
+
+
+class SpeculationConfig(_Section):
+    gamma: Positive | Literal["auto"] = "auto"
+    gamma_max: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    proposal_top_k: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    pipeline: bool = True
+
+
+class GpuConfig(_Section):
+    enabled: bool = True
+    device_id: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class NpuConfig(_Section):
+    enabled: bool = True
+    model_path: str = ""
+
+
+class DevicesConfig(_Section):
+    edge_device: Literal["auto", "npu", "gpu", "cpu"] = "auto"
+    gpu: GpuConfig = GpuConfig()
+    npu: NpuConfig = NpuConfig()
+
+
+class LimitsConfig(_Section):
+    max_sessions: Positive = 16
+    max_input_tokens: Positive = 4096
+    max_total_tokens: Positive = 8192
+    max_draft: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
+    max_support: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    idle_timeout_s: Seconds = 300.0
+    max_messages_per_second: Annotated[int, msgspec.Meta(ge=0)] = 200
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    client: ClientConfig = ClientConfig()
+    models: ModelsConfig = ModelsConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    speculation: SpeculationConfig = SpeculationConfig()
+    devices: DevicesConfig = DevicesConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+
+def _check(cfg: Config) -> None:
+    """Rules that span keys; each message names the keys involved."""
+    spec, lim, srv = cfg.speculation, cfg.limits, cfg.server
+    if isinstance(spec.gamma, int) and spec.gamma > spec.gamma_max:
+        raise ConfigError(f"[speculation] gamma = {spec.gamma} exceeds gamma_max = {spec.gamma_max}")
+    if spec.gamma_max > lim.max_draft:
+        raise ConfigError(f"[speculation] gamma_max = {spec.gamma_max} exceeds [limits] max_draft = {lim.max_draft}")
+    if spec.proposal_top_k > lim.max_support:
+        raise ConfigError(f"[speculation] proposal_top_k = {spec.proposal_top_k} exceeds [limits] "
+                          f"max_support = {lim.max_support}")
+    if lim.max_input_tokens >= lim.max_total_tokens:
+        raise ConfigError(f"[limits] max_input_tokens = {lim.max_input_tokens} must be below "
+                          f"max_total_tokens = {lim.max_total_tokens}")
+    if bool(srv.tls_cert) != bool(srv.tls_key):
+        raise ConfigError("[server] tls_cert and tls_key must be given together")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", srv.device):
+        raise ConfigError(f"[server] device = {srv.device!r}: allowed auto, cpu, cuda or cuda:N")
+    if not re.match(r"wss?://", cfg.client.server_url):
+        raise ConfigError(f"[client] server_url = {cfg.client.server_url!r} must start with ws:// or wss://")
+
+
+def _describe(exc: msgspec.ValidationError, source: str) -> str:
+    text = str(exc)
+    path = ""
+    match = re.search(r" - at `\$(.*)`$", text)
+    if match:
+        text = text[: match.start()]
+        path = match.group(1)
+    keys = [k for k in re.findall(r"\.(\w+)", path)]
+    unknown = re.match(r"Object contains unknown field `(\w+)`", text)
+    section = "[" + ".".join(keys) + "]" if keys else "top level"
+    if unknown:
+        allowed = _allowed_keys(keys)
+        return (f"{source}: unknown key {unknown.group(1)!r} in {section}; "
+                f"allowed: {', '.join(allowed)}")
+    where = ("[" + ".".join(keys[:-1]) + "] " + keys[-1]) if len(keys) > 1 else (keys[0] if keys else "")
+    return f"{source}: {where}: {text.replace('Expected', 'expected')}".replace(": : ", ": ")
+
+
+def _allowed_keys(keys: list[str]) -> list[str]:
+    struct: Any = Config
+    for key in keys:
+        struct = type(getattr(struct(), key))
+    return list(struct.__struct_fields__)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def default_config_path() -> Path | None:
+    """``$SPECD_CONFIG``, else ``./config.toml``, else the per-user and system files, else None."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    from specd.shared.paths import user_config_dir
+
+    for candidate in (Path.cwd() / "config.toml", user_config_dir() / "config.toml",
+                      Path("/etc/specd/config.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                layers: list[dict[str, Any]] | None = None) -> Config:
+    """Load the file (or the built-in defaults), apply ``layers`` then ``overrides``, and validate.
+
+    ``overrides`` is nested like the file, e.g. ``{"server": {"port": 9000}}``; values that are
+    None are ignored so unset flags do not override the file.
+    """
+    source = "defaults"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for layer in layers or []:
+        raw = _merge(raw, layer)
+    if overrides:
+        raw = _merge(raw, _drop_none(overrides))
+    try:
+        cfg = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    try:
+        _check(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def _drop_none(tree: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            inner = _drop_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def read_secret(env_name: str, file_name: str) -> str | None:
+    """A secret from the environment variable ``env_name`` or the first line of ``file_name``."""
+    if env_name:
+        value = os.environ.get(env_name, "").strip()
+        if value:
+            return value
+    if file_name:
+        try:
+            value = Path(file_name).expanduser().read_text(encoding="utf-8").strip().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the key file {file_name}: {exc.strerror}") from None
+        return value[0].strip() if value and value[0].strip() else None
+    return None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (as it would be written to TOML)."""
+    return msgspec.to_builtins(cfg)
