@@ -15,6 +15,13 @@ from specd.shared.errors import ProposalError
 # Proposal probabilities must sum to 1 within this tolerance before the verifier normalises them.
 PROPOSAL_SUM_TOLERANCE = 1e-3
 
+# Independent random streams, keyed by (seed, absolute position, stream): the draws for a position do
+# not depend on how earlier tokens were split into rounds, on discarded rounds or on reconnections.
+DRAFT_STREAM = 1
+VERIFY_STREAM = 2
+CLOUD_STREAM = 3
+_MASK64 = (1 << 64) - 1
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -65,6 +72,25 @@ class RoundResult:
     accepted: int
     token: int
     bonus: bool = False
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_generator(seed: int, position: int, stream: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator for the random draws at ``position`` of a request seeded with ``seed``.
+
+    Drafts use ``DRAFT_STREAM`` (position of the drafted token), the verifier ``VERIFY_STREAM``
+    (position of the round's first draft) and cloud-only generation ``CLOUD_STREAM``.
+    """
+    key = _splitmix64(_splitmix64(seed & _MASK64) ^ ((position & _MASK64) * 0x2545F4914F6CDD1D & _MASK64) ^ stream)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(key & ((1 << 63) - 1))
+    return generator
 
 
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
