@@ -1,0 +1,41 @@
+"""Shared test set-up: offline, headless, and small reusable models."""
+
+from __future__ import annotations
+
+import os
+
+# Before any library reads them: never reach the hub, render Qt offscreen, keep tokenizers quiet.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from tests.tiny_models import tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_target():
+    """A random-init tiny Llama (vocab 64) used as the target in fast tests."""
+    return tiny_llama(seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft():
+    """A different random-init tiny Llama (same vocab) used as the draft."""
+    return tiny_llama(seed=2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face folder (prepared once per user cache)."""
+    from specd.shared.models import ensure_hf_folder
+
+    return ensure_hf_folder("smollm2-135m-instruct")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
