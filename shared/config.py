@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+
 from specd.shared.errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -150,7 +153,25 @@ def _describe(exc: msgspec.ValidationError, source: str) -> str:
         return (f"{source}: unknown key {unknown.group(1)!r} in {section}; "
                 f"allowed: {', '.join(allowed)}")
     where = ("[" + ".".join(keys[:-1]) + "] " + keys[-1]) if len(keys) > 1 else (keys[0] if keys else "")
+    if text.startswith("Invalid enum value") and keys:
+        text = f"{text[len('Invalid enum value '):]} is not allowed; use {_allowed_values(keys)}"
     return f"{source}: {where}: {text.replace('Expected', 'expected')}".replace(": : ", ": ")
+
+
+def _allowed_values(keys: list[str]) -> str:
+    """The literal choices (and other accepted types) of the field at ``keys``."""
+    struct: Any = Config
+    for key in keys[:-1]:
+        struct = type(getattr(struct(), key))
+    hint = typing.get_type_hints(struct, include_extras=True)[keys[-1]]
+    choices: list[str] = []
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for arg in options:
+        if typing.get_origin(arg) is Literal:
+            choices += [repr(v).replace("'", '"') for v in typing.get_args(arg)]
+        elif typing.get_origin(arg) is typing.Annotated:
+            choices.append(f"an integer >= {typing.get_args(arg)[1].ge}")
+    return " or ".join(choices)
 
 
 def _allowed_keys(keys: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
+
 from specd.shared.errors import ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from specd.shared.errors import ProposalError
 
 # Proposal probabilities must sum to 1 within this tolerance before the verifier normalises them.

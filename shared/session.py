@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+
 from specd.shared import messages as m
 from specd.shared.errors import ErrorCode, ProposalError, ProtocolError, RemoteError
 from specd.shared.sampling import ProposalDistribution, RoundResult, validate_proposal

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from specd.shared.sampling import (
     DRAFT_STREAM,
     ProposalDistribution,
