@@ -156,6 +156,8 @@ class ServerSession:
             return self._dispatch(msg)
         except ProtocolError as exc:
             fatal = exc.fatal or self.state is ServerState.AWAIT_HELLO
+            if self.request is not None and exc.request_id == self.request.start.request:
+                self._end_request(cancelled=False)  # an error naming a request always ends it
             return self._fail(exc.code, exc.message, request=exc.request_id, fatal=fatal)
 
     def _dispatch(self, msg: m.ClientMessage) -> list[ServerAction]:
@@ -226,8 +228,8 @@ class ServerSession:
             raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"no active request {draft.request}",
                                 request_id=draft.request)
         if req.start.mode != "speculative":
-            raise ProtocolError(ErrorCode.WRONG_MODE, "drafts are not accepted in cloud mode",
-                                request_id=draft.request)
+            # Only this frame is refused; the stream goes on, so the error names no request.
+            raise ProtocolError(ErrorCode.WRONG_MODE, "drafts are not accepted in cloud mode")
         if draft.round <= req.last_round:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
                                 f"round {draft.round} after round {req.last_round}: rounds must increase",

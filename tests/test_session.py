@@ -189,8 +189,11 @@ def test_round_drafted_ahead_is_used_when_the_verdict_confirms_it():
 ])
 def test_bad_drafts_get_error_codes_and_the_session_survives(tokens, fields, code):
     pair = Pair().ready()
-    actions = pair.server.receive(_draft_frame(pair, tokens, **fields))
-    assert _errors(actions)[0]["code"] == code
+    events = pair.deliver(pair.server.receive(_draft_frame(pair, tokens, **fields)))
+    assert events[0].error.code == code
+    if code != "unknown_request":  # an error naming the request ended it, on both sides
+        assert pair.server.state is s.ServerState.READY and pair.client.state is s.ClientState.READY
+        pair.to_server(pair.client.start([1, 5, 6], max_new_tokens=4, sampling=m.Sampling(temperature=0.0)))
     assert isinstance(pair.server.receive(_draft_frame(pair, [7]))[0], s.DraftReceived)
 
 
