@@ -10,10 +10,8 @@ from specd.shared.errors import SpecdError
 
 NOT_YET = {
     "chat": "chat with the model through the verifier",
-    "devices": "list the devices that can run the draft model",
     "bench": "measure speed against cloud-only, side by side",
     "demo": "run the embedded default end to end",
-    "convert": "prepare a draft model for an edge backend",
 }
 
 
@@ -23,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in NOT_YET.items():
         sub.add_parser(name, help=text)
+    from specd.desktop import convert, devices
+
+    devices.add_parser(sub)
+    convert.add_parser(sub)
     return parser
 
 
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return handler(args)
         print(f"specd {args.command}: not available yet", file=sys.stderr)
         return 2
     except SpecdError as exc:

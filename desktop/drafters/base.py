@@ -10,9 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from specd.shared.errors import ModelError
 from specd.shared.sampling import (
     DRAFT_STREAM,
     ProposalDistribution,
@@ -23,6 +26,36 @@ from specd.shared.sampling import (
 )
 
 BACKENDS = ("torch", "onnxruntime-genai", "openvino")
+
+# Logits kept per position so a rollback to a length drafted from needs no forward pass (and gives the
+# very numbers a fresh run computed: chunked and single-token passes round differently on int4 kernels).
+_LOGITS_MEMO = 64
+
+
+def draft_proposal(logits: torch.Tensor, params: SamplingParams, support_k: int) -> ProposalDistribution:
+    """:func:`~specd.shared.sampling.sparse_proposal` for one position ``[1, V]``, without a full sort.
+
+    top-p keeps a prefix of the tokens in descending order, so of the ``support_k`` most likely tokens
+    the kept ones are those whose tail mass (themselves and every less likely token) exceeds
+    ``1 - top_p``. Sorting a 49k vocabulary costs ~3 ms per draft token on a laptop core; this ~0.2 ms.
+    """
+    if params.greedy or params.top_p >= 1.0:
+        return sparse_proposal(logits, params, support_k)
+    if support_k < 1:
+        raise ValueError(f"support_k must be >= 1, got {support_k}")
+    scaled = logits.to(torch.float32) / params.temperature
+    vocab = scaled.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    top_probs, top_ids = torch.topk(probs, min(support_k, vocab), dim=-1)
+    more_likely = top_probs.cumsum(dim=-1) - top_probs
+    keep = (probs.sum(dim=-1, keepdim=True) - more_likely) > (1.0 - params.top_p)
+    keep[..., 0] = True  # the most likely token always stays
+    top_probs = top_probs * keep
+    top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    return ProposalDistribution(ids=top_ids.to(torch.int64), probs=top_probs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +75,8 @@ class Drafter(ABC):
     device: str = "cpu"
     #: a human name for the model
     model_name: str = ""
+    #: folder with the model's Hugging Face tokenizer files (what :meth:`load_tokenizer` reads)
+    tokenizer_path: Path | None = None
 
     # -- what each backend implements ----------------------------------------------------------
     @property
@@ -73,6 +108,14 @@ class Drafter(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook; most backends free memory on garbage collection
         """Release the model; the drafter is unusable afterwards."""
 
+    def load_tokenizer(self) -> Any:
+        """The draft model's Hugging Face tokenizer (its fingerprint must match the verifier's)."""
+        if self.tokenizer_path is None:
+            raise ModelError(f"the {self.backend} draft {self.model_name!r} has no tokenizer folder")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+
     # -- shared behaviour ----------------------------------------------------------------------
     def prefill(self, token_ids: Sequence[int]) -> None:
         """Make the sequence exactly ``token_ids``, keeping the common prefix already cached."""
@@ -83,8 +126,6 @@ class Drafter(ABC):
             keep += 1
         if keep == len(token_ids) and keep == len(current):
             return
-        # Re-feed at least one token so the next logits are fresh.
-        keep = min(keep, len(token_ids) - 1)
         self.rollback(keep)
         self.append(token_ids[keep:])
 
@@ -102,7 +143,7 @@ class Drafter(ABC):
             if params.greedy:
                 token = int(logits.argmax(dim=-1))
             else:
-                proposal = sparse_proposal(logits, params, support_k)
+                proposal = draft_proposal(logits, params, support_k)
                 generator = position_generator(seed, self.token_count, DRAFT_STREAM)
                 token = int(sample_proposal(proposal, generator)[0])
                 ids.append(proposal.ids[0])
@@ -117,3 +158,72 @@ class Drafter(ABC):
     def most_likely_next(self) -> int:
         """The draft's guess for the verifier's next token (used when drafting ahead)."""
         return int(self.next_logits().argmax())
+
+
+class CachedDrafter(Drafter):
+    """A drafter over a KV cache that grows by forward passes and shrinks by truncation.
+
+    Tokens are fed lazily: ``append`` only records them, and the next :meth:`next_logits` runs one
+    forward pass over everything not yet in the cache (after a verdict: the kept draft's successor
+    and the verifier's token together). Logits are remembered per sequence length, so rolling back
+    to a length the drafter already saw reuses them instead of re-running the last token.
+    Backends implement :meth:`_forward` and :meth:`_truncate`.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: list[int] = []
+        self._cached = 0  # tokens whose keys and values are in the backend's cache
+        self._memo: dict[int, torch.Tensor] = {}  # sequence length -> logits for the next token
+
+    @abstractmethod
+    def _forward(self, token_ids: list[int], start: int) -> torch.Tensor:
+        """Run ``token_ids`` (at positions ``start``…) on top of the cache; float32 logits ``[V]`` of the last."""
+
+    @abstractmethod
+    def _truncate(self, length: int) -> None:
+        """Keep only the first ``length`` positions of the cache."""
+
+    @property
+    def token_count(self) -> int:
+        return len(self._tokens)
+
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    def append(self, token_ids: Sequence[int]) -> None:
+        ids = [int(t) for t in token_ids]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the draft vocabulary [0, {self.vocab_size})")
+        self._tokens.extend(ids)
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= len(self._tokens):
+            raise ValueError(f"cannot roll back to {length}: the drafter holds {len(self._tokens)} tokens")
+        del self._tokens[length:]
+        self._memo = {n: v for n, v in self._memo.items() if n <= length}
+        if self._cached > length:
+            # Without remembered logits for `length`, re-run its last token to get them back.
+            keep = length if length in self._memo or length == 0 else length - 1
+            self._truncate(keep)
+            self._cached = keep
+
+    def next_logits(self) -> torch.Tensor:
+        length = len(self._tokens)
+        if length == 0:
+            raise ValueError("the drafter holds no tokens: prefill a prompt first")
+        if self._cached == length and length in self._memo:
+            return self._memo[length]
+        if self._cached == length:  # cached without logits (cannot happen through the public API)
+            self._truncate(length - 1)
+            self._cached = length - 1
+        logits = self._forward(self._tokens[self._cached:], self._cached).to(torch.float32)
+        self._cached = length
+        self._memo[length] = logits
+        if len(self._memo) > _LOGITS_MEMO:
+            del self._memo[min(self._memo)]
+        return logits
+
+    def reset(self) -> None:
+        """Forget every token (a new conversation)."""
+        self.rollback(0)
