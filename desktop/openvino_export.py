@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from specd.desktop.drafters.openvino import EXPORT_INFO, OV_MODEL, import_openvino
+from specd.desktop.drafters.torch_drafter import cache_kwarg
 from specd.shared.errors import ModelError
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -42,7 +43,14 @@ def export_openvino(hf_folder: Path, out: Path, precision: str, say: Callable[[s
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {hf_folder} for the OpenVINO export: {exc}") from None
     say("Tracing the model for OpenVINO")
-    ov_model = _convert(ov, model)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # tracing triggers deprecation notices meant for model authors
+    try:
+        ov_model = _convert(ov, model)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if precision in ("int4", "int8"):
         say(f"Compressing the weights to symmetric {precision}")
         count = compress_weights(ov, ov_model, precision)
@@ -73,9 +81,9 @@ class _WithExplicitCache(torch.nn.Module):
             layer.device = input_ids.device
             layer.is_initialized = True
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
         present: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers:
+        for layer in cache.layers:  # updated in place with this step's keys and values
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

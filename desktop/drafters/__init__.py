@@ -40,6 +40,7 @@ def load_drafter(config: Config | None = None, device: str | None = None, progre
     for row in plan.candidates:
         try:
             drafter = open_drafter(row, config, say, catalog=catalog)
+            _smoke_test(drafter)
         except (SpecdError, ImportError, RuntimeError, OSError, MemoryError) as exc:
             fallbacks.append(Fallback(row.id, str(exc)))
             say(f"{row.id} cannot run the draft ({exc}); trying the next device")
@@ -47,6 +48,17 @@ def load_drafter(config: Config | None = None, device: str | None = None, progre
         return drafter, DeviceChoice(row, plan.requested, tuple(fallbacks))
     reasons = "\n".join(f"- {f.device}: {f.reason}" for f in fallbacks) or "- no device is usable"
     raise DeviceError(f"no device can run the draft model {config.models.draft!r}:\n{reasons}")
+
+
+def _smoke_test(drafter: Drafter) -> None:
+    """One forward pass, so a device that compiles the model but cannot run it fails here, not mid-answer."""
+    try:
+        drafter.append([0])
+        drafter.next_logits()
+        drafter.rollback(0)
+    except BaseException:
+        drafter.close()
+        raise
 
 
 def open_drafter(row: DeviceRow, config: Config, progress: Progress | None = None, *,

@@ -164,9 +164,9 @@ class CachedDrafter(Drafter):
     """A drafter over a KV cache that grows by forward passes and shrinks by truncation.
 
     Tokens are fed lazily: ``append`` only records them, and the next :meth:`next_logits` runs one
-    forward pass over everything not yet in the cache (after a verdict: the kept draft's successor
-    and the verifier's token together). Logits are remembered per sequence length, so rolling back
-    to a length the drafter already saw reuses them instead of re-running the last token.
+    forward pass over everything not yet in the cache (after a verdict usually just the verifier's
+    token). Logits are remembered per sequence length, so rolling back to a length the drafter already
+    saw reuses them; otherwise the last kept token is run again.
     Backends implement :meth:`_forward` and :meth:`_truncate`.
     """
 
@@ -203,10 +203,8 @@ class CachedDrafter(Drafter):
         del self._tokens[length:]
         self._memo = {n: v for n, v in self._memo.items() if n <= length}
         if self._cached > length:
-            # Without remembered logits for `length`, re-run its last token to get them back.
-            keep = length if length in self._memo or length == 0 else length - 1
-            self._truncate(keep)
-            self._cached = keep
+            self._truncate(length)
+            self._cached = length
 
     def next_logits(self) -> torch.Tensor:
         length = len(self._tokens)
@@ -214,7 +212,7 @@ class CachedDrafter(Drafter):
             raise ValueError("the drafter holds no tokens: prefill a prompt first")
         if self._cached == length and length in self._memo:
             return self._memo[length]
-        if self._cached == length:  # cached without logits (cannot happen through the public API)
+        if self._cached == length:  # rolled back to a length never computed: re-run its last token
             self._truncate(length - 1)
             self._cached = length - 1
         logits = self._forward(self._tokens[self._cached:], self._cached).to(torch.float32)

@@ -57,6 +57,9 @@ class OrtGenAIDrafter(CachedDrafter):
         self.tokenizer_path = folder
         try:
             config = og.Config(str(folder))
+            # The generator masks prompt tokens equal to pad_token_id as padding. A drafter never pads
+            # (one sequence), and SmolLM2's pad is its <|im_end|>, which every chat prompt contains.
+            config.overlay(json.dumps({"model": {"pad_token_id": -1}}))
             config.clear_providers()
             if provider.lower() != "cpu":
                 config.append_provider(provider)
@@ -78,8 +81,12 @@ class OrtGenAIDrafter(CachedDrafter):
     def _forward(self, token_ids: list[int], start: int) -> torch.Tensor:
         if start + len(token_ids) > self.max_length:
             raise ModelError(f"the draft context is full ({self.max_length} tokens, [limits] max_total_tokens)")
-        self._generator.append_tokens(token_ids)
-        return torch.from_numpy(self._generator.get_logits()[0, -1].copy())
+        try:
+            self._generator.append_tokens(token_ids)
+            logits = self._generator.get_logits()
+        except RuntimeError as exc:  # the native runtime's message names the failing node
+            raise DeviceError(f"ONNX Runtime GenAI failed running {self.model_name} on {self.device}: {exc}") from None
+        return torch.from_numpy(logits[0, -1].copy())
 
     def _truncate(self, length: int) -> None:
         self._generator.rewind_to(length)

@@ -7,6 +7,7 @@ GPU path on machines with CUDA.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ def _check_device(device: str) -> torch.device:
     elif dev.type != "cpu":
         raise DeviceError(f"the torch drafter runs on cpu or cuda:N, not {device!r}")
     return dev
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in recent transformers, else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class TorchDrafter(CachedDrafter):
@@ -53,6 +59,7 @@ class TorchDrafter(CachedDrafter):
             raise ModelError(f"cannot load the draft model from {folder}: {exc}") from None
         self._vocab = int(self._model.get_output_embeddings().weight.shape[0])
         self._cache_type = DynamicCache
+        self._cache_kwarg = cache_kwarg(self._model)
         self._cache = DynamicCache(config=self._model.config)
 
     @property
@@ -63,15 +70,19 @@ class TorchDrafter(CachedDrafter):
     def _forward(self, token_ids: list[int], start: int) -> torch.Tensor:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self._device)
         positions = torch.arange(start, start + len(token_ids), device=self._device)
-        out = self._model(input_ids=ids, past_key_values=self._cache, use_cache=True, cache_position=positions,
-                          logits_to_keep=1)
+        out = self._model(input_ids=ids, use_cache=True, cache_position=positions, logits_to_keep=1,
+                          **{self._cache_kwarg: self._cache})
         return out.logits[0, -1].float().cpu()
 
     def _truncate(self, length: int) -> None:
         if length == 0:
             self._cache = self._cache_type(config=self._model.config)
-        else:
-            self._cache.crop(length)
+            return
+        # A negative count removes that many tokens under both transformers 4 and 5 (5 refuses an
+        # absolute length).
+        surplus = self._cache.get_seq_length() - length
+        if surplus > 0:
+            self._cache.crop(-surplus)
 
     def close(self) -> None:
         self._model = None
