@@ -30,6 +30,21 @@ from specd.shared.models import Progress, _cached, ensure_hf_folder, models_cach
 
 CONVERT_BACKENDS = ("onnxruntime-genai", "openvino")
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
+# What the ORT GenAI builder can produce for each execution provider (it lists these itself).
+BUILDER_PRECISIONS = {"cpu": ("int4", "int8", "fp32"), "cuda": ("int4", "int8", "fp16", "fp32"),
+                      "dml": ("int4", "fp16"), "webgpu": ("int4", "int8"), "nvtensorrtrtx": ("fp16",)}
+
+
+def builder_precision(execution_provider: str, precision: str) -> str:
+    """``precision`` if the builder supports it for ``execution_provider``, else the closest it does."""
+    supported = BUILDER_PRECISIONS.get(execution_provider.lower())
+    if not supported or precision in supported:
+        return precision
+    for fallback in {"fp16": ("fp32", "int8", "int4"), "fp32": ("fp16", "int8", "int4")}.get(
+            precision, ("int4", "int8", "fp16", "fp32")):
+        if fallback in supported:
+            return fallback
+    return supported[0]
 
 
 def build_ortgenai(hf_folder: Path, out: Path, precision: str, say: Progress, *,
@@ -114,6 +129,7 @@ def prepare_draft(spec: str, backend: str, precision: str, *, cache_override: st
     digest = hashlib.sha256(str(hf_folder).encode()).hexdigest()[:10]
     tag = source.ref if source.is_embedded else f"{source.name}-{digest}"
     if backend == "onnxruntime-genai":
+        precision = builder_precision(execution_provider, precision)
         target = drafts_cache(cache_override) / f"ortgenai-{tag}-{precision}-{execution_provider.lower()}"
         return _cached(target, lambda out: build_ortgenai(hf_folder, out, precision, say,
                                                           execution_provider=execution_provider),

@@ -225,6 +225,10 @@ def _apply_config(row: DeviceRow, config: Config) -> DeviceRow:
         return replace(row, available=False, reason="disabled in config ([devices.gpu] enabled = false)")
     if row.kind == "npu" and not devices.npu.enabled:
         return replace(row, available=False, reason="disabled in config ([devices.npu] enabled = false)")
+    known = KNOWN_PROVIDERS.get(row.device) if row.backend == "onnxruntime-genai" else None
+    if known and known.builder_ep is None and not (row.kind == "npu" and devices.npu.model_path):
+        return replace(row, available=False, reason="needs a draft model built for it: set [devices.npu] "
+                                                    "model_path to an ONNX Runtime GenAI folder prepared for it")
     index = _gpu_index(row) if row.kind == "gpu" else None
     if row.available and index is not None and index != devices.gpu.device_id:
         return replace(row, available=False,

@@ -128,9 +128,12 @@ def test_windows_ml_catalog_rows_rank_npu_first():
     rows = probe_devices(config(), catalog=catalog)
     by_id = {r.id: r for r in rows}
     qnn, dml = by_id["onnxruntime-genai:qnn"], by_id["onnxruntime-genai:dml"]
-    assert (qnn.kind, qnn.device, qnn.best) == ("npu", "QNNExecutionProvider", True)
-    assert (dml.kind, dml.detail) == ("gpu", "Windows ML installs it on first use")
-    assert rows[0].id == "onnxruntime-genai:qnn"
+    # A QNN NPU runs only models built for it: unusable until [devices.npu] model_path names one.
+    assert (qnn.kind, qnn.device, qnn.available) == ("npu", "QNNExecutionProvider", False)
+    assert "[devices.npu] model_path" in qnn.reason
+    assert (dml.kind, dml.detail, dml.best) == ("gpu", "Windows ML installs it on first use", True)
+    rows = probe_devices(config(devices={"npu": {"model_path": "C:/models/llama-qnn"}}), catalog=catalog)
+    assert rows[0].id == "onnxruntime-genai:qnn" and rows[0].available and rows[0].best
     assert not any("SomeFuture" in r.device for r in rows)  # providers specd does not know are left out
     assert "QNNExecutionProvider (Windows ML)" in format_table(rows)
 
@@ -152,7 +155,7 @@ def test_windows_ml_providers_are_registered_then_fall_back_to_the_cpu(tiny_hf, 
     rows.append(DeviceRow("torch:cpu", "torch", "cpu", "CPU", "cpu"))  # GQA needs head size 16: see below
     drafter, choice = load_drafter(cfg, rows=rows, catalog=catalog)
     reasons = {f.device: f.reason for f in choice.fallbacks}
-    assert "[devices.npu] model_path" in reasons["onnxruntime-genai:qnn"]  # a QNN NPU needs a model built for it
+    assert "onnxruntime-genai:qnn" not in reasons  # known unusable from the probe: not tried
     assert "DmlExecutionProvider" in reasons["onnxruntime-genai:dml"]
     assert catalog.ensured == ["DmlExecutionProvider"]
     assert registered == [("DmlExecutionProvider", "C:/Windows/System32/fake/DmlExecutionProvider.dll")]
