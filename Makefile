@@ -16,6 +16,7 @@ TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging
 help:
 	@echo "make demo   - run specd on the embedded default model pair (sets up .venv on first use)"
 	@echo "make test   - run the linter and the whole test suite"
+	@echo "make package-daemon - build the specd-verifier bundle and release archive into dist/"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +56,10 @@ lint: $(VENV)/.test-deps
 
 test: $(VENV)/.test-deps lint
 	$(PY) -m pytest
+
+# The Linux verifier bundle (PyInstaller onedir) and its release archive, from this venv's packages.
+package-daemon: $(VENV)/.test-deps
+	PYTHON=$(PY) packaging/linux/build.sh
 
 clean-venv:
 	rm -rf $(VENV)
