@@ -14,7 +14,7 @@
   4. compiles packaging\windows\specd.iss with the version of the installed specd package
      -> dist\specd-desktop-<version>-setup.exe.
 
-  Needs Python 3.11+ (x64) and Inno Setup 6 (winget install JRSoftware.InnoSetup, or choco install innosetup).
+  Needs Python 3.11+ (x64) and Inno Setup 6.3 or later (winget install JRSoftware.InnoSetup, or choco install innosetup).
 
 .PARAMETER BasePython
   The Python 3.11+ (x64) that creates .venv-windows (default: python on PATH).

@@ -1,4 +1,4 @@
-; Inno Setup 6 script for the specd desktop app: a per-user installer that needs no administrator rights.
+; Inno Setup (6.3 or later) script for the specd desktop app: a per-user installer, no administrator rights.
 ; Build it with packaging\windows\build.ps1, which passes the version of the installed specd package:
 ;   ISCC.exe /DAppVersion=0.1.0 /DAppVersionNumeric=0.1.0.0 packaging\windows\specd.iss
 ; Input: the PyInstaller bundle dist\specd-desktop (specd-desktop.exe, specd.exe, _internal\).
