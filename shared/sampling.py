@@ -21,6 +21,7 @@ PROPOSAL_SUM_TOLERANCE = 1e-3
 DRAFT_STREAM = 1
 VERIFY_STREAM = 2
 CLOUD_STREAM = 3
+LOCAL_STREAM = 4  # the edge generating alone while the verifier is unreachable
 _MASK64 = (1 << 64) - 1
 
 
