@@ -9,9 +9,7 @@ from specd.shared import __version__
 from specd.shared.errors import SpecdError
 
 NOT_YET = {
-    "chat": "chat with the model through the verifier",
     "bench": "measure speed against cloud-only, side by side",
-    "demo": "run the embedded default end to end",
 }
 
 
@@ -21,8 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in NOT_YET.items():
         sub.add_parser(name, help=text)
-    from specd.desktop import convert, devices
+    from specd.desktop import chat, convert, demo, devices
 
+    chat.add_parser(sub)
+    demo.add_parser(sub)
     devices.add_parser(sub)
     convert.add_parser(sub)
     return parser

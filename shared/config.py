@@ -268,3 +268,31 @@ def read_secret(env_name: str, file_name: str) -> str | None:
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain nested dicts (as it would be written to TOML)."""
     return msgspec.to_builtins(cfg)
+
+
+def dump_toml(tree: dict[str, Any]) -> str:
+    """Write nested dicts of strings, numbers, booleans and lists as TOML (what ``load_config`` reads)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return msgspec.json.encode(v).decode()  # a JSON string is a valid TOML basic string
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(item) for item in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def table(prefix: str, node: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if prefix and (scalars or not node):
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for key, child in node.items():
+            if isinstance(child, dict):
+                table(f"{prefix}.{key}" if prefix else key, child)
+
+    table("", tree)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,144 @@
+"""What the edge client takes and gives: generation settings, streamed pieces, answers and stats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from specd.shared.config import Config
+from specd.shared.sampling import SamplingParams
+
+Source = Literal["draft", "target", "local", "cloud"]
+Mode = Literal["speculative", "local", "cloud-only", "edge-only"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How to generate one answer."""
+
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.95)  # noqa: RUF009 - frozen, shared safely
+    max_new_tokens: int = 256
+    seed: int | None = None
+    gamma: int | None = None  # None: adaptive
+    gamma_max: int = 8
+    support_k: int = 32
+    pipeline: bool = True
+    stop: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Settings:
+        s, spec = cfg.sampling, cfg.speculation
+        return cls(sampling=SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
+                   max_new_tokens=s.max_new_tokens, seed=None if s.seed < 0 else s.seed,
+                   gamma=None if spec.gamma == "auto" else int(spec.gamma), gamma_max=spec.gamma_max,
+                   support_k=spec.proposal_top_k, pipeline=spec.pipeline)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Newly committed tokens and the text they complete, with where they came from:
+    ``draft`` (drafted and accepted), ``target`` (the verifier's correction or bonus), ``local``
+    (draft model alone while the verifier was unreachable), ``cloud`` (cloud-only generation)."""
+
+    token_ids: list[int]
+    text: str
+    source: Source
+
+
+@dataclass(slots=True)
+class AnswerStats:
+    mode: Mode = "speculative"
+    device: str = ""
+    backend: str = ""
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    generated: int = 0
+    local_tokens: int = 0
+    target_forwards: int = 0
+    discarded_rounds: int = 0
+    reconnects: int = 0
+    cached_prompt_tokens: int = 0
+    edge_ms: float = 0.0
+    network_ms: float = 0.0
+    verify_ms: float = 0.0
+    total_ms: float = 0.0
+    ttft_ms: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    gammas: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    drafted_by_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def gamma_mean(self) -> float:
+        return sum(self.gammas) / len(self.gammas) if self.gammas else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated / (self.total_ms / 1000.0) if self.total_ms > 0 else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        verified = self.generated - self.local_tokens
+        return verified / self.target_forwards if self.target_forwards else 0.0
+
+    def record_round(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.gammas.append(drafted)
+        while len(self.drafted_by_position) < drafted:
+            self.drafted_by_position.append(0)
+            self.accepted_by_position.append(0)
+        for i in range(drafted):
+            self.drafted_by_position[i] += 1
+            if i < accepted:
+                self.accepted_by_position[i] += 1
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(acceptance_rate=self.acceptance_rate, gamma_mean=self.gamma_mean,
+                    tokens_per_second=self.tokens_per_second, tokens_per_forward=self.tokens_per_forward)
+        return data
+
+
+@dataclass(slots=True)
+class Answer:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    stats: AnswerStats
+    pieces: list[Piece] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
+                "finish_reason": self.finish_reason, "stats": self.stats.to_json(),
+                "segments": _segments(self.pieces)}
+
+
+def _segments(pieces: list[Piece]) -> list[dict]:
+    """Consecutive pieces of the same provenance class (verified / local / cloud) merged."""
+    merged: list[dict] = []
+    for piece in pieces:
+        kind = "verified" if piece.source in ("draft", "target") else piece.source
+        if merged and merged[-1]["source"] == kind:
+            merged[-1]["text"] += piece.text
+            merged[-1]["tokens"] += len(piece.token_ids)
+        else:
+            merged.append({"source": kind, "text": piece.text, "tokens": len(piece.token_ids)})
+    return merged
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1000.0

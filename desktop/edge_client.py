@@ -1,0 +1,319 @@
+"""The edge client: drives the sans-I/O ``ClientSession`` over websockets and runs the drafter.
+
+One ``EdgeClient`` holds one connection to a verifier and answers one request at a time. An
+answer is speculative when a drafter is loaded, cloud-only otherwise. If the verifier disappears
+mid-answer the client continues with the draft model alone (``on_disconnect = "local"``, marked
+``local``) or stops cleanly (``"stop"``), reconnects with backoff, and resumes speculation on the same
+conversation: the committed tokens are the single source of truth, so nothing is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from specd.desktop.adaptive import GammaController
+from specd.desktop.answer import Answer, AnswerStats, Piece, Settings, Source, Stopwatch
+from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection
+from specd.desktop.detokenize import IncrementalDetokenizer
+from specd.desktop.drafters.base import Drafter
+from specd.shared import messages as m
+from specd.shared.errors import ProtocolError, SpecdError
+from specd.shared.session import ClientEvent, ClientSession, ServerFailed, TokensStreamed, Welcomed
+
+log = logging.getLogger("specd.client")
+
+PieceCallback = Callable[[Piece], Any]
+StatusCallback = Callable[[str, str], Any]  # (state, human message)
+
+
+class Disconnected(SpecdError):
+    """The connection to the verifier was lost."""
+
+
+@dataclass(slots=True)
+class Run:
+    """The state of one answer, shared by the speculative, cloud and local loops."""
+
+    settings: Settings
+    seed: int
+    prompt_len: int
+    committed: list[int]
+    detok: IncrementalDetokenizer
+    controller: GammaController
+    on_piece: PieceCallback | None
+    stats: AnswerStats = field(default_factory=AnswerStats)
+    pieces: list[Piece] = field(default_factory=list)
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
+    finish_reason: str | None = None
+    mirror: list[int] = field(default_factory=list)
+    clock: Stopwatch = field(default_factory=Stopwatch)
+
+    @property
+    def remaining(self) -> int:
+        return self.settings.max_new_tokens - (len(self.committed) - self.prompt_len)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    @property
+    def wire_sampling(self) -> m.Sampling:
+        s = self.settings.sampling
+        return m.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+    def emit(self, tokens: list[int], source: Source) -> None:
+        if not tokens:
+            return
+        if self.stats.generated == 0:
+            self.stats.ttft_ms = self.clock.ms()
+        self.committed.extend(tokens)
+        self.stats.generated += len(tokens)
+        if source == "local":
+            self.stats.local_tokens += len(tokens)
+        piece = Piece(token_ids=list(tokens), text=self.detok.push(list(tokens)), source=source)
+        self.pieces.append(piece)
+        if self.on_piece is not None:
+            self.on_piece(piece)
+
+
+class EdgeClient:
+    def __init__(self, endpoint: Endpoint, *, tokenizer: Any, fingerprint: str, drafter: Drafter | None = None,
+                 on_disconnect: str = "local", reconnect_max_s: float = 30.0,
+                 on_status: StatusCallback | None = None) -> None:
+        self.endpoint = endpoint
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.drafter = drafter
+        self.on_disconnect = on_disconnect
+        self.reconnect_max_s = reconnect_max_s
+        self.on_status = on_status
+        self.state = "offline"
+        self.session = ClientSession(tokenizer=fingerprint)
+        self.welcome: m.Welcome | None = None
+        self._ws: ClientConnection | None = None
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specd-draft")
+        self._bytes_sent = self._bytes_received = 0
+        self._run: Run | None = None
+        self._eos: frozenset[int] | None = None
+
+    # -- connection -----------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and self.welcome is not None
+
+    def set_state(self, state: str, message: str) -> None:
+        if state != self.state:
+            self.state = state
+            log.info("%s: %s", state, message)
+            if self.on_status is not None:
+                self.on_status(state, message)
+
+    async def connect(self) -> m.Welcome:
+        """Open the connection and shake hands; raises ConnectionFailed or RemoteError."""
+        await self._drop_connection()
+        ws = await open_connection(self.endpoint)
+        session = ClientSession(tokenizer=self.fingerprint, client=f"specd/{_version()}",
+                                draft_model=self.drafter.model_name if self.drafter else "")
+        try:
+            await ws.send(session.hello())
+            frame = await asyncio.wait_for(ws.recv(), timeout=self.endpoint.open_timeout)
+            events = session.receive(frame)
+        except (ConnectionClosed, TimeoutError) as exc:
+            await ws.close()
+            raise ConnectionFailed(f"the verifier at {self.endpoint.display} closed the handshake: {exc}",
+                                   retry=True) from None
+        except ProtocolError as exc:
+            await ws.close()
+            raise ConnectionFailed(str(exc), retry=False) from None
+        for event in events:
+            if isinstance(event, ServerFailed):
+                await ws.close()
+                raise ConnectionFailed(f"the verifier refused this client: {event.error.message}", retry=False)
+            if isinstance(event, Welcomed):
+                self.session, self._ws, self.welcome = session, ws, event.welcome
+                self._eos = frozenset(event.welcome.eos)
+                self._inbox = asyncio.Queue()
+                self._reader = asyncio.create_task(self._read(ws, session, self._inbox))
+                self.set_state("connected", f"connected to {self.endpoint.display} ({event.welcome.model})")
+                return event.welcome
+        await ws.close()
+        raise ConnectionFailed("the verifier did not answer the handshake", retry=True)
+
+    async def _read(self, ws: ClientConnection, session: ClientSession, inbox: asyncio.Queue) -> None:
+        try:
+            async for frame in ws:
+                self._bytes_received += len(frame)
+                for event in session.receive(frame):
+                    inbox.put_nowait(event)
+            reason = f"closed by the verifier ({ws.close_code} {ws.close_reason})".strip()
+        except ConnectionClosed as exc:
+            reason = f"connection lost ({exc})"
+        except ProtocolError as exc:
+            reason = f"the verifier broke the protocol: {exc}"
+            await ws.close()
+        inbox.put_nowait(Disconnected(reason))
+
+    async def _drop_connection(self) -> None:
+        ws, reader = self._ws, self._reader
+        self._ws, self._reader, self.welcome = None, None, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    async def close(self) -> None:
+        await self._drop_connection()
+        self.set_state("offline", "closed")
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def send(self, frame: bytes) -> None:
+        if self._ws is None:
+            raise Disconnected("not connected")
+        try:
+            await self._ws.send(frame)
+        except ConnectionClosed as exc:
+            raise Disconnected(f"connection lost ({exc})") from None
+        self._bytes_sent += len(frame)
+
+    async def next_event(self, other: asyncio.Future | None, cancel: asyncio.Event) -> ClientEvent | None:
+        """The next server event; None when ``other`` finished or cancel was set first."""
+        getter = asyncio.ensure_future(self._inbox.get())
+        waiters = {getter}
+        cancel_wait = None
+        if other is not None:
+            waiters.add(other)
+        if not cancel.is_set():
+            cancel_wait = asyncio.ensure_future(cancel.wait())
+            waiters.add(cancel_wait)
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if cancel_wait is not None:
+                cancel_wait.cancel()
+        if getter in done:
+            event = getter.result()
+            if isinstance(event, Disconnected):
+                self._ws = None
+                raise event
+            return event
+        getter.cancel()
+        return None
+
+    async def in_drafter(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def eos_ids(self) -> frozenset[int]:
+        """End-of-sequence ids: the verifier's (remembered from the last handshake), else the tokenizer's."""
+        from specd.desktop.fallback import eos_of
+
+        return self._eos if self._eos is not None else eos_of(self.tokenizer)
+
+    def max_gamma(self, position: int) -> int:
+        limits = self.welcome.limits if self.welcome else None
+        if limits is None:
+            return 64
+        return max(1, min(limits.max_draft, limits.max_total_tokens - position))
+
+    # -- answers --------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the answer in progress (it ends with reason ``cancelled``)."""
+        if self._run is not None:
+            self._run.cancel_event.set()
+
+    def prompt_ids(self, conversation: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        return list(ids)
+
+    async def chat(self, conversation: list[dict[str, str]], settings: Settings,
+                   on_piece: PieceCallback | None = None) -> Answer:
+        return await self.generate(self.prompt_ids(conversation), settings, on_piece)
+
+    async def generate(self, prompt_ids: list[int], settings: Settings,
+                       on_piece: PieceCallback | None = None) -> Answer:
+        """Generate one answer for ``prompt_ids``, streaming pieces to ``on_piece``."""
+        from specd.desktop.fallback import generate_cloud, generate_local, wait_for_verifier
+        from specd.desktop.speculation import speculate
+
+        if not prompt_ids:
+            raise SpecdError("the prompt is empty")
+        run = Run(settings=settings, seed=settings.seed if settings.seed is not None else secrets.randbits(63),
+                  prompt_len=len(prompt_ids), committed=list(prompt_ids),
+                  detok=IncrementalDetokenizer(self.tokenizer),
+                  controller=GammaController(settings.gamma_max, settings.gamma), on_piece=on_piece)
+        stats = run.stats
+        if self.drafter is not None:
+            stats.device, stats.backend = self.drafter.device, self.drafter.backend
+        sent0, received0 = self._bytes_sent, self._bytes_received
+        self._run = run
+        try:
+            if not self.connected:
+                await self._connect_first()
+            while run.finish_reason is None and run.remaining > 0:
+                if run.cancelled and not self.connected:
+                    run.finish_reason = "cancelled"
+                    break
+                try:
+                    if not self.connected:
+                        if self.drafter is not None and self.on_disconnect == "local":
+                            await generate_local(self, run)
+                        elif self.drafter is not None or not await wait_for_verifier(self, run):
+                            run.finish_reason = "cancelled" if run.cancelled else "disconnected"
+                        continue
+                    if self.drafter is not None:
+                        await speculate(self, run)
+                    else:
+                        await generate_cloud(self, run)
+                except Disconnected as exc:
+                    self.set_state("offline", f"lost the verifier at {self.endpoint.display}: {exc}")
+                    stats.reconnects += 1
+            if run.finish_reason is None:
+                run.finish_reason = "length"
+        finally:
+            self._run = None
+            stats.total_ms = run.clock.ms()
+            stats.bytes_sent, stats.bytes_received = self._bytes_sent - sent0, self._bytes_received - received0
+        tail = run.detok.flush()
+        if tail:
+            run.pieces.append(Piece(token_ids=[], text=tail, source=run.pieces[-1].source if run.pieces else "target"))
+            if on_piece is not None:
+                on_piece(run.pieces[-1])
+        stats.mode = ("cloud-only" if self.drafter is None else
+                      "local" if stats.local_tokens else "speculative")
+        return Answer(text=run.detok.text, prompt_token_ids=list(prompt_ids), token_ids=run.committed[run.prompt_len:],
+                      finish_reason=run.finish_reason, stats=stats, pieces=run.pieces)
+
+    async def _connect_first(self) -> None:
+        """Connect before an answer. Speculative clients that may continue locally tolerate a verifier
+        that is down (they start locally and keep reconnecting); others report why it failed."""
+        try:
+            await self.connect()
+        except ConnectionFailed as exc:
+            if not exc.retry or self.drafter is None or self.on_disconnect != "local":
+                raise
+            self.set_state("offline", str(exc))
+
+
+def _version() -> str:
+    from specd.shared import __version__
+
+    return __version__
+
+
+__all__ = ["Disconnected", "EdgeClient", "Run", "TokensStreamed", "msgspec"]

@@ -1,0 +1,78 @@
+"""Putting an edge client together from the config: drafter on the best device, tokenizer, endpoint.
+
+Used by ``specd chat``, ``specd demo``, ``specd bench`` and the tray app. It blocks (model preparation
+and loading), so async callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from specd.desktop.answer import Settings
+from specd.desktop.connection import Endpoint
+from specd.desktop.devices import DeviceChoice
+from specd.desktop.edge_client import EdgeClient, StatusCallback
+from specd.shared.config import Config
+from specd.shared.errors import DeviceError, ModelError
+from specd.shared.fingerprint import tokenizer_fingerprint
+from specd.shared.models import Progress, ensure_hf_folder
+
+log = logging.getLogger("specd.client")
+
+
+@dataclass(slots=True)
+class ClientSetup:
+    client: EdgeClient
+    choice: DeviceChoice | None  # None: cloud-only (no drafter)
+    settings: Settings
+    tokenizer: Any
+    drafter_error: str | None = None  # why the client is cloud-only although a drafter was wanted
+
+
+def with_draft(config: Config, model_path: str | None) -> Config:
+    """``config`` with ``--model-path`` as the draft model."""
+    if not model_path:
+        return config
+    return msgspec.structs.replace(config, models=msgspec.structs.replace(config.models, draft=model_path))
+
+
+def build_client(config: Config, *, device: str | None = None, model_path: str | None = None,
+                 progress: Progress | None = None, drafter: bool = True, url: str | None = None,
+                 on_status: StatusCallback | None = None) -> ClientSetup:
+    """Load the draft model (falling back across devices, then to cloud-only when none can run it)
+    and return an unconnected :class:`EdgeClient` with the settings from ``config``."""
+    say = progress or (lambda _msg: None)
+    config = with_draft(config, model_path)
+    loaded, choice, error = None, None, None
+    if drafter:
+        from specd.desktop.drafters import load_drafter
+
+        try:
+            loaded, choice = load_drafter(config, device, say)
+        except (DeviceError, ModelError) as exc:
+            error = str(exc)
+            say(f"No draft model can run here, so answers are cloud-only: {exc}")
+            log.warning("cloud-only: %s", exc)
+    tokenizer = loaded.load_tokenizer() if loaded is not None else load_tokenizer(config, say)
+    client = EdgeClient(Endpoint.from_config(config.client, url), tokenizer=tokenizer,
+                        fingerprint=tokenizer_fingerprint(tokenizer), drafter=loaded,
+                        on_disconnect=config.client.on_disconnect, reconnect_max_s=config.client.reconnect_max_s,
+                        on_status=on_status)
+    return ClientSetup(client=client, choice=choice, settings=Settings.from_config(config), tokenizer=tokenizer,
+                       drafter_error=error)
+
+
+def load_tokenizer(config: Config, progress: Progress | None = None) -> Any:
+    """The draft model's tokenizer without loading the model (cloud-only clients need it too)."""
+    from transformers import AutoTokenizer
+
+    spec = config.models.draft
+    folder = Path(spec).expanduser()
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        folder = ensure_hf_folder(spec, cache_override=config.models.cache_dir, progress=progress)
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,224 @@
+"""One answer's speculative rounds: draft → verdict → rollback, optionally drafting ahead.
+
+``Run.mirror`` mirrors the drafter's sequence: the committed tokens, the drafts of the rounds in
+flight and, when pipelining, the guessed next token with the round drafted after it. After every
+verdict the mirror must continue the committed sequence; where it does not, the drafter is rolled
+back to their common prefix. Drafts are keyed by position and seed, so the output does not depend on
+whether rounds were drafted ahead — only the time does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from specd.desktop.drafters.base import DraftProposal
+from specd.shared.sampling import ProposalDistribution
+from specd.shared.session import RequestCancelled, RequestStarted, RoundDiscarded, RoundVerdict, ServerFailed
+
+if TYPE_CHECKING:
+    from specd.desktop.edge_client import EdgeClient, Run
+
+
+@dataclass(slots=True)
+class _Round:
+    number: int
+    tokens: list[int]
+    draft_ms: float
+    ahead: bool
+    sent_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _AheadJob:
+    """Drafting the next round in the drafter thread while the current one is verified."""
+
+    gamma: int
+    abort: threading.Event = field(default_factory=threading.Event)
+    guess: asyncio.Future | None = None
+    task: asyncio.Future | None = None
+    guess_in_mirror: bool = False
+
+
+async def speculate(client: EdgeClient, run: Run) -> None:
+    """Run rounds until the request finishes or is cancelled; connection loss raises out of here."""
+    session, settings = client.session, run.settings
+    await client.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
+                                    seed=run.seed, stop=list(settings.stop), mode="speculative"))
+    await client.in_drafter(lambda: client.drafter.prefill(run.committed))
+    run.mirror = list(run.committed)
+    in_flight: list[_Round] = []
+    ahead: _AheadJob | None = None
+    cancel_sent = False
+    try:
+        while True:
+            if run.cancelled and not cancel_sent:
+                await client.send(session.cancel())
+                cancel_sent = True
+            if not cancel_sent and not in_flight and ahead is None:
+                in_flight.append(await _send_round(client, run))
+            if (settings.pipeline and not cancel_sent and ahead is None and len(in_flight) == 1
+                    and run.remaining - len(in_flight[0].tokens) - 1 >= 1):
+                ahead = _start_ahead(client, run, run.remaining - len(in_flight[0].tokens) - 1)
+            event = await client.next_event(ahead.task if ahead else None, run.cancel_event)
+            if event is None:  # the ahead round is drafted, or the user asked to cancel
+                if ahead is not None and ahead.task.done():
+                    sent = await _finish_ahead(client, run, ahead)
+                    ahead = None
+                    if sent is not None:
+                        in_flight.append(sent)
+                continue
+            if isinstance(event, RoundVerdict):
+                current = in_flight.pop(0) if in_flight and in_flight[0].number == event.verdict.round else None
+                _account(run, event, current)
+                run.emit(event.new_tokens[:-1], "draft")
+                run.emit(event.new_tokens[-1:], "target")
+                if event.finished:
+                    run.finish_reason = event.verdict.reason
+                    return
+                if not await _consistent_after_verdict(client, run, ahead):
+                    if ahead is not None:
+                        await _drop_ahead(run, ahead)
+                        ahead = None
+                    in_flight.clear()  # whatever was sent ahead comes back as 'discarded'
+                    await client.in_drafter(lambda: _resync(client, run))
+            elif isinstance(event, RoundDiscarded):
+                run.stats.discarded_rounds += 1
+                in_flight = [r for r in in_flight if r.number != event.discarded.round]
+            elif isinstance(event, RequestStarted):
+                run.stats.cached_prompt_tokens = event.started.cached_tokens
+            elif isinstance(event, RequestCancelled):
+                run.finish_reason = "cancelled"
+                return
+            elif isinstance(event, ServerFailed):
+                raise event.error
+    finally:
+        if ahead is not None:
+            await _drop_ahead(run, ahead)
+
+
+def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
+    verdict, stats = event.verdict, run.stats
+    server_ms = verdict.queue_ms + verdict.forward_ms
+    stats.record_round(event.drafted, verdict.accepted)
+    stats.target_forwards += 1
+    stats.verify_ms += server_ms
+    network_ms = None
+    if current is not None and not current.ahead:
+        # Rounds sent ahead waited for the previous verdict too; only plain rounds time the network.
+        network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
+        stats.network_ms += network_ms
+    run.controller.observe_round(
+        drafted=event.drafted, accepted=verdict.accepted, draft_ms=current.draft_ms if current else 0.0,
+        network_ms=run.controller.estimate().network_ms if network_ms is None else network_ms,
+        verify_ms=server_ms)
+
+
+async def _send_round(client: EdgeClient, run: Run) -> _Round:
+    gamma = min(run.controller.choose(run.remaining), client.max_gamma(len(run.committed)))
+    proposal, draft_ms = await client.in_drafter(lambda: _propose(client, run, gamma))
+    run.mirror.extend(proposal.tokens)
+    run.stats.edge_ms += draft_ms
+    number, frame = client.session.draft(proposal.tokens, proposal.proposal)
+    await client.send(frame)
+    return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
+                  sent_at=time.perf_counter())
+
+
+def _propose(client: EdgeClient, run: Run, gamma: int) -> tuple[DraftProposal, float]:
+    start = time.perf_counter()
+    proposal = client.drafter.propose(gamma, run.settings.sampling, run.settings.support_k, run.seed)
+    return proposal, (time.perf_counter() - start) * 1000.0
+
+
+def _start_ahead(client: EdgeClient, run: Run, room: int) -> _AheadJob:
+    gamma = max(1, min(run.controller.choose(room), client.max_gamma(len(run.mirror) + 1)))
+    job = _AheadJob(gamma=gamma)
+    loop = asyncio.get_running_loop()
+    job.guess = loop.create_future()
+    drafter, settings, seed = client.drafter, run.settings, run.seed
+
+    def work() -> tuple[int, list[DraftProposal], float]:
+        # Assume every draft in flight is accepted and the bonus token is the draft's own best guess.
+        guess = drafter.most_likely_next()
+        drafter.append([guess])
+        loop.call_soon_threadsafe(job.guess.set_result, guess)
+        start = time.perf_counter()
+        pieces: list[DraftProposal] = []
+        for _ in range(job.gamma):
+            if job.abort.is_set():
+                break
+            pieces.append(drafter.propose(1, settings.sampling, settings.support_k, seed))
+        return guess, pieces, (time.perf_counter() - start) * 1000.0
+
+    job.task = asyncio.ensure_future(client.in_drafter(work))
+    return job
+
+
+async def _record_guess(run: Run, job: _AheadJob) -> None:
+    guess = await job.guess
+    if not job.guess_in_mirror:
+        run.mirror.append(guess)
+        job.guess_in_mirror = True
+
+
+async def _collect(run: Run, job: _AheadJob) -> tuple[list[DraftProposal], float]:
+    await _record_guess(run, job)
+    _guess, pieces, draft_ms = await job.task
+    run.mirror.extend(t for piece in pieces for t in piece.tokens)
+    run.stats.edge_ms += draft_ms
+    return pieces, draft_ms
+
+
+async def _finish_ahead(client: EdgeClient, run: Run, job: _AheadJob) -> _Round | None:
+    """The ahead round is drafted: send it; the server verifies it only if the guess came true."""
+    pieces, draft_ms = await _collect(run, job)
+    if not pieces:
+        return None
+    proposal = _merge(pieces)
+    assumed = run.mirror[len(run.committed): len(run.mirror) - len(proposal.tokens)]
+    number, frame = client.session.draft(proposal.tokens, proposal.proposal, assumed=assumed)
+    await client.send(frame)
+    run.controller.observe_draft_time(draft_ms / len(proposal.tokens))
+    return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=True, sent_at=time.perf_counter())
+
+
+async def _drop_ahead(run: Run, job: _AheadJob) -> None:
+    job.abort.set()
+    await _collect(run, job)
+
+
+async def _consistent_after_verdict(client: EdgeClient, run: Run, job: _AheadJob | None) -> bool:
+    """True when the drafter's sequence still continues the committed one (nothing to roll back)."""
+    if job is not None:
+        await _record_guess(run, job)
+    mirror, committed = run.mirror, run.committed
+    if len(mirror) >= len(committed):
+        return mirror[: len(committed)] == committed
+    return False  # the verifier's token is not in the drafter yet
+
+
+def _resync(client: EdgeClient, run: Run) -> None:
+    """Roll the drafter back to its common prefix with the committed sequence and feed the rest."""
+    mirror, committed = run.mirror, run.committed
+    keep = 0
+    limit = min(len(mirror), len(committed))
+    while keep < limit and mirror[keep] == committed[keep]:
+        keep += 1
+    keep = min(keep, len(committed) - 1)  # re-feed at least one token so the logits are fresh
+    client.drafter.rollback(keep)
+    client.drafter.append(committed[keep:])
+    run.mirror = list(committed)
+
+
+def _merge(pieces: list[DraftProposal]) -> DraftProposal:
+    tokens = [t for piece in pieces for t in piece.tokens]
+    if pieces[0].proposal is None:
+        return DraftProposal(tokens=tokens, proposal=None)
+    return DraftProposal(tokens=tokens, proposal=ProposalDistribution(
+        ids=torch.cat([p.proposal.ids for p in pieces]), probs=torch.cat([p.proposal.probs for p in pieces])))

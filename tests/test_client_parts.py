@@ -1,0 +1,110 @@
+"""The edge client's pure parts: adaptive γ, incremental detokenisation, local sampling, answer stats."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from specd.desktop.adaptive import GammaController, expected_tokens
+from specd.desktop.answer import AnswerStats
+from specd.desktop.detokenize import IncrementalDetokenizer
+from specd.desktop.drafters.torch_drafter import TorchDrafter
+from specd.desktop.fallback import local_step
+from specd.shared.config import dump_toml, load_config, to_dict
+from specd.shared.sampling import SamplingParams
+from tests.tiny_models import save_tiny_model
+
+
+def feed(controller: GammaController, alpha_pattern, rounds: int, *, draft_ms=2.0, network_ms=20.0):
+    """Rounds where each draft is accepted while the pattern says so."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(rounds):
+        gamma = controller.choose()
+        accepted = 0
+        while accepted < gamma and rng.random() < alpha_pattern:
+            accepted += 1
+        controller.observe_round(drafted=gamma, accepted=accepted, draft_ms=draft_ms * gamma,
+                                 network_ms=network_ms, verify_ms=10.0 + 1.0 * (gamma + 1))
+    return controller.choose()
+
+
+def test_expected_tokens_matches_the_closed_form():
+    assert expected_tokens(0.0, 5) == pytest.approx(1.0)
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens(1.0, 4) == 5.0
+
+
+def test_adaptive_gamma_grows_with_acceptance_and_shrinks_when_it_drops():
+    controller = GammaController(gamma_max=12)
+    high = feed(controller, 0.95, 60)
+    low = feed(controller, 0.1, 60)
+    assert high >= 6, high
+    assert low <= 2, low
+    assert high > low
+    assert controller.alpha < 0.3
+
+
+def test_slow_drafting_shortens_gamma():
+    fast = feed(GammaController(gamma_max=12), 0.8, 60, draft_ms=0.5)
+    slow = feed(GammaController(gamma_max=12), 0.8, 60, draft_ms=60.0)
+    assert slow < fast
+
+
+def test_fixed_gamma_is_kept_but_never_beyond_what_is_left():
+    controller = GammaController(gamma_max=8, fixed=5)
+    assert feed(controller, 0.1, 10) == 5
+    assert controller.choose(remaining=3) == 2
+
+
+def test_incremental_detokenizer_never_splits_a_character(smollm2_tokenizer):
+    text = "Zürich 🌍 says: naïve café — 東京!"
+    ids = smollm2_tokenizer.encode(text)
+    detok = IncrementalDetokenizer(smollm2_tokenizer)
+    pieces = [detok.push([i]) for i in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_local_sampling_is_reproducible_for_a_seed(tmp_path):
+    folder = save_tiny_model(tmp_path / "draft", seed=3)
+    params = SamplingParams(temperature=1.0)
+
+    def run(seed: int) -> list[int]:
+        drafter = TorchDrafter(folder, "cpu")
+        drafter.prefill([1, 5, 7])
+        return [local_step(drafter, params, seed) for _ in range(12)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stats_per_position_and_json():
+    stats = AnswerStats()
+    stats.record_round(4, 2)
+    stats.record_round(2, 2)
+    stats.generated, stats.target_forwards, stats.total_ms = 6, 2, 500.0
+    assert stats.drafted_by_position == [2, 2, 1, 1]
+    assert stats.accepted_by_position == [2, 2, 0, 0]
+    data = stats.to_json()
+    assert data["acceptance_rate"] == pytest.approx(4 / 6)
+    assert data["gamma_mean"] == 3.0
+    assert data["tokens_per_second"] == pytest.approx(12.0)
+    assert data["tokens_per_forward"] == 3.0
+
+
+def test_dump_toml_round_trips_the_config():
+    cfg = load_config(None, overrides={"models": {"target": 'C:\\models\\"quoted"'}, "limits": {"max_draft": 12}})
+    text = dump_toml(to_dict(cfg))
+    assert tomllib.loads(text) == to_dict(cfg)
+    assert load_config(None, overrides=tomllib.loads(text)) == cfg
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_folder))
