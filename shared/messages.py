@@ -172,6 +172,8 @@ def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes | str, max_bytes: int
         raise ProtocolError(code, f"invalid message: {text}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"undecodable frame: {exc}") from None
+    except UnicodeDecodeError as exc:  # a msgpack str that is not UTF-8
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"undecodable frame: a string is not UTF-8 ({exc.reason})") from None
     except RecursionError:  # deep nesting msgspec has to skip (e.g. in an unknown field before `type`)
         raise ProtocolError(ErrorCode.BAD_FRAME, "undecodable frame: nested too deeply") from None
 
