@@ -1,13 +1,151 @@
-"""``specd-verifier``: the verifier daemon."""
+"""``specd-verifier``: the verifier daemon's command line (also ``python -m specd.daemon``).
+
+Every flag has a config.toml key ([server] or [limits]); flags override the file. Errors are one line
+on stderr: exit status 2 for configuration and usage, 1 when the model cannot be prepared or loaded.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
+import os
+import signal
 import sys
+from pathlib import Path
+from typing import Any
+
+from specd.shared import __version__
+from specd.shared.config import default_config_path, load_config
+from specd.shared.errors import ConfigError, SpecdError
+
+PROG = "specd-verifier"
+log = logging.getLogger("specd.daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="The specd verifier: serves a target model to specd edge clients over WebSocket "
+        "(docs/protocol.md), with GET /healthz and GET /metrics on the same port.",
+        epilog="Each flag overrides the config file's key named in brackets. The API key comes from the "
+        "environment variable named by [server] api_key_env (default SPECD_API_KEY) or from --api-key-file.")
+    add = parser.add_argument
+    add("--config", metavar="PATH", help="config file (default: $SPECD_CONFIG, ./config.toml, the user config "
+        "folder, /etc/specd/config.toml)")
+    add("--host", help="address to listen on [server] host (default 127.0.0.1; anything else needs an API "
+        "key or --insecure-no-auth)")
+    add("--port", type=int, help="TCP port [server] port (default 8765; 0 picks a free one, see --port-file)")
+    add("--model", help="target model [models] target: a preset, a Hugging Face id, a folder or a .gguf file")
+    add("--device", help="auto | cpu | cuda | cuda:N  [server] device (auto: the first GPU, else the CPU)")
+    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights dtype [server] dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+    add("--max-sessions", type=int, metavar="N", help="concurrent sessions [limits] max_sessions")
+    add("--max-input-tokens", type=int, metavar="N", help="longest prompt [limits] max_input_tokens")
+    add("--max-total-tokens", type=int, metavar="N",
+        help="prompt + generated tokens per request, bounds each KV cache [limits] max_total_tokens")
+    add("--max-draft", type=int, metavar="N", help="most draft tokens per round [limits] max_draft")
+    add("--max-frame-bytes", type=int, metavar="N", help="largest WebSocket frame [limits] max_frame_bytes")
+    add("--idle-timeout", type=float, metavar="SECONDS",
+        help="close sessions idle this long [limits] idle_timeout_s")
+    add("--api-key-file", metavar="PATH", help="file whose first line is the API key [server] api_key_file")
+    add("--tls-cert", metavar="PEM", help="certificate chain to serve wss:// [server] tls_cert")
+    add("--tls-key", metavar="PEM", help="private key for --tls-cert [server] tls_key")
+    add("--insecure-no-auth", action="store_true", default=None,
+        help="allow a non-loopback --host without an API key [server] insecure_no_auth")
+    add("--log-level", choices=("debug", "info", "warning", "error"), help="[server] log_level")
+    add("--threads", type=int, metavar="N",
+        help="torch intra-op CPU threads (default: torch's choice; pin it when sharing a machine)")
+    add("--port-file", metavar="PATH", help="write the bound port to PATH once serving (for --port 0)")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "server": {"host": args.host, "port": args.port, "device": args.device, "dtype": args.dtype,
+                   "api_key_file": args.api_key_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                   "insecure_no_auth": args.insecure_no_auth, "log_level": args.log_level},
+        "models": {"target": args.model},
+        "limits": {"max_sessions": args.max_sessions, "max_input_tokens": args.max_input_tokens,
+                   "max_total_tokens": args.max_total_tokens, "max_draft": args.max_draft,
+                   "max_frame_bytes": args.max_frame_bytes, "idle_timeout_s": args.idle_timeout},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("specd-verifier: not available yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        path = args.config or default_config_path()
+        config = load_config(path, overrides_from(args))
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    from specd.daemon.notify import setup_logging
+
+    setup_logging(config.server.log_level)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if path:
+        log.info("config: %s", path)
+    try:
+        interrupted = asyncio.run(_serve(config, Path(args.port_file) if args.port_file else None))
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except SpecdError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    if interrupted:
+        # Stopped while the model was still loading: that thread cannot be interrupted, so do not
+        # wait for it (systemd's stop timeout would) — nothing is being served yet.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+async def _serve(config: Any, port_file: Path | None) -> bool:
+    """Serve until SIGTERM/SIGINT; True when stopped before the model finished loading."""
+    from specd.daemon.notify import Notifier
+    from specd.daemon.server import Verifier
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    notifier = Notifier()
+    verifier = Verifier(config, notifier=notifier)
+    starting = loop.create_task(verifier.start())
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stopping before the model finished loading")
+        notifier.notify("STOPPING=1")
+        starting.cancel()
+        return True
+    stopping.cancel()
+    try:
+        starting.result()
+    except SpecdError as exc:
+        notifier.notify(f"STATUS=failed: {exc}")
+        raise
+    if port_file is not None:
+        _write_port_file(port_file, verifier.port)
+    await stop.wait()
+    await verifier.stop()
+    return False
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    """Atomically, so a script polling for the file never reads it half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,240 @@
+"""One WebSocket connection: moves frames between the socket and a sans-I/O ``ServerSession``.
+
+The session (shared/session.py) decides everything protocol-shaped; this driver only receives,
+runs the model jobs the session asks for on the shared worker, and sends what the session says.
+Messages are handled one at a time, in order (docs/protocol.md §8); in cloud mode a generation task
+streams tokens while the reader keeps listening for ``cancel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from specd.daemon.target import SessionCache, cloud_step_job, prefill_job, request_seed, verify_job
+from specd.shared import messages as m
+from specd.shared.errors import ErrorCode
+from specd.shared.sampling import SamplingParams
+from specd.shared.session import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_TRY_AGAIN_LATER,
+    CancelRequested,
+    Close,
+    DraftReceived,
+    Send,
+    ServerAction,
+    ServerSession,
+    ServerState,
+    StartRequested,
+)
+
+if TYPE_CHECKING:
+    from specd.daemon.server import Verifier
+
+log = logging.getLogger("specd.daemon.session")
+
+_CLOSE_CODES = {ErrorCode.SHUTTING_DOWN: CLOSE_GOING_AWAY, ErrorCode.IDLE_TIMEOUT: CLOSE_NORMAL,
+                ErrorCode.TOO_MANY_SESSIONS: CLOSE_TRY_AGAIN_LATER}
+
+
+class SessionDriver:
+    """Runs one connection's session until the peer leaves, a fatal error, idleness or shutdown."""
+
+    def __init__(self, verifier: Verifier, ws: ServerConnection) -> None:
+        self.verifier = verifier
+        self.ws = ws
+        self.id = secrets.token_hex(6)
+        target = verifier.target
+        assert target is not None and verifier.limits is not None
+        self.session = ServerSession(session_id=self.id, model=target.name, tokenizer=target.fingerprint,
+                                     vocab_size=target.vocab_size, eos=target.eos, limits=verifier.limits,
+                                     server=verifier.server_name)
+        self.cache = SessionCache(target)
+        self.params = SamplingParams()
+        self.seed = 0
+        self.busy = False  # handling a message (a round in flight)
+        self.stopping = False
+        self._closing = False
+        self._generation: asyncio.Task | None = None
+        self.peer = _peer(ws)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self._read_loop()
+        except ConnectionClosed:
+            pass
+        finally:
+            if self._generation is not None:
+                self._generation.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._generation
+            self.session.close()
+            self.cache.free()  # the KV memory goes with the session
+            if self.ws.close_code == 1009:
+                self.verifier.metrics.refusals["frame_too_large"] += 1
+
+    def shutdown(self) -> None:
+        """The server is stopping: finish what is in flight, then close with 1001."""
+        self.stopping = True
+        if not self.busy and (self._generation is None or self._generation.done()):
+            asyncio.get_running_loop().create_task(self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down"))
+
+    async def refuse(self, code: ErrorCode, message: str) -> None:
+        """Refuse the connection before any handshake (too many sessions, shutting down)."""
+        self.verifier.metrics.refusals[code.value] += 1
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(m.encode(m.Error(code=code.value, message=message, fatal=True)))
+            await self.ws.close(_CLOSE_CODES.get(code, 1011), code.value)
+
+    async def fail(self, code: ErrorCode, message: str) -> None:
+        """A fatal error from the driver's side: tell the peer (naming the active request) and close."""
+        if self._closing:
+            return
+        self._closing = True
+        request = self.session.request.start.request if self.session.request is not None else None
+        actions = self.session.error(code, message, request=request, fatal=True)
+        with contextlib.suppress(ConnectionClosed):
+            await self._perform(actions)
+
+    # -- reading --------------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        idle = self.verifier.config.limits.idle_timeout_s
+        while not self._closing:
+            if self.stopping:
+                await self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
+                return
+            try:
+                frame = await asyncio.wait_for(self.ws.recv(), idle)
+            except TimeoutError:
+                if self._generation is not None and not self._generation.done():
+                    continue
+                log.info("session %s: idle for %.0f s, closing", self.id, idle)
+                self.verifier.metrics.refusals[ErrorCode.IDLE_TIMEOUT.value] += 1
+                await self.fail(ErrorCode.IDLE_TIMEOUT, f"no message for {idle:g} s; reconnect when needed")
+                return
+            self.busy = True
+            try:
+                await self._perform(self.session.receive(frame))
+            finally:
+                self.busy = False
+
+    async def _perform(self, actions: list[ServerAction]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._count(action.data)
+                await self.ws.send(action.data)
+            elif isinstance(action, Close):
+                self._closing = True
+                code = action.code
+                reason = action.reason
+                if reason in {c.value for c in _CLOSE_CODES}:
+                    code = _CLOSE_CODES[ErrorCode(reason)]
+                await self.ws.close(code, reason)
+            elif isinstance(action, StartRequested):
+                await self._start(action)
+            elif isinstance(action, DraftReceived):
+                await self._verify(action)
+            elif isinstance(action, CancelRequested):
+                pass  # the generation loop sees session.cancel_requested after its current step
+
+    def _count(self, data: bytes) -> None:
+        metrics = self.verifier.metrics
+        if b"error" in data or b"discarded" in data:  # cheap pre-check before decoding
+            msg = m.decode_server(data)
+            if isinstance(msg, m.Error):
+                metrics.refusals[msg.code] += 1
+                log.info("session %s (%s): %s: %s", self.id, self.peer, msg.code, msg.message)
+            elif isinstance(msg, m.Discarded):
+                metrics.discarded += 1
+
+    # -- model work -----------------------------------------------------------------------------
+    async def _start(self, action: StartRequested) -> None:
+        start = action.start
+        self.params = SamplingParams(temperature=start.sampling.temperature, top_k=start.sampling.top_k,
+                                     top_p=start.sampling.top_p)
+        self.seed = request_seed(start.seed)
+        worker, metrics = self.verifier.worker, self.verifier.metrics
+        try:
+            cached, _queue_s, _run_s = await worker.run(self, prefill_job, self.cache, action.tokens,
+                                                        action.reusable)
+        except Exception as exc:
+            await self._internal(exc, start.request)
+            return
+        metrics.requests[start.mode] += 1
+        metrics.prefill_tokens += len(action.tokens) - 1 - cached
+        metrics.cached_tokens += cached
+        await self._perform(self.session.started(cached))
+        if start.mode == "cloud":
+            self._generation = asyncio.get_running_loop().create_task(self._generate(start.request))
+
+    async def _verify(self, action: DraftReceived) -> None:
+        draft = action.draft
+        committed = self.session.committed
+        try:
+            result, queue_s, run_s = await self.verifier.worker.run(
+                self, verify_job, self.cache, committed, action.draft_ids, action.proposal, action.greedy,
+                self.params, self.seed)
+        except Exception as exc:
+            await self._internal(exc, draft.request)
+            return
+        actions = self.session.verdict(result, queue_ms=queue_s * 1000.0, forward_ms=run_s * 1000.0)
+        # Roll back: keep the KV of the committed sequence minus its last token (the next parent).
+        self.cache.crop(len(self.session.committed) - 1)
+        self.verifier.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s)
+        await self._perform(actions)
+
+    async def _generate(self, request: int) -> None:
+        """Cloud-only mode: sample one token per step and stream it, until a stop rule or cancel."""
+        session, worker = self.session, self.verifier.worker
+        try:
+            while True:
+                if session.state is not ServerState.STREAMING or session.request is None \
+                        or session.request.start.request != request:
+                    return  # the request ended another way (an error naming it, a fatal error)
+                if session.cancel_requested:
+                    await self._perform(session.finish_cancel())
+                    return
+                if self.stopping:
+                    await self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
+                    return
+                try:
+                    token, _queue_s, run_s = await worker.run(self, cloud_step_job, self.cache,
+                                                              session.committed, self.params, self.seed)
+                except Exception as exc:
+                    await self._internal(exc, request)
+                    return
+                if session.cancel_requested or session.state is not ServerState.STREAMING:
+                    continue  # cancelled (or ended) during the step: its token is not sent
+                self.verifier.metrics.streamed += 1
+                actions, ended = session.stream([token], forward_ms=run_s * 1000.0)
+                await self._perform(actions)
+                if ended:
+                    return
+        except ConnectionClosed:
+            return
+        finally:
+            if self.stopping and not self._closing:
+                asyncio.get_running_loop().create_task(
+                    self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down"))
+
+    async def _internal(self, exc: Exception, request: int) -> None:
+        log.error("session %s: the model failed on request %d: %s", self.id, request, exc, exc_info=exc)
+        self.cache.free()  # its content is unknown now; the next request recomputes
+        await self._perform(self.session.error(ErrorCode.INTERNAL, f"the target model failed: {exc}",
+                                               request=request))
+
+
+def _peer(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+    except (TypeError, ValueError):
+        return "?"
+    return f"{host}:{port}"

@@ -1,0 +1,300 @@
+"""The verifier daemon: a websockets asyncio server around the target model.
+
+On one port: the WebSocket protocol at ``/`` (docs/protocol.md), ``GET /healthz`` and ``GET /metrics``.
+The port is bound before the model loads, so health checks see 503 (and clients "still loading")
+instead of a refused connection. ``Verifier`` is also what tests and the demo embed::
+
+    async with Verifier(config) as verifier:
+        ...  # connect to verifier.url
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from specd.daemon.connection import SessionDriver
+from specd.daemon.metrics import Metrics
+from specd.daemon.notify import Notifier, cancel_quietly, extend_start_timeout, run_watchdog, watchdog_interval
+from specd.daemon.target import ModelWorker, TargetModel
+from specd.shared import __version__
+from specd.shared import messages as m
+from specd.shared.config import Config, read_secret
+from specd.shared.errors import ConfigError, ErrorCode
+from specd.shared.models import resolve_source
+
+log = logging.getLogger("specd.daemon")
+
+# How long SIGTERM waits for in-flight rounds before closing the remaining connections anyway.
+DRAIN_TIMEOUT_S = 10.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Verifier:
+    """The verifier service: ``await start()`` loads the model and serves; ``await stop()`` drains."""
+
+    def __init__(self, config: Config, *, api_key: str | None = None, notifier: Notifier | None = None,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        self.config = config
+        srv = config.server
+        self.api_key = api_key if api_key is not None else read_secret(srv.api_key_env, srv.api_key_file)
+        self.notifier = notifier or Notifier()
+        self.drain_timeout_s = drain_timeout_s
+        self.metrics = Metrics()
+        self.worker = ModelWorker()
+        self.target: TargetModel | None = None
+        self.limits: m.Limits | None = None
+        self.server_name = f"specd-verifier {__version__}"
+        self.drivers: set[SessionDriver] = set()
+        self.ready = False
+        self.stopping = False
+        self._server: Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._drained = asyncio.Event()
+        self._stopped = False
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the verifier is not started")
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        host = self.config.server.host
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "wss" if self.config.server.tls_cert else "ws"
+        return f"{scheme}://{host}:{self.port}"
+
+    @property
+    def sessions(self) -> int:
+        return len(self.drivers)
+
+    # -- start and stop -------------------------------------------------------------------------
+    async def __aenter__(self) -> Verifier:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Bind, load the model on the worker thread, then announce READY=1."""
+        srv, lim = self.config.server, self.config.limits
+        if not self.api_key and not is_loopback(srv.host) and not srv.insecure_no_auth:
+            raise ConfigError(f"refusing to listen on {srv.host or 'all interfaces'} without an API key: set "
+                              f"{srv.api_key_env} (or [server] api_key_file), or pass --insecure-no-auth "
+                              "to accept unauthenticated clients")
+        context = self._ssl_context()
+        resolve_source(self.config.models.target)  # a mistyped model fails now, not after binding
+        self.notifier.notify(f"STATUS=loading {self.config.models.target}")
+        if self.notifier.enabled:
+            self._tasks.append(asyncio.get_running_loop().create_task(extend_start_timeout(self.notifier)))
+        interval = watchdog_interval()
+        if interval and self.notifier.enabled:
+            watchdog = asyncio.get_running_loop().create_task(run_watchdog(self.notifier, interval))
+        else:
+            watchdog = None
+        try:
+            self._server = await serve(
+                self._handle, srv.host or None, srv.port, process_request=self._process_request, ssl=context,
+                max_size=lim.max_frame_bytes, compression=None, ping_interval=20, ping_timeout=20,
+                server_header=f"specd-verifier/{__version__}")
+        except OSError as exc:
+            await self._cancel_tasks(watchdog)
+            raise ConfigError(f"cannot listen on {srv.host}:{srv.port}: {exc.strerror or exc}") from None
+        log.info("listening on %s; loading %s", self.url, self.config.models.target)
+        try:
+            self.target = await self.worker.call(TargetModel.load, self.config, lambda msg: log.info("%s", msg))
+        except BaseException:
+            await self._cancel_tasks(watchdog)
+            self._server.close()
+            await self._server.wait_closed()
+            await self.worker.close()
+            raise
+        await self._cancel_tasks()
+        if watchdog is not None:
+            self._tasks.append(watchdog)
+        self.limits = self._effective_limits(self.target)
+        self.metrics = Metrics()
+        self.ready = True
+        self.notifier.notify("READY=1", f"STATUS=serving {self.target.name} on {self.url}: 0 sessions")
+        log.info("serving %s on %s (%s, %s), %d-token vocabulary", self.target.name, self.url, self.target.device,
+                 str(self.target.dtype).removeprefix("torch."), self.target.vocab_size)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight rounds finish, close clients with 1001, free the model."""
+        if self._stopped or self._server is None:
+            return
+        self._stopped = True
+        self.stopping = True
+        self.notifier.notify("STOPPING=1", f"STATUS=stopping: draining {self.sessions} sessions")
+        log.info("stopping: draining %d session(s)", self.sessions)
+        self._server.server.close()  # no new TCP connections
+        for driver in list(self.drivers):
+            driver.shutdown()
+        if self.drivers:
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.drain_timeout_s)
+            except TimeoutError:
+                log.warning("%d session(s) still busy after %.0f s; closing them", self.sessions,
+                            self.drain_timeout_s)
+        self._server.close()  # closes what is left with 1001
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        except TimeoutError:
+            log.warning("some connections did not close in time")
+        await self._cancel_tasks()
+        try:
+            await asyncio.wait_for(self.worker.close(), 10.0)
+        except TimeoutError:
+            log.warning("the model worker is still busy; exiting anyway")
+        self.target = None
+        self.ready = False
+        self.notifier.close()
+        log.info("stopped")
+
+    async def _cancel_tasks(self, *extra: asyncio.Task | None) -> None:
+        for task in [*self._tasks, *extra]:
+            await cancel_quietly(task)
+        self._tasks = []
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        srv = self.config.server
+        if not srv.tls_cert:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(srv.tls_cert, srv.tls_key)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"TLS: {exc.filename} does not exist ([server] tls_cert / tls_key)") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"TLS: cannot use {srv.tls_cert} with {srv.tls_key}: {exc}") from None
+        return context
+
+    def _effective_limits(self, target: TargetModel) -> m.Limits:
+        lim = self.config.limits
+        total = lim.max_total_tokens
+        if target.max_positions and total > target.max_positions:
+            log.warning("[limits] max_total_tokens = %d exceeds the model's context of %d positions; using %d",
+                        total, target.max_positions, target.max_positions)
+            total = target.max_positions
+        return m.Limits(max_input_tokens=min(lim.max_input_tokens, total - 1), max_total_tokens=total,
+                        max_draft=lim.max_draft, max_support=min(lim.max_support, target.vocab_size),
+                        max_frame_bytes=lim.max_frame_bytes,
+                        max_messages_per_second=lim.max_messages_per_second)
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        target = self.target
+        return {"model": target.name if target else self.config.models.target,
+                "device": str(target.device) if target else self.config.server.device,
+                "sessions": self.sessions, "uptime": round(time.monotonic() - self.metrics.started_at, 3),
+                "ready": self.ready and not self.stopping}
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            health = self.health()
+            status = http.HTTPStatus.OK if health["ready"] else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return _response(status, json.dumps(health) + "\n", "application/json")
+        if path == "/metrics":
+            target = self.target
+            body = self.metrics.render(target.name if target else self.config.models.target,
+                                       str(target.device) if target else self.config.server.device)
+            return _response(http.HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
+        if path != "/":
+            return _response(http.HTTPStatus.NOT_FOUND, "not found: the protocol is at /, health at /healthz\n")
+        if self.api_key is not None and not self._authorized(request):
+            self.metrics.refusals["unauthorized"] += 1
+            log.info("refused %s: missing or wrong API key", _remote(connection))
+            return _response(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer)\n",
+                             extra={"WWW-Authenticate": 'Bearer realm="specd"'})
+        if not self.ready or self.stopping:
+            text = "the verifier is shutting down\n" if self.stopping else "the verifier is loading its model\n"
+            return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, text, extra={"Retry-After": "5"})
+        return None
+
+    def _authorized(self, request: Request) -> bool:
+        assert self.api_key is not None
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        expected = f"Bearer {self.api_key}".encode()
+        return hmac.compare_digest(given, expected)  # constant time: no timing oracle on the key
+
+    # -- WebSocket ------------------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        driver = SessionDriver(self, ws)
+        if self.stopping:
+            await driver.refuse(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
+            return
+        if len(self.drivers) >= self.config.limits.max_sessions:
+            log.warning("refused %s: %d sessions already open", driver.peer, len(self.drivers))
+            await driver.refuse(ErrorCode.TOO_MANY_SESSIONS,
+                                f"the verifier is at max_sessions = {self.config.limits.max_sessions}; "
+                                "try again later")
+            return
+        self.drivers.add(driver)
+        self._drained.clear()
+        self.metrics.sessions = len(self.drivers)
+        self.metrics.sessions_total += 1
+        self._status()
+        log.info("session %s opened from %s", driver.id, driver.peer)
+        try:
+            await driver.run()
+        finally:
+            self.drivers.discard(driver)
+            self.metrics.sessions = len(self.drivers)
+            if not self.drivers:
+                self._drained.set()
+            log.info("session %s closed (%s)", driver.id, ws.close_code)
+            self._status()
+
+    def _status(self) -> None:
+        if self.ready and not self.stopping:
+            self.notifier.status(f"serving {self.target.name if self.target else '?'} on {self.url}: "
+                                 f"{self.sessions} session{'s' if self.sessions != 1 else ''}")
+
+
+def _response(status: http.HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8",
+              extra: dict[str, str] | None = None) -> Response:
+    data = body.encode()
+    headers = Headers()
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(data))
+    headers["Cache-Control"] = "no-store"
+    headers["Connection"] = "close"
+    for key, value in (extra or {}).items():
+        headers[key] = value
+    return Response(status.value, status.phrase, headers, data)
+
+
+def _remote(connection: ServerConnection) -> str:
+    try:
+        host, port = connection.remote_address[:2]
+    except (TypeError, ValueError):
+        return "?"
+    return f"{host}:{port}"
