@@ -39,3 +39,17 @@ def smollm2_folder():
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def qloop(qapp):
+    """A qasync event loop on pytest-qt's QApplication: run the UI's coroutines with
+    ``qloop.run_until_complete(...)`` (qtbot does not run ``asyncio`` tasks by itself)."""
+    import asyncio
+
+    import qasync
+
+    loop = qasync.QEventLoop(qapp, already_running=False)
+    asyncio.set_event_loop(loop)
+    yield loop
+    asyncio.set_event_loop(None)
