@@ -1,0 +1,88 @@
+"""The tray menu: Open chat · Device ▸ · status line · Settings… · View logs · Quit.
+
+The menu is a plain ``QMenu`` built from device-probe rows, so it exists (and is tested) even where
+the platform has no system tray; :class:`~specd.desktop.ui.controller.DesktopApp` attaches it to a
+``QSystemTrayIcon`` when there is one.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Signal
+from PySide6.QtGui import QAction, QActionGroup
+from PySide6.QtWidgets import QMenu, QWidget
+
+from specd.desktop.devices import DeviceRow, format_memory
+
+AUTO = "auto"
+
+
+def device_label(row: DeviceRow) -> str:
+    """``★ NVIDIA RTX 4060 — torch, 8.0 GiB`` (★ marks the best device); unavailable rows say why."""
+    memory = format_memory(row.memory_bytes)
+    text = f"{row.name} — {row.backend}" + (f", {memory}" if memory else "")
+    if row.best:
+        text = "★ " + text + " (best)"
+    if not row.available:
+        text += f" — unavailable: {row.reason}"
+    return text
+
+
+class TrayMenu(QMenu):
+    open_chat = Signal()
+    device_picked = Signal(str)  # a row id, or "auto"
+    settings = Signal()
+    view_logs = Signal()
+    quit = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.addAction("Open chat", self.open_chat.emit)
+        self.devices = self.addMenu("Device")
+        self.device_group = QActionGroup(self)
+        self.device_group.setExclusive(True)
+        self.device_actions: dict[str, QAction] = {}
+        self.addSeparator()
+        self.status_action = self.addAction("Starting…")
+        self.status_action.setEnabled(False)
+        self.addSeparator()
+        self.addAction("Settings…", self.settings.emit)
+        self.addAction("View logs", self.view_logs.emit)
+        self.addSeparator()
+        self.addAction("Quit", self.quit.emit)
+        self.set_devices([], AUTO)
+
+    def set_devices(self, rows: list[DeviceRow], active: str) -> None:
+        """Rebuild the Device submenu: an Automatic entry, then one radio entry per probed row."""
+        self.devices.clear()
+        for action in self.device_group.actions():
+            self.device_group.removeAction(action)
+        self.device_actions = {}
+        entries = [(AUTO, "Automatic (best available)", True, "")]
+        entries += [(row.id, device_label(row), row.available, row.reason) for row in rows]
+        for row_id, text, enabled, reason in entries:
+            action = QAction(text, self.devices)
+            action.setCheckable(True)
+            action.setEnabled(enabled)
+            action.setData(row_id)
+            if reason:
+                action.setToolTip(reason)
+            action.triggered.connect(lambda _checked=False, rid=row_id: self.device_picked.emit(rid))
+            self.device_group.addAction(action)
+            self.devices.addAction(action)
+            self.device_actions[row_id] = action
+            if row_id == AUTO and rows:
+                self.devices.addSeparator()
+        self.set_active_device(active)
+        self.devices.setToolTipsVisible(True)
+
+    def set_active_device(self, active: str) -> None:
+        action = self.device_actions.get(active) or self.device_actions.get(AUTO)
+        if action is not None:
+            action.setChecked(True)
+
+    def active_device(self) -> str | None:
+        action = self.device_group.checkedAction()
+        return action.data() if action is not None else None
+
+    def set_status(self, text: str) -> None:
+        self.status_action.setText(text)

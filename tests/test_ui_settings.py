@@ -1,0 +1,152 @@
+"""The tray app's settings: the per-user file over config.toml, the API key store, start on login,
+and the dialog that refuses bad values with the reason."""
+
+from __future__ import annotations
+
+import stat
+import sys
+import tomllib
+
+import pytest
+
+from specd.desktop.devices import DeviceRow
+from specd.desktop.ui.settings_dialog import SettingsDialog
+from specd.desktop.ui.user_settings import (
+    SecretStore,
+    UserSettings,
+    autostart_file,
+    dump_toml,
+    effective_config,
+    read_settings,
+    set_start_on_login,
+    start_on_login_enabled,
+    write_settings,
+)
+from specd.shared.config import load_config
+from specd.shared.errors import ConfigError
+
+ROWS = [DeviceRow("onnxruntime-genai:cpu", "onnxruntime-genai", "cpu", "Test CPU", "cpu", best=True),
+        DeviceRow("openvino:CPU", "openvino", "cpu", "Test CPU", "CPU")]
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[client]\nserver_url = "ws://10.0.0.5:8765"\n[sampling]\ntemperature = 0.3\n')
+    return path
+
+
+def test_toml_writer_round_trips_through_tomllib():
+    tree = {"client": {"server_url": 'ws://h:1/"q"\\x', "tls_verify": False},
+            "sampling": {"temperature": 0.25, "top_k": 3, "seed": -1},
+            "devices": {"gpu": {"device_id": 1}}, "desktop": {"device": "openvino:GPU.1", "tabs\tand\nlines": "é"}}
+    assert tomllib.loads(dump_toml(tree)) == tree
+
+
+def test_settings_file_round_trip_and_layering(tmp_path, config_file):
+    path = tmp_path / "user" / "settings.toml"
+    assert read_settings(path) == UserSettings()
+    settings = UserSettings(layer={"sampling": {"top_p": 0.5}, "speculation": {"gamma": 3}}).with_desktop(
+        device="openvino:CPU", start_on_login=True, highlight_tokens=False)
+    write_settings(path, settings)
+    again = read_settings(path)
+    assert again == settings
+    cfg = effective_config(config_file, again)
+    assert cfg.client.server_url == "ws://10.0.0.5:8765"  # from config.toml
+    assert cfg.sampling.temperature == 0.3
+    assert cfg.sampling.top_p == 0.5  # from the user's layer
+    assert cfg.speculation.gamma == 3
+
+
+def test_a_broken_settings_file_is_named(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text("[desktop]\ncolour = 'red'\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'colour' in \[desktop\]"):
+        read_settings(path)
+    path.write_text("[sampling\n")
+    with pytest.raises(ConfigError, match="settings.toml"):
+        read_settings(path)
+
+
+def test_api_key_file_is_private_and_forgettable(tmp_path):
+    store = SecretStore(tmp_path, use_keyring=False)
+    assert store.load() is None
+    store.save("s3cret")
+    assert store.load() == "s3cret"
+    if sys.platform != "win32":
+        assert stat.S_IMODE(store.file.stat().st_mode) == 0o600
+    assert "0600" in store.where
+    store.save("")
+    assert store.load() is None and not store.file.exists()
+
+
+def test_start_on_login_writes_and_removes_an_xdg_autostart_entry(tmp_path):
+    if sys.platform == "win32":
+        pytest.skip("Windows uses the HKCU Run key")
+    assert not start_on_login_enabled(home_config=tmp_path)
+    where = set_start_on_login(True, home_config=tmp_path)
+    entry = autostart_file(tmp_path)
+    assert where == str(entry) and entry.parent.name == "autostart"
+    text = entry.read_text()
+    assert "[Desktop Entry]" in text and "Type=Application" in text
+    exec_line = next(line for line in text.splitlines() if line.startswith("Exec="))
+    assert "specd" in exec_line and exec_line.endswith("--minimized")
+    assert start_on_login_enabled(home_config=tmp_path)
+    set_start_on_login(False, home_config=tmp_path)
+    assert not entry.exists()
+
+
+def make_dialog(qtbot, config_file, settings=UserSettings(), api_key=None) -> SettingsDialog:
+    dialog = SettingsDialog(base=load_config(config_file), settings=settings, api_key=api_key, key_store="a file",
+                            rows=ROWS, config_path=config_file)
+    qtbot.addWidget(dialog)
+    return dialog
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("sampling.temperature", "warm", r"\[sampling\] temperature: 'warm' is not a number"),
+    ("sampling.temperature", "200", r"temperature: expected `float` <= 100"),
+    ("sampling.max_new_tokens", "0", r"max_new_tokens: expected `int` >= 1"),
+    ("speculation.gamma", "20", r"gamma = 20 exceeds gamma_max = 8"),
+    ("speculation.gamma", "often", r"is not an integer or \"auto\""),
+    ("client.server_url", "http://example.com", r"must start with ws:// or wss://"),
+])
+def test_dialog_refuses_bad_values_with_the_reason(qtbot, config_file, field, value, reason):
+    dialog = make_dialog(qtbot, config_file)
+    section, key = field.split(".")
+    dialog.edits[(section, key)].setText(value)
+    dialog.accept()
+    assert dialog.result_settings is None
+    assert dialog.result() != SettingsDialog.DialogCode.Accepted
+    assert not dialog.error.isHidden()
+    import re
+
+    assert re.search(reason, dialog.error.text()), dialog.error.text()
+
+
+def test_dialog_round_trip_keeps_only_changes(qtbot, config_file, tmp_path):
+    dialog = make_dialog(qtbot, config_file, api_key="old-key")
+    assert dialog.edits[("client", "server_url")].text() == "ws://10.0.0.5:8765"  # config.toml shows through
+    assert dialog.edits[("sampling", "temperature")].text() == "0.3"
+    dialog.edits[("sampling", "top_k")].setText("40")
+    dialog.edits[("speculation", "gamma")].setText("4")
+    dialog.checks[("speculation", "pipeline")].setChecked(False)
+    dialog.device.setCurrentIndex(dialog.device.findData("openvino:CPU"))
+    dialog.highlight.setChecked(False)
+    dialog.api_key.setText("new-key")
+    dialog.accept()
+    result = dialog.result_settings
+    assert result is not None and dialog.result_api_key == "new-key"
+    assert result.layer == {"sampling": {"top_k": 40}, "speculation": {"gamma": 4, "pipeline": False}}
+    assert result.desktop.device == "openvino:CPU" and not result.desktop.highlight_tokens
+    path = tmp_path / "settings.toml"
+    write_settings(path, result)
+    reopened = make_dialog(qtbot, config_file, settings=read_settings(path))
+    assert reopened.edits[("sampling", "top_k")].text() == "40"
+    assert reopened.edits[("speculation", "gamma")].text() == "4"
+    assert not reopened.checks[("speculation", "pipeline")].isChecked()
+    assert reopened.device.currentData() == "openvino:CPU"
+    # "auto" is accepted again for γ and goes back to config.toml's value (no key in the layer)
+    reopened.edits[("speculation", "gamma")].setText("auto")
+    reopened.accept()
+    assert "gamma" not in reopened.result_settings.layer.get("speculation", {})
