@@ -8,9 +8,7 @@ import sys
 from specd.shared import __version__
 from specd.shared.errors import SpecdError
 
-NOT_YET = {
-    "bench": "measure speed against cloud-only, side by side",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in NOT_YET.items():
         sub.add_parser(name, help=text)
     from specd.desktop import chat, convert, demo, devices
+    from specd.desktop.bench import cli as bench
 
     chat.add_parser(sub)
+    bench.add_parser(sub)
     demo.add_parser(sub)
     devices.add_parser(sub)
     convert.add_parser(sub)

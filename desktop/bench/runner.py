@@ -1,0 +1,270 @@
+"""Running the benchmark: every mode on the same prompts, seeds and verifier, interleaved, at each RTT.
+
+Modes (see :data:`~specd.desktop.bench.figures.MODES`):
+
+- ``cloud-only``: the verifier generates alone and streams (the baseline every speedup divides by);
+- ``edge-only``: the draft model alone on the edge device, no verifier;
+- ``spec-fixed``: speculative with a fixed γ, no pipelining;
+- ``spec-adaptive``: γ chosen each round from measured acceptance and times, no pipelining;
+- ``spec-pipelined``: adaptive γ, drafting the next round while one is verified.
+
+All verifier traffic goes through a :class:`~specd.desktop.bench.netem.ThreadedProxy` whose delay is set
+to each ``--rtt-ms`` in turn. Modes take turns prompt by prompt, so a change in the machine's load (other
+programs, thermal limits) touches every mode alike rather than one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlparse
+
+from specd.desktop.answer import Answer, Settings
+from specd.desktop.bench.figures import BASELINE, MODES, RunRecord, SessionsRecord
+from specd.desktop.bench.netem import ThreadedProxy
+from specd.desktop.bench.prompts import BenchPrompt
+from specd.desktop.launch import ClientSetup, build_client
+from specd.shared.config import Config
+from specd.shared.errors import SpecdError
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchPlan:
+    prompts: list[BenchPrompt]
+    settings: Settings  # sampling, max_new_tokens, seed (the base of every answer's seed)
+    modes: tuple[str, ...] = MODES
+    rtts_ms: tuple[float, ...] = (0.0,)
+    iterations: int = 2
+    devices: tuple[str | None, ...] = (None,)  # None: the config's [devices] edge_device
+    gamma: int = 4  # spec-fixed
+    sessions: tuple[int, ...] = ()  # concurrent edge clients for the multi-session figure
+    warmup: bool = True
+    model_path: str | None = None
+
+    def answers(self) -> int:
+        """How many answers the main loop measures (for the progress display)."""
+        edge_modes = [m for m in self.modes if m != BASELINE]
+        per_prompt = len(edge_modes) * len(self.devices) + (BASELINE in self.modes)
+        return per_prompt * len(self.prompts) * self.iterations * len(self.rtts_ms)
+
+
+@dataclass(slots=True)
+class DeviceRun:
+    """One edge device that was benchmarked (or could not be)."""
+
+    requested: str
+    label: str  # the row id, e.g. "onnxruntime-genai:cpu"; the requested name when it failed
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class BenchResult:
+    records: list[RunRecord] = field(default_factory=list)
+    sessions: list[SessionsRecord] = field(default_factory=list)
+    devices: list[DeviceRun] = field(default_factory=list)
+    welcome: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def mode_settings(mode: str, base: Settings, gamma: int) -> Settings:
+    """The client settings a mode runs with."""
+    if mode == "spec-fixed":
+        return replace(base, gamma=gamma, pipeline=False)
+    if mode == "spec-adaptive":
+        return replace(base, gamma=None, pipeline=False)
+    if mode == "spec-pipelined":
+        return replace(base, gamma=None, pipeline=True)
+    return base
+
+
+def answer_seed(base: int | None, prompt_index: int, iteration: int) -> int:
+    """The same seed for every mode of one (prompt, iteration), so their outputs are comparable."""
+    return (base if base is not None else 1234) + 1000 * prompt_index + iteration
+
+
+class BenchRunner:
+    """Runs a :class:`BenchPlan` against the verifier at ``url`` (local or remote)."""
+
+    def __init__(self, config: Config, plan: BenchPlan, url: str, *, say: Say | None = None,
+                 emulate: bool = True) -> None:
+        self.config, self.plan, self.url = config, plan, url
+        self.say = say or (lambda _msg: None)
+        self.emulate = emulate
+        self.result = BenchResult()
+        self._done = 0
+        self._proxy: ThreadedProxy | None = None
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _client_url(self) -> str:
+        return self._proxy.url(urlparse(self.url).scheme) if self._proxy is not None else self.url
+
+    async def _build(self, device: str | None, *, drafter: bool = True) -> ClientSetup:
+        setup = await asyncio.to_thread(build_client, self.config, device=device, model_path=self.plan.model_path,
+                                        progress=self.say, drafter=drafter, url=self._client_url())
+        setup.client.endpoint = replace(setup.client.endpoint, url=self._client_url())
+        return setup
+
+    async def run(self) -> BenchResult:
+        started = time.perf_counter()
+        target = urlparse(self.url)
+        if self.emulate:
+            if target.scheme == "wss" and any(self.plan.rtts_ms):
+                raise SpecdError("--rtt-ms emulation needs a ws:// verifier: the loopback proxy cannot present a "
+                                 "wss:// server's certificate name; measure a TLS verifier over its real network")
+            if target.scheme == "ws":
+                self._proxy = ThreadedProxy(target.hostname or "127.0.0.1", target.port or 80).start()
+        setups: list[ClientSetup] = []
+        try:
+            cloud = await self._build(None, drafter=False) if BASELINE in self.plan.modes else None
+            if cloud is not None:
+                welcome = await cloud.client.connect()
+                self.result.welcome = {"model": welcome.model, "server": welcome.server,
+                                       "max_draft": welcome.limits.max_draft}
+            edges: list[tuple[DeviceRun, ClientSetup]] = []
+            if any(m != BASELINE for m in self.plan.modes) or self.plan.sessions:
+                for device in self.plan.devices:
+                    run, setup = await self._open_device(device)
+                    self.result.devices.append(run)
+                    if setup is not None:
+                        edges.append((run, setup))
+                        setups.append(setup)
+            if self.plan.warmup:
+                await self._warm_up(cloud, edges)
+            for rtt in self.plan.rtts_ms:
+                self._set_rtt(rtt)
+                for index, prompt in enumerate(self.plan.prompts):
+                    for iteration in range(self.plan.iterations):
+                        await self._measure_prompt(cloud, edges, prompt, index, iteration, rtt)
+            if self.plan.sessions and edges:
+                self._set_rtt(self.plan.rtts_ms[0])
+                await self._measure_sessions(edges[0][0], edges[0][1], setups)
+            if cloud is not None:
+                await cloud.client.close()
+        finally:
+            for setup in setups:
+                await _close(setup)
+            if self._proxy is not None:
+                self._proxy.stop()
+        self.result.wall_s = time.perf_counter() - started
+        return self.result
+
+    def _set_rtt(self, rtt: float) -> None:
+        if self._proxy is not None:
+            self._proxy.rtt_ms = rtt
+        self.say(f"Network: {rtt:g} ms round trip added" if self._proxy is not None
+                 else "Network: the real one (no emulation)")
+
+    async def _open_device(self, device: str | None) -> tuple[DeviceRun, ClientSetup | None]:
+        requested = device or self.config.devices.edge_device
+        setup = await self._build(device)
+        if setup.choice is None:
+            await setup.client.close()
+            return DeviceRun(requested, requested, error=setup.drafter_error or "no drafter"), None
+        row = setup.choice.row
+        self.say(setup.choice.summary())
+        return DeviceRun(requested, row.id, detail=setup.choice.to_json()), setup
+
+    async def _warm_up(self, cloud: ClientSetup | None, edges: list[tuple[DeviceRun, ClientSetup]]) -> None:
+        """One short answer per client, so first-call costs (allocations, kernel choice) stay out of the figures."""
+        self.say("Warming up…")
+        self._set_rtt(0.0)
+        prompt = self.plan.prompts[0]
+        settings = replace(self.plan.settings, max_new_tokens=min(8, self.plan.settings.max_new_tokens), seed=7)
+        if cloud is not None:
+            await cloud.client.chat(_conversation(prompt), settings)
+        for _run, setup in edges:
+            await setup.client.chat(_conversation(prompt), replace(settings, gamma=None, pipeline=True))
+            if "edge-only" in self.plan.modes:
+                await self._edge_only(setup, prompt, settings)
+
+    # -- the main loop ------------------------------------------------------------------------------
+    async def _measure_prompt(self, cloud: ClientSetup | None, edges: list[tuple[DeviceRun, ClientSetup]],
+                              prompt: BenchPrompt, index: int, iteration: int, rtt: float) -> None:
+        seed = answer_seed(self.plan.settings.seed, index, iteration)
+        base = replace(self.plan.settings, seed=seed)
+        for mode in self.plan.modes:
+            if mode == BASELINE:
+                if cloud is not None:
+                    answer = await cloud.client.chat(_conversation(prompt), base)
+                    self._record("-", rtt, mode, prompt, iteration, seed, answer)
+                continue
+            for run, setup in edges:
+                if mode == "edge-only":
+                    answer = await self._edge_only(setup, prompt, base)
+                else:
+                    answer = await setup.client.chat(_conversation(prompt),
+                                                     mode_settings(mode, base, self.plan.gamma))
+                self._record(run.label, rtt, mode, prompt, iteration, seed, answer)
+
+    async def _edge_only(self, setup: ClientSetup, prompt: BenchPrompt, settings: Settings) -> Answer:
+        from specd.desktop.fallback import generate_edge_only
+
+        client = setup.client
+        ids = client.prompt_ids(_conversation(prompt))
+        return await generate_edge_only(client.drafter, setup.tokenizer, ids, settings, executor=client._pool)
+
+    def _record(self, device: str, rtt: float, mode: str, prompt: BenchPrompt, iteration: int, seed: int,
+                answer: Answer) -> None:
+        stats = answer.stats.to_json()
+        self.result.records.append(RunRecord(device=device, rtt_ms=rtt, mode=mode, prompt_id=prompt.id,
+                                             category=prompt.category, iteration=iteration, seed=seed,
+                                             stats=stats, token_ids=list(answer.token_ids),
+                                             finish_reason=answer.finish_reason, text=answer.text[:300]))
+        self._done += 1
+        s = answer.stats
+        line = (f"[{self._done}/{self.plan.answers()}] rtt {rtt:g} ms · {mode:<14} · {device:<24} · "
+                f"{prompt.id} #{iteration + 1}: {s.generated} tok in {s.total_ms / 1000:.2f} s "
+                f"({s.tokens_per_second:.1f} tok/s")
+        if s.drafted:
+            line += f", acceptance {s.acceptance_rate:.0%}, γ̄ {s.gamma_mean:.1f}"
+        self.say(line + ")")
+
+    # -- concurrent sessions -----------------------------------------------------------------------
+    async def _measure_sessions(self, run: DeviceRun, first: ClientSetup, setups: list[ClientSetup]) -> None:
+        mode = "spec-pipelined" if "spec-pipelined" in self.plan.modes else "spec-adaptive"
+        settings = mode_settings(mode, self.plan.settings, self.plan.gamma)
+        pool = [first]
+        for count in self.plan.sessions:
+            while len(pool) < count:
+                self.say(f"Loading edge client {len(pool) + 1} of {max(self.plan.sessions)} for the multi-session "
+                         "figure…")
+                extra = await self._build(run.requested if run.requested != "auto" else None)
+                setups.append(extra)
+                if extra.choice is None:
+                    raise SpecdError(f"edge client {len(pool) + 1} could not load a drafter: {extra.drafter_error}")
+                pool.append(extra)
+            clients = pool[:count]
+            prompts = [self.plan.prompts[i % len(self.plan.prompts)] for i in range(count)]
+            start = time.perf_counter()
+            answers = await asyncio.gather(*(
+                c.client.chat(_conversation(p), replace(settings, seed=answer_seed(settings.seed, i, 0)))
+                for i, (c, p) in enumerate(zip(clients, prompts, strict=True))))
+            wall = time.perf_counter() - start
+            record = SessionsRecord(
+                sessions=count, mode=mode, rtt_ms=self.plan.rtts_ms[0], wall_s=wall,
+                generated=sum(a.stats.generated for a in answers),
+                verified=sum(a.stats.generated - a.stats.local_tokens for a in answers),
+                per_session_tokens_per_second=[a.stats.tokens_per_second for a in answers])
+            self.result.sessions.append(record)
+            self.say(f"{count} concurrent session(s), {mode}: {record.verified} verified tokens in {wall:.2f} s = "
+                     f"{record.total_verified_tokens_per_second:.1f} tok/s in total")
+
+
+def _conversation(prompt: BenchPrompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt.text}]
+
+
+async def _close(setup: ClientSetup) -> None:
+    with contextlib.suppress(Exception):
+        await setup.client.close()
+    drafter = setup.client.drafter
+    if drafter is not None:
+        with contextlib.suppress(Exception):
+            drafter.close()

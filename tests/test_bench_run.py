@@ -1,0 +1,87 @@
+"""``specd bench`` end to end on tiny models: a real verifier on 127.0.0.1, the delaying proxy in the path,
+every mode, two RTTs, concurrent sessions; then the JSON, the Markdown report and the plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specd.daemon.server import Verifier
+from specd.desktop.bench.cli import add_parser, bench_async
+from specd.desktop.bench.figures import MODES, SPEC_MODES
+from specd.desktop.cli import build_parser
+from specd.shared.config import load_config
+from tests.tiny_models import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    target = save_tiny_model(root / "target", seed=1)
+    draft = save_tiny_model(root / "draft", seed=2)
+    path = root / "config.toml"
+    path.write_text(f'[models]\ntarget = "{target}"\ndraft = "{draft}"\ndraft_backend = "torch"\n'
+                    '[devices]\nedge_device = "cpu"\n', encoding="utf-8")
+    return path
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["bench", *argv])
+
+
+async def test_bench_measures_every_mode_and_writes_the_report(config_file, tmp_path):
+    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}})
+    out = tmp_path / "out"
+    async with Verifier(verifier_cfg) as verifier:
+        args = parse("--config", str(config_file), "--host", "127.0.0.1", "--port", str(verifier.port),
+                     "--num-prompts", "1", "--iterations", "1", "--max-new-tokens", "12", "--temperature", "0",
+                     "--rtt-ms", "0", "40", "--sessions", "1", "2", "--gamma", "3", "--no-hf-assisted",
+                     "--out", str(out), "--title", "tiny")
+        assert await bench_async(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    # the contract: top-level speedup and acceptance per mode, and one key per mode
+    assert set(report["speedup"]) == set(MODES)
+    assert report["speedup"]["cloud-only"] == pytest.approx(1.0)
+    assert set(report["acceptance"]) == set(SPEC_MODES)
+    for mode in MODES:
+        assert report[mode]["answers"] == 1
+        assert report[mode]["generated_tokens"] > 0
+    for mode in SPEC_MODES:
+        fig = report[mode]
+        assert 0.0 <= fig["acceptance_rate"] <= 1.0
+        assert fig["assessment"] in ("EXCELLENT", "GOOD", "MODERATE", "POOR")
+        assert fig["target_forwards"] >= 1 and fig["tokens_per_forward"] >= 1.0
+        assert fig["theoretical_tokens_per_forward"] >= 1.0
+        assert fig["bytes_per_token"] > 0
+        assert fig["same_tokens_as_cloud_only"] == 1.0  # greedy: speculative output is the target's
+    assert report["spec-fixed"]["gamma_mean"] == 3.0
+    assert report["edge-only"]["target_forwards"] == 0
+    # the proxy really carries the delay: every speculative round pays the added 40 ms
+    by_rtt = next(iter(report["by_rtt"].values()))
+    slow, fast = by_rtt["40"]["spec-fixed"], by_rtt["0"]["spec-fixed"]
+    assert slow["latency_ms"] >= fast["latency_ms"] + 0.9 * 40 * slow["rounds"]
+    assert slow["network_ms"] >= 0.9 * 40 * slow["rounds"]
+    assert by_rtt["40"]["edge-only"]["network_ms"] == 0
+    sessions = report["multi_session"]
+    assert [s["sessions"] for s in sessions] == [1, 2]
+    assert all(s["total_verified_tokens_per_second"] > 0 for s in sessions)
+    assert report["meta"]["title"] == "tiny" and "specd bench" in report["meta"]["command"]
+    assert len(report["runs"]) == 2 * len(MODES)
+    text = (out / "report.md").read_text()
+    assert "| spec-pipelined |" in text and "Concurrent edge clients" in text and "by added RTT" in text
+    for name in ("speedup_vs_rtt.png", "time_breakdown.png", "acceptance_by_position.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in text
+
+
+def test_bench_flags_are_checked():
+    from specd.desktop.bench.cli import check_args
+    from specd.shared.errors import ConfigError
+
+    for argv in (["--num-prompts", "11"], ["--iterations", "0"], ["--gamma", "0"], ["--rtt-ms", "-5"]):
+        with pytest.raises(ConfigError):
+            check_args(parse(*argv))
+    args = parse("--modes", "cloud-only", "spec-adaptive", "--device", "cpu", "openvino:CPU")
+    assert args.modes == ["cloud-only", "spec-adaptive"] and args.device == ["cpu", "openvino:CPU"]
+    assert callable(add_parser)
