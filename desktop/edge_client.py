@@ -28,12 +28,14 @@ from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection
 from specd.desktop.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.base import Drafter
 from specd.shared import messages as m
-from specd.shared.errors import ProtocolError, SpecdError
+from specd.shared.errors import ErrorCode, ProtocolError, SpecdError
 from specd.shared.session import ClientEvent, ClientSession, ServerFailed, TokensStreamed, Welcomed
 
 log = logging.getLogger("specd.client")
 
 PieceCallback = Callable[[Piece], Any]
+# Errors that end the connection, not the request: the answer continues elsewhere or after reconnecting.
+GOING_AWAY = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.IDLE_TIMEOUT})
 StatusCallback = Callable[[str, str], Any]  # (state, human message)
 
 
@@ -208,8 +210,10 @@ class EdgeClient:
                 cancel_wait.cancel()
         if getter in done:
             event = getter.result()
+            if isinstance(event, ServerFailed) and event.error.code in GOING_AWAY:
+                event = Disconnected(event.error.message)  # the verifier is leaving: reconnect, resume
             if isinstance(event, Disconnected):
-                self._ws = None
+                await self._drop_connection()
                 raise event
             return event
         getter.cancel()

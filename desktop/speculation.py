@@ -19,7 +19,14 @@ import torch
 
 from specd.desktop.drafters.base import DraftProposal
 from specd.shared.sampling import ProposalDistribution
-from specd.shared.session import RequestCancelled, RequestStarted, RoundDiscarded, RoundVerdict, ServerFailed
+from specd.shared.session import (
+    ClientState,
+    RequestCancelled,
+    RequestStarted,
+    RoundDiscarded,
+    RoundVerdict,
+    ServerFailed,
+)
 
 if TYPE_CHECKING:
     from specd.desktop.edge_client import EdgeClient, Run
@@ -60,9 +67,12 @@ async def speculate(client: EdgeClient, run: Run) -> None:
             if run.cancelled and not cancel_sent:
                 await client.send(session.cancel())
                 cancel_sent = True
-            if not cancel_sent and not in_flight and ahead is None:
-                in_flight.append(await _send_round(client, run))
-            if (settings.pipeline and not cancel_sent and ahead is None and len(in_flight) == 1
+            active = session.state is ClientState.ACTIVE  # the reader may have seen the request end
+            if active and not cancel_sent and not in_flight and ahead is None:
+                sent = await _send_round(client, run)
+                if sent is not None:
+                    in_flight.append(sent)
+            if (active and settings.pipeline and not cancel_sent and ahead is None and len(in_flight) == 1
                     and run.remaining - len(in_flight[0].tokens) - 1 >= 1):
                 ahead = _start_ahead(client, run, run.remaining - len(in_flight[0].tokens) - 1)
             event = await client.next_event(ahead.task if ahead else None, run.cancel_event)
@@ -119,11 +129,13 @@ def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
         verify_ms=server_ms)
 
 
-async def _send_round(client: EdgeClient, run: Run) -> _Round:
+async def _send_round(client: EdgeClient, run: Run) -> _Round | None:
     gamma = min(run.controller.choose(run.remaining), client.max_gamma(len(run.committed)))
     proposal, draft_ms = await client.in_drafter(lambda: _propose(client, run, gamma))
     run.mirror.extend(proposal.tokens)
     run.stats.edge_ms += draft_ms
+    if client.session.state is not ClientState.ACTIVE:
+        return None  # the request ended while drafting; its events are waiting in the inbox
     number, frame = client.session.draft(proposal.tokens, proposal.proposal)
     await client.send(frame)
     return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
@@ -178,7 +190,7 @@ async def _collect(run: Run, job: _AheadJob) -> tuple[list[DraftProposal], float
 async def _finish_ahead(client: EdgeClient, run: Run, job: _AheadJob) -> _Round | None:
     """The ahead round is drafted: send it; the server verifies it only if the guess came true."""
     pieces, draft_ms = await _collect(run, job)
-    if not pieces:
+    if not pieces or client.session.state is not ClientState.ACTIVE:
         return None
     proposal = _merge(pieces)
     assumed = run.mirror[len(run.committed): len(run.mirror) - len(proposal.tokens)]

@@ -1,0 +1,276 @@
+"""The edge client against a real verifier on 127.0.0.1: equality with the target, reproducibility,
+pipelining, adaptive γ, the verifier disappearing mid-answer, and cloud-only fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from specd.daemon.server import Verifier
+from specd.desktop.answer import Answer, Settings
+from specd.desktop.connection import Endpoint
+from specd.desktop.drafters.torch_drafter import TorchDrafter
+from specd.desktop.edge_client import EdgeClient
+from specd.shared.config import load_config
+from specd.shared.fingerprint import tokenizer_fingerprint
+from specd.shared.sampling import SamplingParams
+from tests.tiny_models import save_tiny_model
+
+GREEDY = Settings(sampling=SamplingParams(temperature=0.0), max_new_tokens=48, seed=0, gamma_max=8)
+SAMPLED = Settings(sampling=SamplingParams(temperature=1.0, top_p=0.9), max_new_tokens=48, seed=11, gamma=3)
+PROMPT = [1, 9, 33, 4, 17]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"target": save_tiny_model(root / "target", seed=1), "draft": save_tiny_model(root / "draft", seed=2)}
+
+
+def verifier_config(target, port: int = 0, **limits):
+    return load_config(None, overrides={"models": {"target": str(target)}, "server": {"port": port},
+                                        "limits": limits or None})
+
+
+class SlowDrafter(TorchDrafter):
+    """A drafter as slow as a laptop's (tiny models are too fast to see a reconnection mid-answer)."""
+
+    def next_logits(self):
+        time.sleep(0.015)
+        return super().next_logits()
+
+
+def client_for(url: str, draft_folder, *, on_disconnect: str = "local", drafter: bool = True,
+               slow: bool = False) -> EdgeClient:
+    tokenizer = AutoTokenizer.from_pretrained(str(draft_folder))
+    kind = SlowDrafter if slow else TorchDrafter
+    return EdgeClient(Endpoint(url=url, open_timeout=5), tokenizer=tokenizer,
+                      fingerprint=tokenizer_fingerprint(tokenizer),
+                      drafter=kind(draft_folder, "cpu") if drafter else None,
+                      on_disconnect=on_disconnect, reconnect_max_s=0.5)
+
+
+@torch.no_grad()
+def reference_greedy(folder, prompt: list[int], max_new_tokens: int) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos[0])
+    return out[0, len(prompt):].tolist()
+
+
+def consistent(answer: Answer, tokenizer) -> None:
+    """Streamed pieces carry every token once, in order, and the text is their decoding."""
+    assert [t for piece in answer.pieces for t in piece.token_ids] == answer.token_ids
+    assert "".join(piece.text for piece in answer.pieces) == answer.text
+    assert answer.text == tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+
+
+async def generate(url, draft_folder, settings, prompt=PROMPT, **kwargs) -> Answer:
+    client = client_for(url, draft_folder, **kwargs)
+    try:
+        return await client.generate(list(prompt), settings)
+    finally:
+        await client.close()
+
+
+async def test_greedy_equals_the_target_with_and_without_pipelining(folders):
+    expected = reference_greedy(folders["target"], PROMPT, GREEDY.max_new_tokens)
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        piped = await generate(verifier.url, folders["draft"], GREEDY)
+        plain = await generate(verifier.url, folders["draft"], replace(GREEDY, pipeline=False))
+        cloud = await generate(verifier.url, folders["draft"], GREEDY, drafter=False)
+    assert piped.token_ids == expected
+    assert plain.token_ids == expected
+    assert cloud.token_ids == expected
+    assert piped.stats.mode == "speculative" and cloud.stats.mode == "cloud-only"
+    assert piped.stats.rounds > 0 and piped.stats.target_forwards == piped.stats.rounds
+    assert cloud.stats.rounds == 0 and cloud.stats.target_forwards == len(expected)
+
+
+async def test_seeded_sampling_is_reproducible_and_pipelining_changes_nothing(folders):
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        first = await generate(verifier.url, folders["draft"], SAMPLED)
+        again = await generate(verifier.url, folders["draft"], SAMPLED)
+        plain = await generate(verifier.url, folders["draft"], replace(SAMPLED, pipeline=False))
+        other = await generate(verifier.url, folders["draft"], replace(SAMPLED, seed=12))
+    assert first.token_ids == again.token_ids == plain.token_ids
+    assert other.token_ids != first.token_ids
+    assert set(first.stats.gammas) <= {1, 2, 3}
+
+
+async def test_adaptive_gamma_follows_acceptance(folders):
+    settings = replace(GREEDY, max_new_tokens=60, pipeline=False)
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        same = await generate(verifier.url, folders["target"], settings)  # the draft is the target: all accepted
+        other = await generate(verifier.url, folders["draft"], settings)
+    assert same.stats.acceptance_rate == 1.0
+    assert other.stats.acceptance_rate < 0.5
+    assert same.stats.gamma_mean > other.stats.gamma_mean + 1.5
+    assert max(same.stats.gammas) == settings.gamma_max
+
+
+async def test_verifier_gone_mid_answer_continues_locally_then_resumes(folders):
+    """The draft is the target here, so local tokens equal the target's: the final ids must equal the
+    target's greedy ids exactly — any lost or repeated token would show."""
+    settings = replace(GREEDY, max_new_tokens=80, gamma=2, pipeline=True)
+    expected = reference_greedy(folders["target"], PROMPT, settings.max_new_tokens)
+    assert len(expected) >= 40, "the tiny target should not stop early"
+    verifier = Verifier(verifier_config(folders["target"]))
+    await verifier.start()
+    port = verifier.port
+    client = client_for(verifier.url, folders["target"], slow=True)
+    states: list[str] = []
+    client.on_status = lambda state, _msg: states.append(state)
+    events = {"stopped": False, "restarted": None}
+
+    def on_piece(piece):
+        generated = len(client._run.committed) - len(PROMPT) if client._run else 0
+        if not events["stopped"] and generated >= 10:
+            events["stopped"] = True
+            asyncio.get_running_loop().create_task(verifier.stop())
+        if piece.source == "local" and events["restarted"] is None:
+            events["restarted"] = asyncio.get_running_loop().create_task(restart())
+
+    async def restart():
+        revived = Verifier(verifier_config(folders["target"], port=port))
+        await revived.start()
+        return revived
+
+    try:
+        answer = await client.generate(list(PROMPT), settings, on_piece)
+    finally:
+        await client.close()
+        if events["restarted"] is not None:
+            await (await events["restarted"]).stop()
+    assert answer.token_ids == expected
+    consistent(answer, client.tokenizer)
+    sources = [piece.source for piece in answer.pieces if piece.token_ids]
+    assert "local" in sources
+    last_local = max(i for i, s in enumerate(sources) if s == "local")
+    assert any(s in ("draft", "target") for s in sources[last_local + 1:]), "speculation did not resume"
+    assert answer.stats.mode == "local" and answer.stats.local_tokens > 0
+    assert answer.stats.reconnects >= 1
+    assert states.index("local") < len(states) - 1 and states[-1] in ("connected", "offline")
+    assert "connected" in states[states.index("local"):]
+    segments = answer.to_json()["segments"]
+    assert [s["source"] for s in segments][:2] == ["verified", "local"]
+
+
+async def test_verifier_gone_with_on_disconnect_stop_ends_cleanly_and_the_next_answer_resumes(folders):
+    settings = replace(GREEDY, max_new_tokens=60, gamma=2)
+    expected = reference_greedy(folders["target"], PROMPT, settings.max_new_tokens)
+    verifier = Verifier(verifier_config(folders["target"]))
+    await verifier.start()
+    port = verifier.port
+    client = client_for(verifier.url, folders["draft"], on_disconnect="stop")
+    stopping = []
+
+    def on_piece(_piece):
+        if not stopping and len(client._run.committed) - len(PROMPT) >= 8:
+            stopping.append(asyncio.get_running_loop().create_task(verifier.stop()))
+
+    try:
+        cut = await client.generate(list(PROMPT), settings, on_piece)
+        assert cut.finish_reason == "disconnected"
+        assert 8 <= len(cut.token_ids) < len(expected)
+        assert cut.token_ids == expected[: len(cut.token_ids)]
+        consistent(cut, client.tokenizer)
+        async with Verifier(verifier_config(folders["target"], port=port)):
+            rest = await client.generate(list(PROMPT) + cut.token_ids,
+                                         replace(settings, max_new_tokens=len(expected) - len(cut.token_ids)))
+    finally:
+        await client.close()
+    assert cut.token_ids + rest.token_ids == expected
+
+
+async def test_cloud_only_when_no_drafter_can_run(folders, tmp_path):
+    """A draft folder whose weights are missing: no device can run it, so answers are cloud-only."""
+    import shutil
+
+    from specd.desktop.launch import build_client
+
+    broken = tmp_path / "broken-draft"
+    shutil.copytree(folders["draft"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        cfg = load_config(None, overrides={"models": {"draft": str(broken), "draft_backend": "torch"},
+                                           "client": {"server_url": verifier.url}})
+        setup = await asyncio.to_thread(build_client, cfg)
+        assert setup.client.drafter is None and "no device can run the draft" in setup.drafter_error
+        try:
+            answer = await setup.client.generate(list(PROMPT), GREEDY)
+        finally:
+            await setup.client.close()
+    assert answer.stats.mode == "cloud-only"
+    assert answer.token_ids == reference_greedy(folders["target"], PROMPT, GREEDY.max_new_tokens)
+    assert {p.source for p in answer.pieces if p.token_ids} == {"cloud"}
+
+
+async def test_cancel_stops_the_answer_cleanly(folders):
+    settings = replace(GREEDY, max_new_tokens=200)
+    async with Verifier(verifier_config(folders["target"], max_input_tokens=256, max_total_tokens=512)) as verifier:
+        client = client_for(verifier.url, folders["draft"])
+        try:
+            def on_piece(_piece):
+                if len(client._run.committed) - len(PROMPT) >= 5:
+                    client.cancel()
+
+            answer = await client.generate(list(PROMPT), settings, on_piece)
+            assert answer.finish_reason == "cancelled"
+            assert 5 <= len(answer.token_ids) < 200
+            consistent(answer, client.tokenizer)
+            after = await client.generate(list(PROMPT), replace(settings, max_new_tokens=10))
+            assert after.token_ids == reference_greedy(folders["target"], PROMPT, 10)
+        finally:
+            await client.close()
+
+
+async def test_tokenizer_mismatch_is_refused_with_a_clear_message(folders, tmp_path):
+    from specd.desktop.connection import ConnectionFailed
+
+    other = save_tiny_model(tmp_path / "other", seed=1, vocab_size=300)
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        client = client_for(verifier.url, other)
+        with pytest.raises(ConnectionFailed, match="tokenizer"):
+            await client.connect()
+        await client.close()
+
+
+async def test_unreachable_verifier_says_so():
+    from specd.desktop.connection import ConnectionFailed
+
+    tokenizer_folder = None
+    client = EdgeClient(Endpoint(url="ws://127.0.0.1:9", open_timeout=2), tokenizer=tokenizer_folder,
+                        fingerprint="x", drafter=None)
+    with pytest.raises(ConnectionFailed, match=r"cannot reach the verifier at 127\.0\.0\.1:9"):
+        await client.generate([1, 2, 3], GREEDY)
+    await client.close()
+
+
+@pytest.mark.smollm2
+async def test_embedded_pair_greedy_equals_the_target(smollm2_folder):
+    """The product's default pair: SmolLM2 target (torch fp32) and its ONNX Runtime GenAI draft."""
+    from specd.desktop.launch import build_client
+
+    async with Verifier(verifier_config(smollm2_folder)) as verifier:
+        cfg = load_config(None, overrides={"client": {"server_url": verifier.url}})
+        setup = await asyncio.to_thread(build_client, cfg, device="cpu")
+        assert setup.client.drafter is not None
+        conversation = [{"role": "user", "content": "What is the capital of France? Answer, then say why."}]
+        prompt = setup.client.prompt_ids(conversation)
+        try:
+            answer = await setup.client.chat(conversation, replace(GREEDY, max_new_tokens=40))
+        finally:
+            await setup.client.close()
+    assert answer.prompt_token_ids == prompt
+    assert answer.token_ids == reference_greedy(smollm2_folder, prompt, 40)
+    assert answer.stats.mode == "speculative" and answer.stats.acceptance_rate > 0.2
+    assert "Paris" in answer.text
