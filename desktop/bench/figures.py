@@ -75,14 +75,19 @@ def expected_tokens_per_round(alpha: float, gamma: float) -> float:
     return (1.0 - alpha ** (gamma + 1.0)) / (1.0 - alpha)
 
 
-def per_token_alpha(accepted_by_position: list[int], drafted_by_position: list[int], rounds: int) -> float:
-    """α estimated position by position: accepted / tried, where position i is tried when it was drafted
-    and every earlier draft of its round was accepted. Exact for a fixed γ; with varying γ the number tried
-    is bounded by both counts, which is what is used."""
-    accepted = tried = 0
+def per_token_alpha(accepted_by_position: list[int], drafted_by_position: list[int]) -> float:
+    """α estimated position by position: accepted ÷ tried, where a draft is *tried* when every earlier draft of
+    its round was accepted (drafts after a rejection are not tested). Rounds are only counted in aggregate, so
+    the drafts at position i tried are estimated as ``drafted[i] × accepted[i−1] / drafted[i−1]``: exact for a
+    fixed γ, and unbiased when γ does not depend on the round's own draws (adaptive γ depends on earlier
+    rounds only)."""
+    accepted = 0
+    tried = 0.0
     for i, drafted in enumerate(drafted_by_position):
-        reached = rounds if i == 0 else accepted_by_position[i - 1]
-        tried += min(drafted, reached)
+        reach = 1.0
+        if i > 0:
+            reach = accepted_by_position[i - 1] / drafted_by_position[i - 1] if drafted_by_position[i - 1] else 0.0
+        tried += drafted * reach
         accepted += accepted_by_position[i]
     return accepted / tried if tried else 0.0
 
@@ -109,7 +114,7 @@ def mode_figures(records: list[RunRecord]) -> dict[str, Any]:
     verified = generated - sum(s.get("local_tokens", 0) for s in stats)
     acc_pos = _sum_lists([s["accepted_by_position"] for s in stats])
     drf_pos = _sum_lists([s["drafted_by_position"] for s in stats])
-    alpha = per_token_alpha(acc_pos, drf_pos, rounds)
+    alpha = per_token_alpha(acc_pos, drf_pos)
     gammas = [g for s in stats for g in s["gammas"]]
     theory = statistics.fmean(expected_tokens_per_round(alpha, g) for g in gammas) if gammas else 0.0
     latency = [s["total_ms"] for s in stats]

@@ -1,0 +1,106 @@
+"""Bench figures from answers' statistics: α estimation, the theoretical tokens per forward, speedup,
+assessment; the prompt set; transformers' assisted generation on tiny models."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from specd.desktop.answer import AnswerStats
+from specd.desktop.bench.figures import (
+    RunRecord,
+    assessment,
+    expected_tokens_per_round,
+    per_token_alpha,
+    summarise,
+)
+from specd.desktop.bench.prompts import CATEGORIES, PROMPTS, select_prompts
+
+
+def test_prompt_set_covers_four_categories_early():
+    assert len(PROMPTS) == 10 and len(CATEGORIES) == 4
+    assert {p.category for p in select_prompts(4)} == set(CATEGORIES)
+    assert len({p.id for p in PROMPTS}) == 10
+    for bad in (0, 11):
+        with pytest.raises(ValueError):
+            select_prompts(bad)
+
+
+def test_assessment_thresholds_of_the_original_runner():
+    assert [assessment(a) for a in (0.51, 0.5, 0.31, 0.3, 0.11, 0.1, 0.0)] == [
+        "EXCELLENT", "GOOD", "GOOD", "MODERATE", "MODERATE", "POOR", "POOR"]
+
+
+def test_expected_tokens_per_round():
+    assert expected_tokens_per_round(0.0, 4) == 1.0
+    assert expected_tokens_per_round(1.0, 4) == 5.0
+    assert expected_tokens_per_round(0.8, 4) == pytest.approx((1 - 0.8**5) / 0.2)
+
+
+def _simulate(alpha: float, gammas: list[int], seed: int = 0) -> AnswerStats:
+    """Rounds where each draft is accepted with probability α until the first rejection."""
+    rng = random.Random(seed)
+    stats = AnswerStats()
+    for gamma in gammas:
+        accepted = 0
+        while accepted < gamma and rng.random() < alpha:
+            accepted += 1
+        stats.record_round(gamma, accepted)
+        stats.target_forwards += 1
+        stats.generated += accepted + 1
+    return stats
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_alpha_is_recovered_and_tokens_per_forward_match_theory(alpha):
+    fixed = _simulate(alpha, [4] * 4000)
+    est = per_token_alpha(fixed.accepted_by_position, fixed.drafted_by_position)
+    assert est == pytest.approx(alpha, abs=0.02)
+    assert fixed.tokens_per_forward == pytest.approx(expected_tokens_per_round(alpha, 4), rel=0.03)
+    # accepted ÷ drafted (the runner's acceptance rate) is lower than α: drafts after a rejection count too
+    assert fixed.acceptance_rate < est
+    varying = _simulate(alpha, [random.Random(i).randint(1, 8) for i in range(4000)], seed=1)
+    est = per_token_alpha(varying.accepted_by_position, varying.drafted_by_position)
+    assert est == pytest.approx(alpha, abs=0.05)
+
+
+def _record(mode: str, rtt: float, generated: int, total_ms: float, prompt: str = "p", tokens=None) -> RunRecord:
+    stats = _simulate(0.7, [3] * 5) if mode.startswith("spec") else AnswerStats()
+    stats.generated, stats.total_ms = generated, total_ms
+    if mode == "cloud-only":
+        stats.target_forwards = generated
+    return RunRecord(device="-" if mode == "cloud-only" else "cpu", rtt_ms=rtt, mode=mode, prompt_id=prompt,
+                     category="c", iteration=0, seed=1, stats=stats.to_json(),
+                     token_ids=tokens or list(range(generated)), finish_reason="length")
+
+
+def test_speedup_is_against_cloud_only_at_the_same_rtt():
+    records = [_record("cloud-only", 0, 10, 1000), _record("spec-fixed", 0, 10, 500),
+               _record("cloud-only", 50, 10, 2000), _record("spec-fixed", 50, 10, 400, tokens=[9] * 10),
+               _record("edge-only", 50, 20, 1000)]
+    out = summarise(records)
+    assert list(out) == ["cpu"]
+    assert out["cpu"]["0"]["spec-fixed"]["speedup"] == pytest.approx(2.0)
+    assert out["cpu"]["50"]["spec-fixed"]["speedup"] == pytest.approx(5.0)
+    assert out["cpu"]["50"]["edge-only"]["speedup"] == pytest.approx(4.0)
+    assert out["cpu"]["0"]["cloud-only"]["speedup"] == pytest.approx(1.0)
+    assert out["cpu"]["0"]["spec-fixed"]["same_tokens_as_cloud_only"] == 1.0
+    assert out["cpu"]["50"]["spec-fixed"]["same_tokens_as_cloud_only"] == 0.0
+    assert out["cpu"]["0"]["spec-fixed"]["gamma_mean"] == 3.0
+    assert out["cpu"]["0"]["spec-fixed"]["assessment"] in ("EXCELLENT", "GOOD", "MODERATE", "POOR")
+    assert out["cpu"]["0"]["cloud-only"]["assessment"] is None
+
+
+def test_transformers_assisted_generation_on_tiny_models(tmp_path):
+    from specd.desktop.bench.hf_assisted import measure
+    from tests.tiny_models import save_tiny_model
+
+    target = save_tiny_model(tmp_path / "target", seed=1)
+    draft = save_tiny_model(tmp_path / "draft", seed=2)
+    for assistant in (draft, target):  # a separate torch draft, and the int8 copy of the target
+        result = measure(str(target), str(assistant), prompts=1, max_new_tokens=6, temperature=0.0, top_p=1.0,
+                         seed=1, threads=1)
+        assert result["plain_tokens"] > 0 and result["assisted_tokens"] > 0
+        assert result["assisted_speedup"] > 0
+    assert "int8" in result["assistant"] and result["note"]
