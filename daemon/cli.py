@@ -76,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = args.config or default_config_path()
-        config = load_config(path, overrides_from(args))
+        overrides = overrides_from(args)
+        if args.max_draft is not None:
+            # [speculation] is the edge's business; keep its cross-check with max_draft from failing here.
+            spec = load_config(path).speculation
+            gamma_max = min(spec.gamma_max, args.max_draft)
+            gamma = spec.gamma if spec.gamma == "auto" or spec.gamma <= gamma_max else gamma_max
+            overrides["speculation"] = {"gamma_max": gamma_max, "gamma": gamma}
+        config = load_config(path, overrides)
         if args.threads is not None and args.threads < 1:
             raise ConfigError("--threads must be at least 1")
     except ConfigError as exc:

@@ -71,13 +71,14 @@ class Verifier:
         self._tasks: list[asyncio.Task] = []
         self._drained = asyncio.Event()
         self._stopped = False
+        self._port: int | None = None
 
     # -- properties -----------------------------------------------------------------------------
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._port is None:
             raise RuntimeError("the verifier is not started")
-        return int(next(iter(self._server.sockets)).getsockname()[1])
+        return self._port
 
     @property
     def url(self) -> str:
@@ -126,6 +127,7 @@ class Verifier:
         except OSError as exc:
             await self._cancel_tasks(watchdog)
             raise ConfigError(f"cannot listen on {srv.host}:{srv.port}: {exc.strerror or exc}") from None
+        self._port = int(next(iter(self._server.sockets)).getsockname()[1])
         log.info("listening on %s; loading %s", self.url, self.config.models.target)
         try:
             self.target = await self.worker.call(TargetModel.load, self.config, lambda msg: log.info("%s", msg))

@@ -30,7 +30,8 @@ from specd.shared.session import ClientEvent, ClientSession, RoundVerdict, Token
 def daemon_config(model: Any, **limits: Any) -> Config:
     """Loopback, a free port, the CPU, no config file, and any ``[limits]`` overrides."""
     return load_config(None, {"server": {"host": "127.0.0.1", "port": 0, "device": "cpu", "api_key_env": ""},
-                              "models": {"target": str(model)}, "limits": limits})
+                              "models": {"target": str(model)}, "limits": limits,
+                              "speculation": {"gamma_max": min(8, limits.get("max_draft", 8))}})
 
 
 class Client:
