@@ -144,6 +144,7 @@ def mode_figures(records: list[RunRecord]) -> dict[str, Any]:
         "draft_ms": draft_ms,
         "network_ms": network_ms,
         "verify_ms": verify_ms,
+        "verify_ms_per_forward": verify_ms * n / forwards if forwards else 0.0,
         "other_ms": max(0.0, latency_ms - draft_ms - network_ms - verify_ms),
         "bytes_per_token": wire / generated if generated else 0.0,
         "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(acc_pos, drf_pos, strict=True)],

@@ -83,7 +83,7 @@ def _time_breakdown(plt, report: dict[str, Any]):
         return None
     parts = (("draft_ms", "draft (edge)", "#bcbd22"), ("network_ms", "network", "#17becf"),
              ("verify_ms", "verify (target)", "#d62728"), ("other_ms", "other", "#c7c7c7"))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     bottoms = [0.0] * len(modes)
     for key, label, colour in parts:
         values = [cells[m][key] / 1000.0 for m in modes]
@@ -93,7 +93,7 @@ def _time_breakdown(plt, report: dict[str, Any]):
                zorder=3, label="end-to-end latency")
     ax.set_ylabel("seconds per answer")
     ax.set_title(f"Time per answer by component ({ref['device']}, +{ref['rtt_ms']:g} ms RTT)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.tick_params(axis="x", labelsize=8)
     return fig
 

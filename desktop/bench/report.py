@@ -65,8 +65,9 @@ def _pct(value: float | None) -> str:
 
 def mode_table(cells: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| mode | latency (s) | tok/s | speedup | acceptance | assessment | accepted/round | γ̄ | "
-             "tok/forward (theory) | draft ms | network ms | verify ms | other ms | bytes/tok | same tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tok/forward (theory) | draft ms | network ms | verify ms | ms/forward | other ms | bytes/tok | "
+             "same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode in MODES:
         fig = cells.get(mode)
         if fig is None:
@@ -79,7 +80,8 @@ def mode_table(cells: dict[str, dict[str, Any]]) -> list[str]:
             f"{_f(fig['speedup'], 2, '×')} | {_pct(fig['acceptance_rate']) if spec else '–'} | "
             f"{fig['assessment'] or '–'} | {_f(fig['accepted_per_round'], 2) if spec else '–'} | "
             f"{_f(fig['gamma_mean'], 1) if spec else '–'} | {tpf} | {fig['draft_ms']:.0f} | {fig['network_ms']:.0f} | "
-            f"{fig['verify_ms']:.0f} | {fig['other_ms']:.0f} | {_f(fig['bytes_per_token'], 0)} | "
+            f"{fig['verify_ms']:.0f} | {_f(fig['verify_ms_per_forward'], 0) if fig['target_forwards'] else '–'} | "
+            f"{fig['other_ms']:.0f} | {_f(fig['bytes_per_token'], 0)} | "
             f"{_pct(fig['same_tokens_as_cloud_only']) if mode != BASELINE else '–'} |")
     return lines
 
@@ -118,7 +120,9 @@ def markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             "of an answer is cut short by the token limit or end of text, so measured values sit a little below.",
             "- **draft / network / verify ms** are per answer: edge drafting time, round-trip time outside the "
             "verifier, and the verifier's queue + forward time; with pipelining the draft time overlaps the other "
-            "two, so the parts can add up to more than the latency. *other* is the rest (tokenising, scheduling).",
+            "two, so the parts can add up to more than the latency. *other* is the rest (tokenising, scheduling). "
+            "*ms/forward* is the verifier's time per target forward pass: one token for cloud-only, γ + 1 for "
+            "speculative rounds.",
             "- **same tokens** is the share of answers identical token for token to cloud-only's for the same "
             "prompt and seed. At temperature 0 it must be 100 % for the speculative modes (the output is "
             "lossless); with sampling, speculative and cloud-only answers follow the same distribution but draw "
