@@ -42,9 +42,10 @@ class Client:
         self.session = session
 
     @classmethod
-    async def open(cls, url: str, tokenizer: str, *, api_key: str | None = None, hello: bool = True) -> Client:
+    async def open(cls, url: str, tokenizer: str, *, api_key: str | None = None, hello: bool = True,
+                   ssl: Any = None) -> Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        ws = await connect(url, additional_headers=headers, compression=None, max_size=None)
+        ws = await connect(url, additional_headers=headers, compression=None, max_size=None, ssl=ssl)
         client = cls(ws, ClientSession(tokenizer=tokenizer, client="specd-tests"))
         if hello:
             await ws.send(client.session.hello())

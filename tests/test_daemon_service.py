@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,36 @@ async def test_a_public_address_without_a_key_refuses_to_start(tiny_folder):
     public = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, host="0.0.0.0"))
     with pytest.raises(ConfigError, match="insecure-no-auth"):
         await Verifier(public).start()
+
+
+async def test_tls_serves_wss(tiny_folder, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cfg = daemon_config(tiny_folder)
+    cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(
+        cfg.server, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")))
+    async with Verifier(cfg) as v:
+        assert v.url.startswith("wss://127.0.0.1:")
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        client = await Client.open(v.url, FINGERPRINT, ssl=context)
+        assert client.session.welcome is not None
+        await client.close()
+        with pytest.raises(ssl.SSLCertVerificationError):  # an untrusted certificate is refused
+            await Client.open(v.url, FINGERPRINT, ssl=ssl.create_default_context())
+
+
+def test_help_documents_every_flag():
+    result = run_cli("--help")
+    for flag in ("--host", "--port", "--model", "--device", "--dtype", "--max-sessions", "--max-input-tokens",
+                 "--max-total-tokens", "--max-draft", "--max-frame-bytes", "--idle-timeout", "--config",
+                 "--api-key-file", "--tls-cert", "--tls-key", "--insecure-no-auth", "--log-level", "--threads",
+                 "--port-file"):
+        assert flag in result.stdout
+    assert result.returncode == 0
 
 
 async def test_healthz_and_metrics(tiny_folder):
