@@ -73,6 +73,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until the event loop takes over the signals, a SIGTERM (a stop during start-up) is a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     args = build_parser().parse_args(argv)
     try:
         path = args.config or default_config_path()

@@ -128,7 +128,7 @@ def setup_logging(level: str = "info") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Library chatter stays at warning unless debugging.
-    for noisy in ("websockets", "transformers", "urllib3", "filelock", "huggingface_hub"):
+    for noisy in ("websockets", "transformers", "torch", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
