@@ -231,7 +231,7 @@ async def test_pings_and_other_sessions_are_served_during_a_slow_forward(verifie
     def slow_forward(*args, **kwargs):
         import time
 
-        time.sleep(0.3)
+        time.sleep(1.0)
         return original(*args, **kwargs)
 
     target.forward = slow_forward
@@ -243,11 +243,11 @@ async def test_pings_and_other_sessions_are_served_during_a_slow_forward(verifie
         loop = asyncio.get_running_loop()
         began = loop.time()
         await asyncio.wait_for(await other.ws.ping(), 5)
-        assert loop.time() - began < 0.25  # answered while a forward is running
+        assert loop.time() - began < 0.5  # answered while the next step's 1 s forward is running
         await other.start([1, 9, 9], 5, sampling=m.Sampling(temperature=0.0))
         verdict = await other.round([5, 6])
         # Round-robin: the round waited at most for the forward in progress and one queued step.
-        assert verdict.verdict.queue_ms < 2 * 300 + 250
+        assert verdict.verdict.queue_ms < 2 * 1000 + 500
     finally:
         target.forward = original
     await streaming.close()
