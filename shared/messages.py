@@ -148,6 +148,7 @@ class Error(msgspec.Struct, tag="error", frozen=True, forbid_unknown_fields=True
 ClientMessage = Hello | Start | Draft | Cancel
 ServerMessage = Welcome | Started | Verdict | Discarded | Tokens | Cancelled | Error
 
+_MAX_ERROR_TEXT = 300
 _encoder = msgspec.msgpack.Encoder()
 _client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 _server_decoder = msgspec.msgpack.Decoder(ServerMessage)
@@ -168,6 +169,8 @@ def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes | str, max_bytes: int
         text = str(exc)
         # Not a map, or no known ``type``: not a message of this protocol at all.
         unknown = text.startswith("Expected `object`") or "`$.type`" in text or "field `type`" in text
+        if len(text) > _MAX_ERROR_TEXT:  # msgspec quotes the peer's field names: never echo megabytes back
+            text = text[:_MAX_ERROR_TEXT] + "…"
         code = ErrorCode.BAD_FRAME if unknown else ErrorCode.BAD_MESSAGE
         raise ProtocolError(code, f"invalid message: {text}") from None
     except msgspec.DecodeError as exc:

@@ -35,6 +35,9 @@ def _decode_or_error(decode, frame: bytes | str, max_bytes: int = 0) -> object |
 @example(b"\x82\xa1x" + fz.deep_nesting(100_000) + b"\xa4type\xa5hello")  # nesting skipped before the tag
 @example(msgspec.msgpack.encode(msgspec.msgpack.Ext(5, b"abc")))
 @example(b"\xd6\xff\x00\x00\x00\x00")  # a msgpack timestamp
+@example(b"\x81\xa4type\xa5\x00\x00\x00\x00\x80")  # a string that is not UTF-8
+@example(msgspec.msgpack.encode({"type": "cancel", "request": 1, "k" * 100_000: 1}))  # echoed field name
+@example(msgspec.msgpack.encode({"type": "x" * 100_000}))
 def test_decode_client_never_raises_anything_but_protocol_error(frame):
     result = _decode_or_error(m.decode_client, frame)
     if not isinstance(result, ProtocolError):
