@@ -60,6 +60,7 @@ class Run:
     finish_reason: str | None = None
     mirror: list[int] = field(default_factory=list)
     clock: Stopwatch = field(default_factory=Stopwatch)
+    stop_ids: frozenset[int] = frozenset()  # end-of-sequence and stop ids: drafting past them is wasted
 
     @property
     def remaining(self) -> int:

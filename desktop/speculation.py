@@ -55,6 +55,7 @@ class _AheadJob:
 async def speculate(client: EdgeClient, run: Run) -> None:
     """Run rounds until the request finishes or is cancelled; connection loss raises out of here."""
     session, settings = client.session, run.settings
+    run.stop_ids = client.eos_ids() | frozenset(settings.stop)
     await client.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
                                     seed=run.seed, stop=list(settings.stop), mode="speculative"))
     await client.in_drafter(lambda: client.drafter.prefill(run.committed))
@@ -115,7 +116,14 @@ async def speculate(client: EdgeClient, run: Run) -> None:
 def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
     verdict, stats = event.verdict, run.stats
     server_ms = verdict.queue_ms + verdict.forward_ms
-    stats.record_round(event.drafted, verdict.accepted)
+    drafted, accepted = event.drafted, verdict.accepted
+    if verdict.finished and current is not None:
+        # The request ended inside the round: drafts after the stop were never judged, and a draft that
+        # was itself the stop token comes back as the verdict's token although it was right.
+        drafted = min(drafted, accepted + 1)
+        if accepted < drafted and current.tokens[accepted] == verdict.token:
+            accepted += 1
+    stats.record_round(drafted, accepted)
     stats.target_forwards += 1
     stats.verify_ms += server_ms
     network_ms = None
@@ -124,7 +132,7 @@ def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
         network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
         stats.network_ms += network_ms
     run.controller.observe_round(
-        drafted=event.drafted, accepted=verdict.accepted, draft_ms=current.draft_ms if current else 0.0,
+        drafted=drafted, accepted=accepted, draft_ms=current.draft_ms if current else 0.0,
         network_ms=run.controller.estimate().network_ms if network_ms is None else network_ms,
         verify_ms=server_ms)
 
@@ -144,7 +152,7 @@ async def _send_round(client: EdgeClient, run: Run) -> _Round | None:
 
 def _propose(client: EdgeClient, run: Run, gamma: int) -> tuple[DraftProposal, float]:
     start = time.perf_counter()
-    proposal = client.drafter.propose(gamma, run.settings.sampling, run.settings.support_k, run.seed)
+    proposal = client.drafter.propose(gamma, run.settings.sampling, run.settings.support_k, run.seed, run.stop_ids)
     return proposal, (time.perf_counter() - start) * 1000.0
 
 
@@ -153,7 +161,7 @@ def _start_ahead(client: EdgeClient, run: Run, room: int) -> _AheadJob:
     job = _AheadJob(gamma=gamma)
     loop = asyncio.get_running_loop()
     job.guess = loop.create_future()
-    drafter, settings, seed = client.drafter, run.settings, run.seed
+    drafter, settings, seed, stop = client.drafter, run.settings, run.seed, run.stop_ids
 
     def work() -> tuple[int, list[DraftProposal], float]:
         # Assume every draft in flight is accepted and the bonus token is the draft's own best guess.
@@ -163,9 +171,9 @@ def _start_ahead(client: EdgeClient, run: Run, room: int) -> _AheadJob:
         start = time.perf_counter()
         pieces: list[DraftProposal] = []
         for _ in range(job.gamma):
-            if job.abort.is_set():
+            if job.abort.is_set() or guess in stop or (pieces and pieces[-1].tokens[-1] in stop):
                 break
-            pieces.append(drafter.propose(1, settings.sampling, settings.support_k, seed))
+            pieces.append(drafter.propose(1, settings.sampling, settings.support_k, seed, stop))
         return guess, pieces, (time.perf_counter() - start) * 1000.0
 
     job.task = asyncio.ensure_future(client.in_drafter(work))

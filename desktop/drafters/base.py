@@ -8,7 +8,7 @@ the verdict ``rollback`` drops the rejected ones and ``append`` adds the target'
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,11 @@ class Drafter(ABC):
         self.rollback(keep)
         self.append(token_ids[keep:])
 
-    def propose(self, gamma: int, params: SamplingParams, support_k: int, seed: int) -> DraftProposal:
+    def propose(self, gamma: int, params: SamplingParams, support_k: int, seed: int,
+                stop: Collection[int] = ()) -> DraftProposal:
         """Sample γ drafts autoregressively, appending each; returns them with their proposals.
+
+        Drafting ends early after a token in ``stop`` (end of sequence): nothing after it can count.
 
         The draw for the token at absolute position n uses ``position_generator(seed, n, DRAFT_STREAM)``,
         so the same prefix and seed give the same drafts however rounds are split.
@@ -150,6 +153,8 @@ class Drafter(ABC):
                 probs.append(proposal.probs[0])
             tokens.append(token)
             self.append([token])
+            if token in stop:
+                break
         if params.greedy:
             return DraftProposal(tokens=tokens, proposal=None)
         return DraftProposal(tokens=tokens, proposal=ProposalDistribution(ids=torch.stack(ids),
