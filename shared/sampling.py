@@ -103,13 +103,31 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1.0 - params.top_p)
-        remove_sorted[..., -1] = False  # the most likely token always stays
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        scaled = scaled.masked_fill(remove, float("-inf"))
+        scaled = _top_p(scaled, params.top_p)
     return scaled
+
+
+def _top_p(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens until their mass reaches ``top_p`` (the token that crosses it stays).
+
+    A token stays when the mass of the tokens more likely than it is below ``top_p``. That set is a
+    prefix in descending order, so only the head needs sorting: ``topk`` of a growing head until it
+    holds ``top_p`` of the mass — a few hundred of a 49k vocabulary instead of a full sort (~5 ms/row).
+    """
+    vocab = scaled.shape[-1]
+    log_total = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    head = min(vocab, 256)
+    while True:
+        values, ids = torch.topk(scaled, head, dim=-1)
+        probs = (values - log_total).exp()
+        if head == vocab or bool((probs.sum(dim=-1) >= top_p).all()):
+            break
+        head = min(vocab, head * 8)
+    more_likely = probs.cumsum(dim=-1) - probs
+    keep = more_likely < top_p
+    keep[..., 0] = True  # the most likely token always stays
+    kept = torch.full_like(scaled, float("-inf"))
+    return kept.scatter(-1, ids, values.masked_fill(~keep, float("-inf")))
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -33,29 +33,9 @@ _LOGITS_MEMO = 64
 
 
 def draft_proposal(logits: torch.Tensor, params: SamplingParams, support_k: int) -> ProposalDistribution:
-    """:func:`~specd.shared.sampling.sparse_proposal` for one position ``[1, V]``, without a full sort.
-
-    top-p keeps a prefix of the tokens in descending order, so of the ``support_k`` most likely tokens
-    the kept ones are those whose tail mass (themselves and every less likely token) exceeds
-    ``1 - top_p``. Sorting a 49k vocabulary costs ~3 ms per draft token on a laptop core; this ~0.2 ms.
-    """
-    if params.greedy or params.top_p >= 1.0:
-        return sparse_proposal(logits, params, support_k)
-    if support_k < 1:
-        raise ValueError(f"support_k must be >= 1, got {support_k}")
-    scaled = logits.to(torch.float32) / params.temperature
-    vocab = scaled.shape[-1]
-    if 0 < params.top_k < vocab:
-        kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = scaled.softmax(dim=-1)
-    top_probs, top_ids = torch.topk(probs, min(support_k, vocab), dim=-1)
-    more_likely = top_probs.cumsum(dim=-1) - top_probs
-    keep = (probs.sum(dim=-1, keepdim=True) - more_likely) > (1.0 - params.top_p)
-    keep[..., 0] = True  # the most likely token always stays
-    top_probs = top_probs * keep
-    top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    return ProposalDistribution(ids=top_ids.to(torch.int64), probs=top_probs)
+    """The draft's sparse proposal for one position ``[1, V]`` (the shared core's, whose top-p sorts
+    only the head of the vocabulary, ~0.2 ms per token instead of ~3 ms for a full 49k sort)."""
+    return sparse_proposal(logits, params, support_k)
 
 
 @dataclass(frozen=True, slots=True)
