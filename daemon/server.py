@@ -243,7 +243,10 @@ class Verifier:
 
     def _authorized(self, request: Request) -> bool:
         assert self.api_key is not None
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        values = request.headers.get_all("Authorization")
+        if len(values) != 1:  # none, or repeated (Headers.get would raise: a 500 instead of a 401)
+            return False
+        given = values[0].encode("utf-8", "surrogateescape")
         expected = f"Bearer {self.api_key}".encode()
         return hmac.compare_digest(given, expected)  # constant time: no timing oracle on the key
 
