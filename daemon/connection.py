@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("specd.daemon.session")
 
+# A client whose connection accepts no data for this long is dropped: websockets' own keepalive cannot
+# notice (its ping waits behind the full buffer), and the idle timeout only watches what it sends.
+SEND_TIMEOUT_S = 30.0
+
 _CLOSE_CODES = {ErrorCode.SHUTTING_DOWN: CLOSE_GOING_AWAY, ErrorCode.IDLE_TIMEOUT: CLOSE_NORMAL,
                 ErrorCode.TOO_MANY_SESSIONS: CLOSE_TRY_AGAIN_LATER}
 
@@ -130,20 +134,36 @@ class SessionDriver:
         for action in actions:
             if isinstance(action, Send):
                 self._count(action.data)
-                await self.ws.send(action.data)
+                await self._send(action.data)
             elif isinstance(action, Close):
                 self._closing = True
                 code = action.code
                 reason = action.reason
                 if reason in {c.value for c in _CLOSE_CODES}:
                     code = _CLOSE_CODES[ErrorCode(reason)]
-                await self.ws.close(code, reason)
+                await self._send(None, (code, reason))
             elif isinstance(action, StartRequested):
                 await self._start(action)
             elif isinstance(action, DraftReceived):
                 await self._verify(action)
             elif isinstance(action, CancelRequested):
                 pass  # the generation loop sees session.cancel_requested after its current step
+
+    async def _send(self, data: bytes | None, close: tuple[int, str] | None = None) -> None:
+        """Send one frame (or close); a client that stops reading stalls only this session, not for long."""
+        try:
+            if close is not None:
+                await asyncio.wait_for(self.ws.close(*close), SEND_TIMEOUT_S)
+            else:
+                assert data is not None
+                await asyncio.wait_for(self.ws.send(data), SEND_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("session %s (%s): the client read nothing for %.0f s; dropping it", self.id, self.peer,
+                        SEND_TIMEOUT_S)
+            self.verifier.metrics.refusals["send_timeout"] += 1
+            self._closing = True
+            self.ws.transport.abort()  # frees the slot and, in run(), the KV cache
+            raise ConnectionClosed(None, None) from None
 
     def _count(self, data: bytes) -> None:
         metrics = self.verifier.metrics
