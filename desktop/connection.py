@@ -84,10 +84,13 @@ async def open_connection(endpoint: Endpoint) -> ClientConnection:
     except (ConnectionRefusedError, socket.gaierror, TimeoutError, OSError) as exc:
         reason = "connection refused (is specd-verifier running?)" if isinstance(exc, ConnectionRefusedError) \
             else "timed out" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) \
-            else f"{exc.strerror or exc}"
+            else ("the connection was reset during the TLS handshake; is it really a wss:// server (a plain "
+                  "ws:// verifier does this)?") if isinstance(exc, ConnectionResetError) and _ssl_context(endpoint) \
+            else f"{exc.strerror or exc or type(exc).__name__}"
         raise ConnectionFailed(f"cannot reach the verifier at {where}: {reason}", retry=True) from None
     except InvalidHandshake as exc:
-        raise ConnectionFailed(f"{where} is not a specd verifier ({exc})", retry=False) from None
+        hint = "; if it serves TLS, use a wss:// URL" if endpoint.url.startswith("ws://") else ""
+        raise ConnectionFailed(f"{where} is not a specd verifier ({exc}){hint}", retry=False) from None
 
 
 def backoff_delays(maximum: float, first: float = 0.25):
