@@ -1,9 +1,15 @@
 """Adaptive draft length: pick γ each round to maximise expected tokens per second.
 
 With per-token acceptance α, a round of γ drafts yields E(α, γ) = (1 − α^(γ+1)) / (1 − α) tokens and
-costs γ·t_draft + R + t_verify(γ). Every input is estimated online from the rounds just seen
-(exponential forgetting), so γ follows the conversation: long when the draft agrees with the target,
-short when it does not or when drafting is slow compared to the round trip.
+costs γ·t_draft + R + t_verify(γ). Real acceptance is bursty — easy stretches are accepted whole, hard
+ones fail at the first draft — so the i.i.d. formula misjudges long rounds (either way). The controller keeps
+the acceptance rate of each draft position given that the ones before it were accepted (h_1, h_2, …,
+shrunk towards the pooled α where a position has little evidence) and uses the general form
+E(γ) = 1 + Σ_{i≤γ} Π_{j≤i} h_j, which is the formula above when every h_j = α. Every input is
+estimated online from the rounds just seen (exponential forgetting), so γ follows the conversation:
+long when the draft agrees with the target, short when it does not or when drafting is slow compared
+to the round trip. It also says when drafting the next round ahead is worth it (see
+:meth:`GammaController.worth_drafting_ahead`).
 """
 
 from __future__ import annotations
@@ -56,6 +62,12 @@ class GammaController:
         # t_verify(γ) = fixed + per_token · (γ + 1), fitted by discounted least squares.
         self._sxx = self._sx = self._sy = self._sxy = self._n = 0.0
         self._verify_default = 60.0
+        # Per-position acceptance given the earlier drafts were accepted, discounted per observation.
+        self._pos_success = [0.0] * gamma_max
+        self._pos_trials = [0.0] * gamma_max
+        # How often the draft's guess of the bonus token was right (for drafting ahead).
+        self._guess_hits = prior_alpha
+        self._guess_trials = 1.0
 
     # -- observations ---------------------------------------------------------------------------
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
@@ -64,6 +76,9 @@ class GammaController:
         rejected = 1.0 if accepted < drafted else 0.0
         self._success = decay * self._success + accepted
         self._trials = decay * self._trials + accepted + rejected
+        for i in range(min(drafted, accepted + 1, self.gamma_max)):  # positions that were judged
+            self._pos_success[i] = decay * self._pos_success[i] + (1.0 if i < accepted else 0.0)
+            self._pos_trials[i] = decay * self._pos_trials[i] + 1.0
         if drafted > 0 and draft_ms > 0:
             self._draft_ms.update(draft_ms / drafted)
         self._network_ms.update(max(0.0, network_ms))
@@ -75,6 +90,12 @@ class GammaController:
         self._n = decay * self._n + 1.0
         self._verify_default = y
 
+    def observe_guess(self, hit: bool) -> None:
+        """Whether the draft's guess of a round's bonus token (the premise of drafting ahead) was right."""
+        decay = 1.0 - self.forgetting
+        self._guess_hits = decay * self._guess_hits + (1.0 if hit else 0.0)
+        self._guess_trials = decay * self._guess_trials + 1.0
+
     def observe_draft_time(self, ms_per_token: float) -> None:
         """A draft timing measured outside a round (e.g. tokens drafted ahead)."""
         if ms_per_token > 0:
@@ -85,15 +106,36 @@ class GammaController:
     def alpha(self) -> float:
         return min(0.99, max(0.01, self._success / self._trials)) if self._trials > 0 else 0.5
 
+    def position_acceptance(self) -> list[float]:
+        """h_i: the chance the i-th draft is accepted when the ones before it were."""
+        alpha, weight = self.alpha, 2.0
+        return [min(0.99, max(0.01, (s + alpha * weight) / (t + weight)))
+                for s, t in zip(self._pos_success, self._pos_trials, strict=True)]
+
+    def expected_tokens(self, gamma: int, h: list[float] | None = None) -> float:
+        """Expected tokens from a round of ``gamma`` drafts (accepted drafts plus one)."""
+        h = h or self.position_acceptance()
+        total, survive = 1.0, 1.0
+        for i in range(gamma):
+            survive *= h[min(i, len(h) - 1)]
+            total += survive
+        return total
+
     def _verify_fit(self) -> tuple[float, float]:
-        det = self._n * self._sxx - self._sx * self._sx
-        if self._n < 2 or det <= 1e-9 * max(1.0, self._n * self._sxx):
-            # One γ seen so far: most of a forward's cost is fixed (weights are read once per pass).
-            mean = self._sy / self._n if self._n > 0 else self._verify_default
-            return 0.8 * mean, 0.2 * mean / max(1.0, self._sx / self._n if self._n else 1.0)
-        slope = (self._n * self._sxy - self._sx * self._sy) / det
-        slope = max(0.0, slope)
-        intercept = max(0.0, (self._sy - slope * self._sx) / self._n)
+        """t_verify(γ) = fixed + per_token·(γ+1) by discounted least squares, with the slope shrunk
+        towards a prior: a forward's cost is mostly fixed (the weights are read once per pass), so the
+        prior slope is a tenth of the mean cost per position, worth two rounds of evidence. Rounds of
+        nearly one length cannot then produce a wild slope that locks γ at 1."""
+        if self._n <= 0:
+            mean_x, mean_y = 2.0, self._verify_default
+        else:
+            mean_x, mean_y = self._sx / self._n, self._sy / self._n
+        prior_slope = 0.1 * mean_y / max(1.0, mean_x)
+        spread = max(0.0, self._sxx - self._n * mean_x * mean_x)  # Σ w (x − x̄)²
+        covariance = self._sxy - self._n * mean_x * mean_y  # Σ w (x − x̄)(y − ȳ)
+        weight = 2.0
+        slope = max(0.0, (covariance + weight * prior_slope) / (spread + weight))
+        intercept = max(0.0, mean_y - slope * mean_x)
         return intercept, slope
 
     def estimate(self) -> GammaEstimate:
@@ -113,9 +155,26 @@ class GammaController:
         if self.fixed is not None:
             return min(self.fixed, upper)
         est = self.estimate()
+        h = self.position_acceptance()
         best, best_rate = 1, -1.0
         for gamma in range(1, upper + 1):
-            rate = expected_tokens(est.alpha, gamma) / max(1e-6, self.round_ms(gamma, est))
+            rate = self.expected_tokens(gamma, h) / max(1e-6, self.round_ms(gamma, est))
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = gamma, rate
         return best
+
+    def worth_drafting_ahead(self, gamma_now: int, gamma_next: int) -> bool:
+        """Draft the next round during verification only when it pays on average.
+
+        It is used when every draft in flight is accepted and the bonus guess is right (chance P); then
+        it saves drafting the next round and a round trip. Otherwise it is thrown away, and the drafter
+        first finishes the token it is on (about one draft step) before it can start the real round.
+        """
+        h = self.position_acceptance()
+        p_all = 1.0
+        for i in range(gamma_now):
+            p_all *= h[min(i, len(h) - 1)]
+        p_used = p_all * self._guess_hits / self._guess_trials
+        est = self.estimate()
+        saving = gamma_next * est.draft_ms_per_token + est.network_ms
+        return p_used * saving > (1.0 - p_used) * est.draft_ms_per_token

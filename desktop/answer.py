@@ -57,7 +57,8 @@ class AnswerStats:
     generated: int = 0
     local_tokens: int = 0
     target_forwards: int = 0
-    discarded_rounds: int = 0
+    discarded_rounds: int = 0  # rounds drafted ahead that the verifier discarded (a guess was wrong)
+    ahead_rounds: int = 0  # rounds drafted ahead, during the previous round's verification, and sent
     reconnects: int = 0
     cached_prompt_tokens: int = 0
     edge_ms: float = 0.0

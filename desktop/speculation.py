@@ -73,9 +73,10 @@ async def speculate(client: EdgeClient, run: Run) -> None:
                 sent = await _send_round(client, run)
                 if sent is not None:
                     in_flight.append(sent)
-            if (active and settings.pipeline and not cancel_sent and ahead is None and len(in_flight) == 1
-                    and run.remaining - len(in_flight[0].tokens) - 1 >= 1):
-                ahead = _start_ahead(client, run, run.remaining - len(in_flight[0].tokens) - 1)
+            room = run.remaining - len(in_flight[0].tokens) - 1 if len(in_flight) == 1 else 0
+            if (active and settings.pipeline and not cancel_sent and ahead is None and room >= 1
+                    and run.controller.worth_drafting_ahead(len(in_flight[0].tokens), run.controller.choose(room))):
+                ahead = _start_ahead(client, run, room)
             event = await client.next_event(ahead.task if ahead else None, run.cancel_event)
             if event is None:  # the ahead round is drafted, or the user asked to cancel
                 if ahead is not None and ahead.task.done():
@@ -87,6 +88,9 @@ async def speculate(client: EdgeClient, run: Run) -> None:
             if isinstance(event, RoundVerdict):
                 current = in_flight.pop(0) if in_flight and in_flight[0].number == event.verdict.round else None
                 _account(run, event, current)
+                if (ahead is not None and ahead.guess.done() and current is not None
+                        and event.verdict.accepted == event.drafted):
+                    run.controller.observe_guess(ahead.guess.result() == event.verdict.token)
                 run.emit(event.new_tokens[:-1], "draft")
                 run.emit(event.new_tokens[-1:], "target")
                 if event.finished:
@@ -131,10 +135,12 @@ def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
         # Rounds sent ahead waited for the previous verdict too; only plain rounds time the network.
         network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
         stats.network_ms += network_ms
+    # A round sent ahead queues behind the previous one; that wait is overlap, not verification cost.
+    verify_ms = verdict.forward_ms if current is not None and current.ahead else server_ms
     run.controller.observe_round(
         drafted=drafted, accepted=accepted, draft_ms=current.draft_ms if current else 0.0,
         network_ms=run.controller.estimate().network_ms if network_ms is None else network_ms,
-        verify_ms=server_ms)
+        verify_ms=verify_ms)
 
 
 async def _send_round(client: EdgeClient, run: Run) -> _Round | None:
@@ -204,6 +210,7 @@ async def _finish_ahead(client: EdgeClient, run: Run, job: _AheadJob) -> _Round 
     assumed = run.mirror[len(run.committed): len(run.mirror) - len(proposal.tokens)]
     number, frame = client.session.draft(proposal.tokens, proposal.proposal, assumed=assumed)
     await client.send(frame)
+    run.stats.ahead_rounds += 1
     run.controller.observe_draft_time(draft_ms / len(proposal.tokens))
     return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=True, sent_at=time.perf_counter())
 

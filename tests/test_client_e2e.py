@@ -106,14 +106,20 @@ async def test_seeded_sampling_is_reproducible_and_pipelining_changes_nothing(fo
 
 
 async def test_adaptive_gamma_follows_acceptance(folders):
+    """Over a 40 ms round trip a draft that is always right earns long rounds; one that is always wrong
+    is kept to a single draft per round."""
+    from specd.desktop.bench.netem import DelayProxy
+
     settings = replace(GREEDY, max_new_tokens=60, pipeline=False)
     async with Verifier(verifier_config(folders["target"])) as verifier:
-        same = await generate(verifier.url, folders["target"], settings)  # the draft is the target: all accepted
-        other = await generate(verifier.url, folders["draft"], settings)
-    assert same.stats.acceptance_rate == 1.0
+        async with DelayProxy("127.0.0.1", verifier.port, rtt_ms=40) as proxy:
+            same = await generate(proxy.url(), folders["target"], settings)  # the draft is the target
+            other = await generate(proxy.url(), folders["draft"], settings)
+    assert same.stats.acceptance_rate == 1.0 and same.stats.ahead_rounds == 0  # pipeline=False
     assert other.stats.acceptance_rate < 0.5
-    assert same.stats.gamma_mean > other.stats.gamma_mean + 1.5
+    assert same.stats.gamma_mean > other.stats.gamma_mean + 2
     assert max(same.stats.gammas) == settings.gamma_max
+    assert other.stats.gammas[-10:] == [1] * 10
 
 
 async def test_verifier_gone_mid_answer_continues_locally_then_resumes(folders):
@@ -274,3 +280,17 @@ async def test_embedded_pair_greedy_equals_the_target(smollm2_folder):
     assert answer.token_ids == reference_greedy(smollm2_folder, prompt, 40)
     assert answer.stats.mode == "speculative" and answer.stats.acceptance_rate > 0.2
     assert "Paris" in answer.text
+
+
+async def test_rounds_drafted_ahead_are_used_when_the_guess_is_right(folders):
+    """With the target as its own draft every guess is right: rounds drafted during verification are
+    sent ahead and verified without a round trip, and the output is still the target's own."""
+    settings = replace(GREEDY, max_new_tokens=60, gamma=3)
+    expected = reference_greedy(folders["target"], PROMPT, settings.max_new_tokens)
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        piped = await generate(verifier.url, folders["target"], settings, slow=True)
+        plain = await generate(verifier.url, folders["target"], replace(settings, pipeline=False), slow=True)
+    assert piped.token_ids == plain.token_ids == expected
+    assert piped.stats.ahead_rounds >= piped.stats.rounds // 2
+    assert piped.stats.discarded_rounds == 0
+    assert plain.stats.ahead_rounds == 0

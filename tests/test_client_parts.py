@@ -108,3 +108,41 @@ def smollm2_tokenizer(smollm2_folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_folder))
+
+
+def test_bursty_acceptance_is_predicted_per_position():
+    """Rounds that are either all accepted or rejected at once: per-position acceptance sees that a
+    draft that survived the first position survives the rest, and predicts the tokens per round that
+    such rounds really give, where the pooled i.i.d. formula does not."""
+    controller = GammaController(gamma_max=8)
+    for i in range(80):
+        gamma = controller.choose()
+        accepted = gamma if i % 2 else 0
+        controller.observe_round(drafted=gamma, accepted=accepted, draft_ms=3.0 * gamma, network_ms=30.0,
+                                 verify_ms=40.0 + 2.0 * (gamma + 1))
+    h = controller.position_acceptance()
+    assert h[0] < 0.7 and min(h[1:4]) > 0.8
+    truth = 0.5 * 7 + 0.5 * 1  # half the rounds give all six drafts and the bonus, half one token
+    assert abs(controller.expected_tokens(6) - truth) < 0.7
+    assert abs(expected_tokens(controller.alpha, 6) - truth) > 1.0
+    assert controller.choose() >= 5
+
+
+def test_verify_cost_fit_shrinks_a_noisy_slope():
+    controller = GammaController(gamma_max=8, fixed=1)
+    for verify in (40.0, 60.0, 35.0, 58.0):  # one length only: the slope cannot be measured
+        controller.observe_round(drafted=1, accepted=1, draft_ms=5.0, network_ms=1.0, verify_ms=verify)
+    est = controller.estimate()
+    assert est.verify_per_token_ms < 0.2 * (est.verify_fixed_ms + 2 * est.verify_per_token_ms)
+
+
+def test_drafting_ahead_only_when_it_pays():
+    good = GammaController(gamma_max=8)
+    bad = GammaController(gamma_max=8)
+    for _ in range(40):
+        good.observe_round(drafted=4, accepted=4, draft_ms=20.0, network_ms=30.0, verify_ms=50.0)
+        good.observe_guess(True)
+        bad.observe_round(drafted=4, accepted=0, draft_ms=20.0, network_ms=30.0, verify_ms=50.0)
+        bad.observe_guess(False)
+    assert good.worth_drafting_ahead(4, 4)
+    assert not bad.worth_drafting_ahead(4, 4)
