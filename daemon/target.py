@@ -41,6 +41,7 @@ from specd.shared.sampling import (
     verify_greedy,
     verify_round,
 )
+from specd.shared.session import common_prefix
 
 log = logging.getLogger("specd.daemon.target")
 
@@ -161,7 +162,7 @@ class SessionCache:
         Returns how many positions were already there. In normal operation the cache already holds
         ``prefix`` (or ``prefix`` plus rejected drafts to crop), and nothing is recomputed.
         """
-        keep = _common_prefix(self.tokens, prefix)
+        keep = common_prefix(self.tokens, prefix)
         self.crop(keep)
         if len(prefix) > keep:
             self.target.forward(self._kv(), prefix[keep:], last_only=True)
@@ -192,14 +193,6 @@ class SessionCache:
         return self.kv
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 def request_seed(seed: int | None) -> int:
     """The request's seed, or a fresh random one when the client left it to the server."""
     return seed if seed is not None else secrets.randbits(63)
@@ -210,7 +203,7 @@ def request_seed(seed: int | None) -> int:
 def prefill_job(cache: SessionCache, tokens: list[int], reusable: int) -> int:
     """Hold ``tokens[:-1]`` in the cache, reusing at most ``reusable`` positions; returns those reused."""
     target = tokens[:-1]
-    cache.crop(min(reusable, _common_prefix(cache.tokens, target)))
+    cache.crop(min(reusable, common_prefix(cache.tokens, target)))
     return cache.sync(target)
 
 

@@ -29,7 +29,15 @@ from specd.desktop.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.base import Drafter
 from specd.shared import messages as m
 from specd.shared.errors import ErrorCode, ProtocolError, SpecdError
-from specd.shared.session import ClientEvent, ClientSession, ServerFailed, TokensStreamed, Welcomed
+from specd.shared.session import (
+    ClientEvent,
+    ClientSession,
+    RequestCancelled,
+    RequestStarted,
+    ServerFailed,
+    TokensStreamed,
+    Welcomed,
+)
 
 log = logging.getLogger("specd.client")
 
@@ -88,6 +96,19 @@ class Run:
         self.pieces.append(piece)
         if self.on_piece is not None:
             self.on_piece(piece)
+
+
+def common_event(run: Run, event: ClientEvent) -> bool:
+    """Handle the events every kind of answer treats alike; True when the request is over."""
+    if isinstance(event, RequestStarted):
+        run.stats.cached_prompt_tokens = event.started.cached_tokens
+        return False
+    if isinstance(event, RequestCancelled):
+        run.finish_reason = "cancelled"
+        return True
+    if isinstance(event, ServerFailed):
+        raise event.error
+    return False
 
 
 class EdgeClient:

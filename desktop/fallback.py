@@ -17,7 +17,7 @@ from specd.desktop.connection import ConnectionFailed, backoff_delays
 from specd.desktop.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.base import Drafter
 from specd.shared.sampling import LOCAL_STREAM, SamplingParams, position_generator, sample, target_probs
-from specd.shared.session import RequestCancelled, RequestStarted, ServerFailed, TokensStreamed
+from specd.shared.session import TokensStreamed
 
 if TYPE_CHECKING:
     from specd.desktop.edge_client import EdgeClient, PieceCallback, Run
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 async def generate_cloud(client: EdgeClient, run: Run) -> None:
     """The verifier generates alone and streams; connection loss raises ``Disconnected``."""
+    from specd.desktop.edge_client import common_event
+
     session = client.session
     await client.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
                                     seed=run.seed, stop=list(run.settings.stop), mode="cloud"))
@@ -44,13 +46,8 @@ async def generate_cloud(client: EdgeClient, run: Run) -> None:
             if tokens.finished:
                 run.finish_reason = tokens.reason
                 return
-        elif isinstance(event, RequestStarted):
-            run.stats.cached_prompt_tokens = event.started.cached_tokens
-        elif isinstance(event, RequestCancelled):
-            run.finish_reason = "cancelled"
+        elif common_event(run, event):
             return
-        elif isinstance(event, ServerFailed):
-            raise event.error
 
 
 def local_step(drafter: Drafter, params: SamplingParams, seed: int) -> int:

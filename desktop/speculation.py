@@ -19,14 +19,7 @@ import torch
 
 from specd.desktop.drafters.base import DraftProposal
 from specd.shared.sampling import ProposalDistribution
-from specd.shared.session import (
-    ClientState,
-    RequestCancelled,
-    RequestStarted,
-    RoundDiscarded,
-    RoundVerdict,
-    ServerFailed,
-)
+from specd.shared.session import ClientState, RoundDiscarded, RoundVerdict, common_prefix
 
 if TYPE_CHECKING:
     from specd.desktop.edge_client import EdgeClient, Run
@@ -54,6 +47,8 @@ class _AheadJob:
 
 async def speculate(client: EdgeClient, run: Run) -> None:
     """Run rounds until the request finishes or is cancelled; connection loss raises out of here."""
+    from specd.desktop.edge_client import common_event
+
     session, settings = client.session, run.settings
     run.stop_ids = client.eos_ids() | frozenset(settings.stop)
     await client.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
@@ -105,13 +100,8 @@ async def speculate(client: EdgeClient, run: Run) -> None:
             elif isinstance(event, RoundDiscarded):
                 run.stats.discarded_rounds += 1
                 in_flight = [r for r in in_flight if r.number != event.discarded.round]
-            elif isinstance(event, RequestStarted):
-                run.stats.cached_prompt_tokens = event.started.cached_tokens
-            elif isinstance(event, RequestCancelled):
-                run.finish_reason = "cancelled"
+            elif common_event(run, event):
                 return
-            elif isinstance(event, ServerFailed):
-                raise event.error
     finally:
         if ahead is not None:
             await _drop_ahead(run, ahead)
@@ -232,12 +222,9 @@ async def _consistent_after_verdict(client: EdgeClient, run: Run, job: _AheadJob
 
 def _resync(client: EdgeClient, run: Run) -> None:
     """Roll the drafter back to its common prefix with the committed sequence and feed the rest."""
-    mirror, committed = run.mirror, run.committed
-    keep = 0
-    limit = min(len(mirror), len(committed))
-    while keep < limit and mirror[keep] == committed[keep]:
-        keep += 1
-    keep = min(keep, len(committed) - 1)  # re-feed at least one token so the logits are fresh
+    # Re-feed at least one token so the logits are fresh.
+    committed = run.committed
+    keep = min(common_prefix(run.mirror, committed), len(committed) - 1)
     client.drafter.rollback(keep)
     client.drafter.append(committed[keep:])
     run.mirror = list(committed)

@@ -214,7 +214,7 @@ class ServerSession:
                                 f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                                 request_id=start.request)
         tokens = list(start.prompt)
-        reusable = _common_prefix(self.history, tokens)
+        reusable = common_prefix(self.history, tokens)
         self.request = _Request(start=start, tokens=tokens, prompt_len=len(tokens))
         self.state = ServerState.SPECULATING if start.mode == "speculative" else ServerState.STREAMING
         return [StartRequested(start=start, tokens=list(tokens), reusable=reusable)]
@@ -388,7 +388,8 @@ class ServerSession:
 _POLICY_CODES = {ErrorCode.RATE_LIMITED, ErrorCode.TOKENIZER_MISMATCH, ErrorCode.UNSUPPORTED_VERSION}
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

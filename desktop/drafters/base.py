@@ -24,6 +24,7 @@ from specd.shared.sampling import (
     sample_proposal,
     sparse_proposal,
 )
+from specd.shared.session import common_prefix
 
 BACKENDS = ("torch", "onnxruntime-genai", "openvino")
 
@@ -100,10 +101,7 @@ class Drafter(ABC):
     def prefill(self, token_ids: Sequence[int]) -> None:
         """Make the sequence exactly ``token_ids``, keeping the common prefix already cached."""
         current = self.tokens()
-        keep = 0
-        limit = min(len(current), len(token_ids))
-        while keep < limit and current[keep] == token_ids[keep]:
-            keep += 1
+        keep = common_prefix(current, list(token_ids))
         if keep == len(token_ids) and keep == len(current):
             return
         self.rollback(keep)
