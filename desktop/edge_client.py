@@ -212,6 +212,7 @@ class EdgeClient:
         try:
             await self._ws.send(frame)
         except ConnectionClosed as exc:
+            await self._drop_connection()  # else `connected` stays true and the answer retries a dead socket
             raise Disconnected(f"connection lost ({exc})") from None
         self._bytes_sent += len(frame)
 
