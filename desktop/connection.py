@@ -89,6 +89,11 @@ async def open_connection(endpoint: Endpoint) -> ClientConnection:
             else f"{exc.strerror or exc or type(exc).__name__}"
         raise ConnectionFailed(f"cannot reach the verifier at {where}: {reason}", retry=True) from None
     except InvalidHandshake as exc:
+        if isinstance(exc.__cause__, (EOFError, ConnectionError)):
+            # Closed before any HTTP answer: a proxy or load balancer between us (retry), or a TLS port.
+            hint = " (if it serves TLS, use a wss:// URL)" if endpoint.url.startswith("ws://") else ""
+            raise ConnectionFailed(f"the connection to {where} was closed during the handshake{hint}",
+                                   retry=True) from None
         hint = "; if it serves TLS, use a wss:// URL" if endpoint.url.startswith("ws://") else ""
         raise ConnectionFailed(f"{where} is not a specd verifier ({exc}){hint}", retry=False) from None
 
