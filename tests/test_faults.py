@@ -11,11 +11,8 @@ also equal the uninterrupted one token for token.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +28,7 @@ from specd.desktop.drafters.torch_drafter import TorchDrafter
 from specd.desktop.edge_client import EdgeClient
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.sampling import SamplingParams
+from tests.daemon_process import DaemonProcess
 from tests.daemon_support import greedy_reference
 from tests.tiny_models import save_tiny_model, tiny_llama
 
@@ -51,56 +49,6 @@ def expected() -> list[int]:
     reference = greedy_reference(tiny_llama(1), PROMPT, GREEDY.max_new_tokens, [2])
     assert len(reference) == GREEDY.max_new_tokens
     return reference
-
-
-class DaemonProcess:
-    """``python -m specd.daemon`` on a tiny model; start on a free port, restart on the same one."""
-
-    def __init__(self, folder: Path, workdir: Path) -> None:
-        self.folder, self.workdir = folder, workdir
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        (workdir / "empty.toml").write_text("")
-
-    def start(self, timeout: float = 90.0) -> int:
-        port_file = self.workdir / "port"
-        port_file.unlink(missing_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "SPECD_API_KEY"}
-        env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specd.daemon", "--config", str(self.workdir / "empty.toml"),
-             "--model", str(self.folder), "--port", str(self.port), "--port-file", str(port_file),
-             "--device", "cpu", "--threads", "1", "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "daemon.log", "ab"))  # noqa: SIM115
-        deadline = time.monotonic() + timeout
-        while not port_file.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the daemon exited: {(self.workdir / 'daemon.log').read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError("the daemon did not start in time")
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
-        return self.port
-
-    async def astart(self) -> int:
-        return await asyncio.to_thread(self.start)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture
