@@ -152,7 +152,8 @@ class EdgeClient:
         session = ClientSession(tokenizer=self.fingerprint, client=f"specd/{_version()}",
                                 draft_model=self.drafter.model_name if self.drafter else "")
         try:
-            await ws.send(session.hello())
+            with contextlib.suppress(ConnectionClosed):  # refused at once (e.g. full): its error is still readable
+                await ws.send(session.hello())
             frame = await asyncio.wait_for(ws.recv(), timeout=self.endpoint.open_timeout)
             events = session.receive(frame)
         except (ConnectionClosed, TimeoutError) as exc:
@@ -165,7 +166,8 @@ class EdgeClient:
         for event in events:
             if isinstance(event, ServerFailed):
                 await ws.close()
-                raise ConnectionFailed(f"the verifier refused this client: {event.error.message}", retry=False)
+                busy = event.error.code in (ErrorCode.TOO_MANY_SESSIONS, ErrorCode.SHUTTING_DOWN)  # try again later
+                raise ConnectionFailed(f"the verifier refused this client: {event.error.message}", retry=busy)
             if isinstance(event, Welcomed):
                 self.session, self._ws, self.welcome = session, ws, event.welcome
                 self._eos = frozenset(event.welcome.eos)
