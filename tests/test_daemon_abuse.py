@@ -22,8 +22,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import specd.daemon.connection as connection_module
+import specd.daemon.server as server_module
 from specd.daemon.server import Verifier
 from specd.shared import messages as m
+from specd.shared.errors import ConfigError
 from specd.shared.fingerprint import tokenizer_fingerprint
 from tests.daemon_support import Client, daemon_config, greedy_reference
 from tests.tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
@@ -381,3 +383,39 @@ def load_public(folder) -> object:
     return msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, host="0.0.0.0",
                                                                        insecure_no_auth=True))
 
+
+
+async def test_the_edge_client_says_the_verifier_is_full_and_may_retry(tiny_folder):
+    from specd.desktop.connection import ConnectionFailed, Endpoint
+    from specd.desktop.edge_client import EdgeClient
+
+    async with Verifier(daemon_config(tiny_folder, max_sessions=1)) as v:
+        holder = await Client.open(v.url, FINGERPRINT)
+        edge = EdgeClient(Endpoint(v.url, open_timeout=5), tokenizer=tiny_tokenizer(), fingerprint=FINGERPRINT)
+        with pytest.raises(ConnectionFailed) as info:
+            await edge.connect()
+        assert "the verifier refused this client" in str(info.value) and "max_sessions = 1" in str(info.value)
+        assert info.value.retry, "a full verifier is worth retrying (close 1013: try again later)"
+        await holder.close()
+        for _ in range(50):
+            if v.sessions == 0:
+                break
+            await asyncio.sleep(0.02)
+        welcome = await edge.connect()
+        assert welcome.vocab_size == 64
+        await edge.close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.0.2.7", "verifier.example.com"])
+async def test_listening_beyond_loopback_without_a_key_is_refused_before_binding(tiny_folder, host):
+    cfg = daemon_config(tiny_folder)
+    public = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, host=host))
+    with pytest.raises(ConfigError, match=r"without an API key.*--insecure-no-auth"):
+        await Verifier(public).start()
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.4.5.6", True), ("::1", True),
+                                           ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                           ("", False), ("10.0.0.1", False), ("example.com", False)])
+def test_what_counts_as_loopback(host, loopback):
+    assert server_module.is_loopback(host) is loopback
