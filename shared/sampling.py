@@ -97,7 +97,12 @@ def position_generator(seed: int, position: int, stream: int, device: str | torc
 
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p — the order Hugging Face's logits warpers use."""
-    scaled = logits.to(torch.float32) / params.temperature
+    logits = logits.to(torch.float32)
+    # Shift by the max first (softmax is shift-invariant) and keep the divisor a normal float32: a tiny
+    # temperature then gives -inf and 0, never inf - inf or 0 / 0 = NaN, and tends to the argmax as it
+    # should (temperature 1e-40 used to give NaN probabilities).
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
