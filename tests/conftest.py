@@ -52,4 +52,5 @@ def qloop(qapp):
     loop = qasync.QEventLoop(qapp, already_running=False)
     asyncio.set_event_loop(loop)
     yield loop
+    loop.close()  # also stops its worker threads
     asyncio.set_event_loop(None)
