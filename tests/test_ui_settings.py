@@ -64,7 +64,7 @@ def test_a_broken_settings_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'colour' in \[desktop\]"):
         read_settings(path)
     path.write_text("[sampling\n")
-    with pytest.raises(ConfigError, match="settings.toml"):
+    with pytest.raises(ConfigError, match=r"settings\.toml"):
         read_settings(path)
 
 
@@ -96,9 +96,9 @@ def test_start_on_login_writes_and_removes_an_xdg_autostart_entry(tmp_path):
     assert not entry.exists()
 
 
-def make_dialog(qtbot, config_file, settings=UserSettings(), api_key=None) -> SettingsDialog:
-    dialog = SettingsDialog(base=load_config(config_file), settings=settings, api_key=api_key, key_store="a file",
-                            rows=ROWS, config_path=config_file)
+def make_dialog(qtbot, config_file, settings=None, api_key=None) -> SettingsDialog:
+    dialog = SettingsDialog(base=load_config(config_file), settings=settings or UserSettings(), api_key=api_key,
+                            key_store="a file", rows=ROWS, config_path=config_file)
     qtbot.addWidget(dialog)
     return dialog
 

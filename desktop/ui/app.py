@@ -88,7 +88,8 @@ def run_app(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         QMessageBox.critical(None, "specd: configuration error", str(exc))
         return 1
-    app.setQuitOnLastWindowClosed(desktop.tray is None)
+    # The app quits itself after a clean shutdown (Quit, or closing the window when there is no tray).
+    app.setQuitOnLastWindowClosed(False)
     instance.activated.connect(desktop.window.bring_forward)
     if desktop.tray is None or not args.minimized:
         desktop.window.show()

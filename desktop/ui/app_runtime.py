@@ -85,7 +85,6 @@ class SingleInstance(QObject):
         super().__init__()
         self.name = name or f"specd-desktop-{_user()}"
         self.server: QLocalServer | None = None
-        self._clients: list[QLocalSocket] = []
 
     def claim(self) -> bool:
         """True: this is the first instance (now listening). False: another one was told to show."""
@@ -109,22 +108,18 @@ class SingleInstance(QObject):
         return True
 
     def _on_connection(self) -> None:
+        # Read synchronously: the second launch writes at once and exits, and keeping no signal
+        # connections on the sockets avoids callbacks into half-destroyed objects at shutdown.
         while self.server is not None and self.server.hasPendingConnections():
             client = self.server.nextPendingConnection()
-            self._clients.append(client)
-            client.readyRead.connect(lambda c=client: self._read(c))
-            client.disconnected.connect(lambda c=client: self._drop(c))
-            if client.bytesAvailable():
-                self._read(client)
-
-    def _read(self, client: QLocalSocket) -> None:
-        if b"show" in bytes(client.readAll().data()):
-            self.activated.emit()
-
-    def _drop(self, client: QLocalSocket) -> None:
-        if client in self._clients:
-            self._clients.remove(client)
-        client.deleteLater()
+            if client.bytesAvailable() or client.waitForReadyRead(500):
+                message = bytes(client.readAll().data())
+            else:
+                message = b""
+            client.abort()
+            client.deleteLater()
+            if b"show" in message:
+                self.activated.emit()
 
     def release(self) -> None:
         if self.server is not None:

@@ -49,8 +49,9 @@ class DesktopApp(QObject):
     def __init__(self, *, config_path: Path | None, settings_folder: Path | None = None,
                  secrets: SecretStore | None = None, use_tray: bool = True, probe: Probe | None = None,
                  build: Callable[..., Any] | None = None, icon: QIcon | None = None,
-                 autostart_home: Path | None = None) -> None:
+                 autostart_home: Path | None = None, on_quit: Callable[[], None] | None = None) -> None:
         super().__init__()
+        self._on_quit = on_quit
         self.config_path = config_path
         self.settings_file = settings_path(settings_folder)
         self.secrets = secrets or SecretStore(settings_folder)
@@ -66,6 +67,7 @@ class DesktopApp(QObject):
         self.notifications: list[tuple[str, str]] = []
         self.state = "offline"
         self.latency = ""
+        self._lost = False  # the connection dropped since it was last up: say so when it comes back
         self._answer_task: asyncio.Task | None = None
         self._prepare_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -91,7 +93,7 @@ class DesktopApp(QObject):
         w.stop_requested.connect(self.stop)
         w.new_chat_requested.connect(self.new_chat)
         w.settings_requested.connect(self.open_settings)
-        w.close_requested.connect(lambda: self.spawn(self.shutdown()))
+        w.close_requested.connect(self._window_closed)
         w.highlight_box.toggled.connect(self._remember_highlight)
         menu.open_chat.connect(w.bring_forward)
         menu.device_picked.connect(lambda device: self.spawn(self.pick_device(device)))
@@ -283,8 +285,10 @@ class DesktopApp(QObject):
     def _on_status(self, state: str, message: str) -> None:
         previous, self.state = self.state, state
         if previous == "connected" and state != "connected":
+            self._lost = True
             self.notify("Connection lost", message)
-        elif previous != "connected" and state == "connected" and self.notifications:
+        elif state == "connected" and self._lost:
+            self._lost = False
             self.notify("Connected again", message)
         self._show_status()
 
@@ -323,6 +327,17 @@ class DesktopApp(QObject):
             self.window.bring_forward()
 
     # -- quitting ---------------------------------------------------------------------------------
+    def _window_closed(self) -> None:
+        """Without a tray, closing the window quits (cleanly, when the event loop still runs)."""
+        if self.closed.is_set():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # Qt is tearing down after the loop ended: nothing async can run now
+            self.stop()
+            return
+        self.spawn(self.shutdown())
+
     async def shutdown(self) -> None:
         """Stop the answer, close the client and drafter, cancel pending tasks, then quit Qt."""
         if self.closed.is_set():
@@ -341,9 +356,10 @@ class DesktopApp(QObject):
             self.tray.hide()
         self.window.hide_on_close = False
         self.window.hide()
-        app = QApplication.instance()
-        if app is not None:
-            app.quit()
+        if self._on_quit is not None:
+            self._on_quit()
+        elif QApplication.instance() is not None:
+            QApplication.instance().quit()
 
 
 def show_error_dialog(title: str, text: str, details: str = "") -> None:
