@@ -162,3 +162,21 @@ def test_screenshot_renders_the_sample_conversation(qapp, tmp_path, capsys):
     colours = {image.pixelColor(x, y).name() for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
     assert "#dcf2dc" in colours and "#fde3c0" in colours  # drafted and corrected tokens are tinted
     assert "wrote" in capsys.readouterr().out
+
+
+def test_model_preparation_progress_reaches_the_window(qtbot, qloop, tmp_path, draft_folder):
+    from specd.desktop.launch import build_client
+
+    def build(config, *, device=None, progress=None):  # the real builder, announcing one more step first
+        progress("Preparing the draft model of the test")
+        return build_client(config, device=device, progress=progress)
+
+    app = make_app(tmp_path, write_config(tmp_path, draft_folder), build=build)
+    qtbot.addWidget(app.window)
+    shown = []
+    original = app.window.show_progress
+    app.window.show_progress = lambda message: (shown.append(message), original(message))
+    qloop.run_until_complete(app.start())
+    assert "Looking for devices…" in shown and "Preparing the draft model of the test" in shown
+    assert shown[-1] is None and app.window.progress.isHidden()  # the bar goes away once ready
+    qloop.run_until_complete(app.shutdown())

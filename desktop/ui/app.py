@@ -95,15 +95,37 @@ def run_app(args: argparse.Namespace) -> int:
         desktop.window.show()
     quitting = asyncio.Event()
     app.aboutToQuit.connect(quitting.set)
+    heartbeat = quit_on_signals(desktop)
     with loop:
         desktop.spawn(desktop.start())
         loop.run_until_complete(quitting.wait())
         if not desktop.closed.is_set():  # Qt quit by itself (log out): still close the client cleanly
             with contextlib.suppress(Exception):
                 loop.run_until_complete(asyncio.wait_for(desktop.shutdown(), 10))
+    heartbeat.stop()
     instance.release()
     log.info("specd-desktop stopped")
     return 0
+
+
+def quit_on_signals(desktop):
+    """SIGTERM (log out, ``kill``) and Ctrl+C quit cleanly, like the Quit menu entry. Python runs signal
+    handlers only between bytecodes, so a timer wakes the interpreter while Qt waits for events."""
+    import signal
+
+    from PySide6.QtCore import QTimer
+
+    def on_signal(signum, _frame):
+        log.info("signal %s: quitting", signum)
+        desktop.spawn(desktop.shutdown())
+
+    for name in ("SIGTERM", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
+    heartbeat = QTimer()
+    heartbeat.timeout.connect(lambda: None)
+    heartbeat.start(300)
+    return heartbeat
 
 
 if __name__ == "__main__":

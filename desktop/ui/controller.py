@@ -175,7 +175,7 @@ class DesktopApp(QObject):
         started = asyncio.get_running_loop().time()
         try:
             await self.client.connect()
-            self.latency = f"handshake {1000 * (asyncio.get_running_loop().time() - started):.0f} ms"
+            self.latency = "handshake " + _ms(1000 * (asyncio.get_running_loop().time() - started))
         except SpecdError as exc:
             log.warning("cannot connect: %s", exc)
             self._on_status("offline", str(exc))
@@ -220,7 +220,7 @@ class DesktopApp(QObject):
         stats = answer.stats.to_json()
         self.window.finish_turn(stats_line(stats, answer.finish_reason, len(answer.token_ids)))
         if answer.stats.rounds and answer.stats.network_ms:
-            self.latency = f"round trip {answer.stats.network_ms / answer.stats.rounds:.0f} ms"
+            self.latency = "round trip " + _ms(answer.stats.network_ms / answer.stats.rounds)
         self._show_status()
 
     def stop(self) -> None:
@@ -360,6 +360,10 @@ class DesktopApp(QObject):
             self._on_quit()
         elif QApplication.instance() is not None:
             QApplication.instance().quit()
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
 
 
 def show_error_dialog(title: str, text: str, details: str = "") -> None:
