@@ -15,7 +15,6 @@ from specd.desktop.ui.user_settings import (
     SecretStore,
     UserSettings,
     autostart_file,
-    dump_toml,
     effective_config,
     read_settings,
     set_start_on_login,
@@ -36,11 +35,13 @@ def config_file(tmp_path):
     return path
 
 
-def test_toml_writer_round_trips_through_tomllib():
-    tree = {"client": {"server_url": 'ws://h:1/"q"\\x', "tls_verify": False},
-            "sampling": {"temperature": 0.25, "top_k": 3, "seed": -1},
-            "devices": {"gpu": {"device_id": 1}}, "desktop": {"device": "openvino:GPU.1", "tabs\tand\nlines": "é"}}
-    assert tomllib.loads(dump_toml(tree)) == tree
+def test_settings_file_is_toml_that_keeps_odd_strings(tmp_path):
+    path = tmp_path / "settings.toml"
+    settings = UserSettings(layer={"client": {"server_url": 'wss://h:1/"q"\\x\té', "tls_verify": False},
+                                   "devices": {"gpu": {"device_id": 1}}}).with_desktop(device="openvino:GPU.1")
+    write_settings(path, settings)
+    assert tomllib.loads(path.read_text())["devices"] == {"gpu": {"device_id": 1}}
+    assert read_settings(path) == settings
 
 
 def test_settings_file_round_trip_and_layering(tmp_path, config_file):

@@ -180,3 +180,31 @@ def test_model_preparation_progress_reaches_the_window(qtbot, qloop, tmp_path, d
     assert "Looking for devices…" in shown and "Preparing the draft model of the test" in shown
     assert shown[-1] is None and app.window.progress.isHidden()  # the bar goes away once ready
     qloop.run_until_complete(app.shutdown())
+
+
+def test_settings_apply_persist_and_rebuild_the_client(qtbot, qapp, qloop, tmp_path, draft_folder):
+    qapp.setQuitOnLastWindowClosed(False)  # as run_app sets it: closing the dialog must not quit
+    app = make_app(tmp_path, write_config(tmp_path, draft_folder))
+    qtbot.addWidget(app.window)
+    qloop.run_until_complete(app.start())
+    old_client = app.client
+
+    async def change_settings():
+        dialog = app.open_settings()
+        dialog.edits[("client", "server_url")].setText("ws://127.0.0.1:10")
+        dialog.edits[("sampling", "max_new_tokens")].setText("77")
+        dialog.api_key.setText("key-from-the-dialog")
+        dialog.start_on_login.setChecked(True)
+        dialog.accept()
+        while app.client is None or app.client is old_client:
+            await asyncio.sleep(0.02)
+
+    qloop.run_until_complete(asyncio.wait_for(change_settings(), 60))
+    saved = read_settings(tmp_path / "user" / "settings.toml")
+    assert saved.layer == {"client": {"server_url": "ws://127.0.0.1:10"}, "sampling": {"max_new_tokens": 77}}
+    assert saved.desktop.start_on_login and (tmp_path / "xdg" / "autostart" / "specd-desktop.desktop").is_file()
+    assert app.secrets.load() == "key-from-the-dialog"
+    assert app.client.endpoint.url == "ws://127.0.0.1:10" and app.client.endpoint.api_key == "key-from-the-dialog"
+    assert app.setup.settings.max_new_tokens == 77
+    qloop.run_until_complete(app.shutdown())
+    qapp.setQuitOnLastWindowClosed(True)

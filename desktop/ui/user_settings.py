@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from specd.shared.config import Config, load_config
+from specd.shared.config import Config, dump_toml, load_config
 from specd.shared.errors import ConfigError
 from specd.shared.paths import user_config_dir
 
@@ -92,47 +92,6 @@ def effective_config(config_path: Path | None, settings: UserSettings,
                      overrides: dict[str, Any] | None = None) -> Config:
     """``config.toml`` with the user's layer on top (ConfigError names the bad key)."""
     return load_config(config_path, overrides, layers=[settings.layer])
-
-
-# -- a small TOML writer (tables of str / bool / int / float, nested tables) ----------------------
-def dump_toml(tree: dict[str, Any]) -> str:
-    lines: list[str] = []
-    _dump_table(tree, [], lines)
-    return "\n".join(lines).strip() + "\n"
-
-
-def _dump_table(table: dict[str, Any], prefix: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-    if prefix and (scalars or not tables):
-        lines.append("")
-        lines.append("[" + ".".join(_key(p) for p in prefix) + "]")
-    for key, value in scalars.items():
-        lines.append(f"{_key(key)} = {_value(value)}")
-    for key, value in tables.items():
-        _dump_table(value, [*prefix, key], lines)
-
-
-def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else _string(key)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return _string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _string(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    escaped = "".join(c if c >= " " or c in "\\" else f"\\u{ord(c):04x}" for c in escaped)
-    return f'"{escaped}"'
 
 
 # -- the API key: OS keyring, else a file only the user can read --------------------------------
