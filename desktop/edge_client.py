@@ -136,7 +136,9 @@ class EdgeClient:
     # -- connection -----------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._ws is not None and self.welcome is not None
+        """Shaken hands, and the connection is still open (the reader ends when it closes)."""
+        return (self._ws is not None and self.welcome is not None and self._reader is not None
+                and not self._reader.done())
 
     def set_state(self, state: str, message: str) -> None:
         if state != self.state:
@@ -191,6 +193,8 @@ class EdgeClient:
             reason = f"the verifier broke the protocol: {exc}"
             await ws.close()
         inbox.put_nowait(Disconnected(reason))
+        if self._run is None and ws is self._ws:  # idle: say so now, not at the next answer
+            self.set_state("offline", f"lost the verifier at {self.endpoint.display}: {reason}")
 
     async def _drop_connection(self) -> None:
         ws, reader = self._ws, self._reader

@@ -111,10 +111,10 @@ async def test_adaptive_gamma_follows_acceptance(folders):
     from specd.desktop.bench.netem import DelayProxy
 
     settings = replace(GREEDY, max_new_tokens=60, pipeline=False)
-    async with Verifier(verifier_config(folders["target"])) as verifier:
-        async with DelayProxy("127.0.0.1", verifier.port, rtt_ms=40) as proxy:
-            same = await generate(proxy.url(), folders["target"], settings)  # the draft is the target
-            other = await generate(proxy.url(), folders["draft"], settings)
+    async with (Verifier(verifier_config(folders["target"])) as verifier,
+                DelayProxy("127.0.0.1", verifier.port, rtt_ms=40) as proxy):
+        same = await generate(proxy.url(), folders["target"], settings)  # the draft is the target
+        other = await generate(proxy.url(), folders["draft"], settings)
     assert same.stats.acceptance_rate == 1.0 and same.stats.ahead_rounds == 0  # pipeline=False
     assert other.stats.acceptance_rate < 0.5
     assert same.stats.gamma_mean > other.stats.gamma_mean + 2
@@ -294,3 +294,22 @@ async def test_rounds_drafted_ahead_are_used_when_the_guess_is_right(folders):
     assert piped.stats.ahead_rounds >= piped.stats.rounds // 2
     assert piped.stats.discarded_rounds == 0
     assert plain.stats.ahead_rounds == 0
+
+
+async def test_an_idle_connection_closed_by_the_verifier_is_reported_and_reopened(folders):
+    async with Verifier(verifier_config(folders["target"], idle_timeout_s=0.5)) as verifier:
+        client = client_for(verifier.url, folders["draft"])
+        states: list[str] = []
+        client.on_status = lambda state, _msg: states.append(state)
+        try:
+            first = await client.generate(list(PROMPT), replace(GREEDY, max_new_tokens=8))
+            for _ in range(40):
+                if "offline" in states:
+                    break
+                await asyncio.sleep(0.1)
+            assert states[-1] == "offline" and not client.connected
+            second = await client.generate(list(PROMPT), replace(GREEDY, max_new_tokens=8))
+        finally:
+            await client.close()
+    assert second.token_ids == first.token_ids and second.stats.mode == "speculative"
+    assert states.count("connected") == 2

@@ -102,9 +102,6 @@ def test_stop_cancels_the_answer(qtbot, qloop, tmp_path, folders):
     assert 0 < tokens < 400
 
 
-@pytest.mark.xfail(strict=True, reason="EdgeClient.connected stays True after the verifier closes an idle "
-                   "connection, so the next answer starts on a closed session (RuntimeError); fix: connected "
-                   "also requires the reader task to be running")
 def test_losing_the_verifier_is_notified_and_the_draft_goes_on(qtbot, qloop, tmp_path, folders):
     async def scenario():
         verifier = Verifier(verifier_config(folders["target"]))
