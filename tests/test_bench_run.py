@@ -55,7 +55,9 @@ async def test_bench_measures_every_mode_and_writes_the_report(config_file, tmp_
         assert fig["theoretical_tokens_per_forward"] >= 1.0
         assert fig["bytes_per_token"] > 0
         assert fig["same_tokens_as_cloud_only"] == 1.0  # greedy: speculative output is the target's
-    assert report["spec-fixed"]["gamma_mean"] == 3.0
+    fixed_gammas = [g for r in report["runs"] if r["mode"] == "spec-fixed" for g in r["stats"]["gammas"]]
+    assert fixed_gammas and max(fixed_gammas) <= 3  # γ = 3, less only where fewer tokens remain
+    assert [g for r in report["runs"] if r["mode"] == "spec-adaptive" for g in r["stats"]["gammas"]]
     assert report["edge-only"]["target_forwards"] == 0
     # the proxy really carries the delay: every speculative round pays the added 40 ms
     by_rtt = next(iter(report["by_rtt"].values()))
@@ -85,3 +87,24 @@ def test_bench_flags_are_checked():
     args = parse("--modes", "cloud-only", "spec-adaptive", "--device", "cpu", "openvino:CPU")
     assert args.modes == ["cloud-only", "spec-adaptive"] and args.device == ["cpu", "openvino:CPU"]
     assert callable(add_parser)
+
+
+async def test_two_devices_are_compared(config_file, tmp_path):
+    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}})
+    out = tmp_path / "out"
+    async with Verifier(verifier_cfg) as verifier:
+        args = parse("--config", str(config_file), "--host", "127.0.0.1", "--port", str(verifier.port),
+                     "--num-prompts", "1", "--iterations", "1", "--max-new-tokens", "6", "--temperature", "0",
+                     "--modes", "cloud-only", "spec-adaptive", "--device", "torch:cpu", "cpu", "npu",
+                     "--sessions", "0", "--no-hf-assisted", "--no-warmup", "--out", str(out))
+        assert await bench_async(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    devices = report["devices"]
+    assert [d["device"] for d in devices[:2]] == ["torch:cpu", "torch:cpu #2"]
+    assert devices[2]["requested"] == "npu"  # no NPU here: it falls back, and the report says why
+    assert devices[2]["choice"]["fallbacks"] and devices[2]["device"] == "torch:cpu #3"
+    assert set(report["by_rtt"]) == {"torch:cpu", "torch:cpu #2", "torch:cpu #3"}
+    assert set(report["speedup"]) == {"cloud-only", "spec-adaptive"}
+    text = (out / "report.md").read_text()
+    assert "## Devices compared" in text and "| torch:cpu #2 | cpu | spec-adaptive |" in text
+    assert "fell back from" in text

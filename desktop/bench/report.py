@@ -35,7 +35,7 @@ def build_report(result: BenchResult, meta: dict[str, Any], hf_assisted: dict[st
         "by_rtt": by_rtt,
         "speedup_by_rtt": {device: {rtt: {m: f["speedup"] for m, f in modes.items()} for rtt, modes in rtts.items()}
                            for device, rtts in by_rtt.items()},
-        "devices": [{"requested": d.requested, "device": d.label, "error": d.error, **d.detail}
+        "devices": [{"requested": d.requested, "device": d.label, "error": d.error, "choice": d.detail or None}
                     for d in result.devices],
         "multi_session": [s.to_json() for s in result.sessions],
         "hf_assisted": hf_assisted,
@@ -150,19 +150,24 @@ def _devices(report: dict) -> list[str]:
     devices = report["devices"]
     if len(devices) < 2:
         return []
-    out = ["## Devices compared", "", "| device | mode | tok/s | speedup | acceptance | draft ms/answer |",
-           "|---|---|---|---|---|---|"]
+    out = ["## Devices compared", "", "| device | requested | mode | tok/s | speedup | acceptance | draft ms/answer |",
+           "|---|---|---|---|---|---|---|"]
     first_rtt = next(iter(next(iter(report["by_rtt"].values()))), None)
     for d in devices:
         if d["error"]:
-            out.append(f"| {d['device']} | – | could not run: {d['error']} | | | |")
+            out.append(f"| {d['device']} | {d['requested']} | – | could not run: {d['error']} | | | |")
             continue
         cells = report["by_rtt"].get(d["device"], {}).get(first_rtt, {})
         for mode, fig in cells.items():
             if mode == BASELINE:
                 continue
-            out.append(f"| {d['device']} | {mode} | {fig['tokens_per_second']:.1f} | {_f(fig['speedup'], 2, '×')} | "
+            out.append(f"| {d['device']} | {d['requested']} | {mode} | {fig['tokens_per_second']:.1f} | "
+                       f"{_f(fig['speedup'], 2, '×')} | "
                        f"{_pct(fig['acceptance_rate']) if mode in SPEC_MODES else '–'} | {fig['draft_ms']:.0f} |")
+    for d in devices:
+        for fallback in (d.get("choice") or {}).get("fallbacks", []):
+            out.append(f"\n{d['device']} (asked: {d['requested']}) fell back from {fallback['device']}: "
+                       f"{fallback['reason']}")
     return [*out, ""]
 
 

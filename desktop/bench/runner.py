@@ -169,7 +169,11 @@ class BenchRunner:
             return DeviceRun(requested, requested, error=setup.drafter_error or "no drafter"), None
         row = setup.choice.row
         self.say(setup.choice.summary())
-        return DeviceRun(requested, row.id, detail=setup.choice.to_json()), setup
+        label, taken = row.id, {d.label for d in self.result.devices}
+        number = 2
+        while label in taken:  # the same device asked for twice (e.g. "cpu" and its row id): keep both apart
+            label, number = f"{row.id} #{number}", number + 1
+        return DeviceRun(requested, label, detail=setup.choice.to_json()), setup
 
     async def _warm_up(self, cloud: ClientSetup | None, edges: list[tuple[DeviceRun, ClientSetup]]) -> None:
         """One short answer per client, so first-call costs (allocations, kernel choice) stay out of the figures."""
