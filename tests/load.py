@@ -41,7 +41,8 @@ from specd.shared.session import (
 
 VOCAB = 64
 FAULT_TESTS = ["tests/test_faults.py", "tests/test_daemon_abuse.py", "tests/test_daemon_tls.py",
-               "tests/test_fuzz_messages.py", "tests/test_fuzz_session.py"]
+               "tests/test_fuzz_messages.py", "tests/test_fuzz_session.py", "tests/test_fuzz_sampling.py",
+               "tests/test_fuzz_daemon.py"]
 
 
 @dataclass
@@ -234,7 +235,9 @@ def report(result: LoadResult, command: str, faults: tuple[str, float, int] | No
                   "- a proxy that stalls and cuts connections (and refuses reconnections for a while); SIGTERM "
                   "with four sessions in flight: every client resumes and finishes identically;",
                   "- 48 kinds of bad input against a running verifier, a flooding client, a client that stops "
-                  "reading, wss with certificate checks; property-based fuzzing of decoder and sessions."]
+                  "reading, idle and malformed HTTP connections, wss with certificate checks;",
+                  "- property-based fuzzing of the decoder, both sessions, the sampling core, and a running "
+                  "verifier (whose KV cache must still give full-forward verdicts afterwards)."]
     return "\n".join(lines) + "\n"
 
 

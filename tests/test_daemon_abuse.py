@@ -419,3 +419,37 @@ async def test_listening_beyond_loopback_without_a_key_is_refused_before_binding
                                            ("", False), ("10.0.0.1", False), ("example.com", False)])
 def test_what_counts_as_loopback(host, loopback):
     assert server_module.is_loopback(host) is loopback
+
+
+async def test_idle_and_malformed_http_connections_cost_little_and_are_dropped(tiny_folder, monkeypatch):
+    """Sockets that never finish the upgrade (slowloris), oversized or garbage HTTP: the verifier stays up."""
+    real_serve = server_module.serve
+
+    def quick_handshake(*args, **kwargs):
+        kwargs.setdefault("open_timeout", 1.0)  # websockets' default is 10 s
+        return real_serve(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "serve", quick_handshake)
+    async with Verifier(daemon_config(tiny_folder), api_key="k") as v:
+        idle = [await asyncio.open_connection("127.0.0.1", v.port) for _ in range(50)]
+        partial_reader, partial = await asyncio.open_connection("127.0.0.1", v.port)
+        partial.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finished
+        answers = []
+        for request in (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+                        b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n",
+                        b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(500)) + b"\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", v.port)
+            writer.write(request)
+            answers.append(await asyncio.wait_for(reader.read(200), 10))
+            writer.close()
+        for answer in answers:  # an HTTP error or a plain close, never a session
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
+        client = await Client.open(v.url, FINGERPRINT, api_key="k")  # a real client is served meanwhile
+        await client.start(PROMPT, 4, sampling=m.Sampling(temperature=0.0))
+        assert (await client.round([7])).verdict.position == 3
+        await client.close()
+        for reader, writer in [*idle, (partial_reader, partial)]:  # dropped after the handshake timeout
+            data = await asyncio.wait_for(reader.read(200), 10)
+            assert data == b"" or data.startswith(b"HTTP/1.1 4"), data
+            writer.close()
+        assert v.metrics.sessions_total == 1, "only the real client became a session"
