@@ -95,8 +95,10 @@ class Conversation:
 
     def track(self, msg: m.ServerMessage) -> None:
         assert not (isinstance(msg, m.Error) and (msg.fatal or msg.code == "internal")), msg
-        if isinstance(msg, m.Started):
-            self.running, self.active, self.committed = msg.request, True, list(self.prompt)
+        if isinstance(msg, m.Started):  # ours, or one a garbage frame happened to start (prompt unknown)
+            ours = msg.request == self.request and bool(self.prompt)
+            self.running, self.active = msg.request, ours
+            self.committed = list(self.prompt) if ours else []
         elif isinstance(msg, m.Error):
             self.errors.append(msg)
             if msg.request == self.running:
