@@ -248,6 +248,11 @@ class EdgeClient:
         getter.cancel()
         return None
 
+    @property
+    def drafter_executor(self) -> ThreadPoolExecutor:
+        """The one thread the drafter runs on (drafters are not thread-safe)."""
+        return self._pool
+
     async def in_drafter(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 

@@ -212,7 +212,8 @@ class BenchRunner:
 
         client = setup.client
         ids = client.prompt_ids(_conversation(prompt))
-        return await generate_edge_only(client.drafter, setup.tokenizer, ids, settings, executor=client._pool)
+        return await generate_edge_only(client.drafter, setup.tokenizer, ids, settings,
+                                        executor=client.drafter_executor)
 
     def _record(self, device: str, rtt: float, mode: str, prompt: BenchPrompt, iteration: int, seed: int,
                 answer: Answer) -> None:
