@@ -208,7 +208,9 @@ def run_fault_tests(fuzz_examples: int) -> tuple[str, float, int]:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAULT_TESTS],
                           env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    return (lines[-1] if lines else proc.stderr.strip()[-200:]), time.monotonic() - began, proc.returncode
+    failed = [line.removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]
+    outcome = (lines[-1] if lines else proc.stderr.strip()[-200:]) + "".join(f"; failed: {f}" for f in failed)
+    return outcome, time.monotonic() - began, proc.returncode
 
 
 def report(result: LoadResult, command: str, faults: tuple[str, float, int] | None) -> str:

@@ -259,7 +259,7 @@ async def test_a_flooding_connection_is_rate_limited_and_others_keep_working(tin
 
         async def send_flood() -> None:
             with contextlib.suppress(ConnectionClosed):
-                for _ in range(50):  # paced so the server keeps up: frames left unread delay the close
+                for _ in range(1000):  # until cut; paced so the server keeps up (unread frames delay the close)
                     await flood.ws.send(enc({"type": "cancel", "request": 5}))
                     await asyncio.sleep(0.002)
 
@@ -269,7 +269,7 @@ async def test_a_flooding_connection_is_rate_limited_and_others_keep_working(tin
                 codes.append((await flood.message()).code)
         await sender
         assert codes[-1] == "rate_limited" and flood.ws.close_code == 1008
-        assert set(codes[:-1]) == {"unknown_request"} and 20 <= len(codes) - 1 <= 45  # the burst, then the cut
+        assert set(codes[:-1]) == {"unknown_request"} and len(codes) - 1 >= 40  # the burst (2 × rate), then the cut
         await good.start(PROMPT, 8, sampling=m.Sampling(temperature=0.0))
         assert (await good.round([7, 8])).verdict.position == 3
         await good.close()
@@ -277,7 +277,7 @@ async def test_a_flooding_connection_is_rate_limited_and_others_keep_working(tin
 
 async def test_a_client_that_stops_reading_stalls_only_itself_and_is_dropped(tiny_folder, monkeypatch):
     """Backpressure: the verifier's send to a non-reading client waits on that connection only."""
-    monkeypatch.setattr(connection_module, "SEND_TIMEOUT_S", 3.0)  # 30 s by default
+    monkeypatch.setattr(connection_module, "SEND_TIMEOUT_S", 6.0)  # 30 s by default
     async with Verifier(daemon_config(tiny_folder)) as v:
         stuck = await connect(v.url, compression=None, max_size=None, max_queue=1, ping_interval=None)
         stuck.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
@@ -299,12 +299,12 @@ async def test_a_client_that_stops_reading_stalls_only_itself_and_is_dropped(tin
             while not good.session.finished:
                 t0 = time.monotonic()
                 await good.round([7, 8, 9])
-                assert time.monotonic() - t0 < 1.0, "a round waited on the stalled client"
+                assert time.monotonic() - t0 < 2.5, "a round waited on the stalled client"
             stalled = stalled or driver.ws.transport.get_write_buffer_size() > 0
         assert stalled, "the test did not reach backpressure"
-        assert time.monotonic() - began < 30
+        assert time.monotonic() - began < 60
         # A send that waits longer than SEND_TIMEOUT_S drops the stalled client and frees its slot.
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while driver in v.drivers and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert driver not in v.drivers and v.sessions == 1

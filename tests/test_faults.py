@@ -66,7 +66,7 @@ class OfflineSlowDrafter(TorchDrafter):
 
     def next_logits(self):
         if self.client is not None and not self.client.connected:
-            time.sleep(0.05)
+            time.sleep(0.1)
         return super().next_logits()
 
 
