@@ -443,7 +443,9 @@ def ico_images(data: bytes) -> dict[int, bytes]:
     return images
 
 
-def test_the_icon_files_are_valid_and_rendered_from_the_svg():
+def test_the_icon_files_are_valid_and_rendered_from_the_svg(qapp):
+    # pytest-qt's QApplication: a bare QGuiApplication made here would outlive the test, and every later
+    # QWidget in this process would abort.
     ui = ROOT / "desktop" / "ui"
     images = ico_images((ui / "specd.ico").read_bytes())
     assert {16, 24, 32, 48, 256} <= set(images)
@@ -453,9 +455,8 @@ def test_the_icon_files_are_valid_and_rendered_from_the_svg():
     assert (ui / "icon.png").read_bytes() == images[256]
 
     import make_icon
-    from PySide6.QtGui import QGuiApplication, QImage
+    from PySide6.QtGui import QImage
 
-    _app = QGuiApplication.instance() or QGuiApplication([])
     for size in (32, 256):
         fresh = QImage.fromData(make_icon.render_png(ui / "icon.svg", size))
         committed = QImage.fromData(images[size])
