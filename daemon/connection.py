@@ -67,7 +67,7 @@ class SessionDriver:
         self.stopping = False
         self._closing = False
         self._generation: asyncio.Task | None = None
-        self.peer = _peer(ws)
+        self.peer = peer_address(ws)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -252,7 +252,8 @@ class SessionDriver:
                                                request=request))
 
 
-def _peer(ws: ServerConnection) -> str:
+def peer_address(ws: ServerConnection) -> str:
+    """``host:port`` of the client, for logs (``?`` when the socket no longer knows)."""
     try:
         host, port = ws.remote_address[:2]
     except (TypeError, ValueError):

@@ -24,7 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from specd.daemon.connection import SessionDriver
+from specd.daemon.connection import SessionDriver, peer_address
 from specd.daemon.metrics import Metrics
 from specd.daemon.notify import Notifier, cancel_quietly, extend_start_timeout, run_watchdog, watchdog_interval
 from specd.daemon.target import ModelWorker, TargetModel
@@ -233,7 +233,7 @@ class Verifier:
             return _response(http.HTTPStatus.NOT_FOUND, "not found: the protocol is at /, health at /healthz\n")
         if self.api_key is not None and not self._authorized(request):
             self.metrics.refusals["unauthorized"] += 1
-            log.info("refused %s: missing or wrong API key", _remote(connection))
+            log.info("refused %s: missing or wrong API key", peer_address(connection))
             return _response(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer)\n",
                              extra={"WWW-Authenticate": 'Bearer realm="specd"'})
         if not self.ready or self.stopping:
@@ -295,11 +295,3 @@ def _response(status: http.HTTPStatus, body: str, content_type: str = "text/plai
     for key, value in (extra or {}).items():
         headers[key] = value
     return Response(status.value, status.phrase, headers, data)
-
-
-def _remote(connection: ServerConnection) -> str:
-    try:
-        host, port = connection.remote_address[:2]
-    except (TypeError, ValueError):
-        return "?"
-    return f"{host}:{port}"

@@ -249,12 +249,17 @@ def test_honest_traffic_with_broken_fields_keeps_the_session_usable(data):
     assert driver.verdicts == before + 1
 
 
+def _shaken_hands() -> tuple[s.ServerSession, s.ClientSession]:
+    server, client = _server(), s.ClientSession(tokenizer="fp")
+    for action in server.receive(client.hello()):
+        client.receive(action.data)
+    return server, client
+
+
 @fz.fuzz_settings(150)
 @given(st.data())
 def test_client_session_turns_any_server_traffic_into_events_or_protocol_errors(data):
-    pair_server, client = _server(), s.ClientSession(tokenizer="fp")
-    for action in pair_server.receive(client.hello()):
-        client.receive(action.data)
+    _pair_server, client = _shaken_hands()
     client.start([1, 5, 6], max_new_tokens=20, sampling=m.Sampling(temperature=0.0))
     for _ in range(data.draw(st.integers(0, 3))):
         client.draft(data.draw(st.lists(fz.token, min_size=1, max_size=4)))
@@ -279,9 +284,7 @@ def test_client_session_turns_any_server_traffic_into_events_or_protocol_errors(
 @given(st.data())
 def test_rounds_sent_ahead_keep_both_sides_committed_sequences_equal(data):
     """Pipelined rounds with right and wrong guesses: verdicts and discards keep client == server."""
-    server, client = _server(), s.ClientSession(tokenizer="fp")
-    for action in server.receive(client.hello()):
-        client.receive(action.data)
+    server, client = _shaken_hands()
     greedy = m.Sampling(temperature=0.0)
     start = client.start(data.draw(st.lists(fz.token, min_size=1, max_size=8)), max_new_tokens=30, sampling=greedy)
     for action in server.receive(start):
