@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from specd.shared.errors import ErrorCode, ProtocolError, SpecdError
 from specd.shared.session import (
     ClientEvent,
     ClientSession,
+    RateLimiter,
     RequestCancelled,
     RequestStarted,
     ServerFailed,
@@ -132,6 +134,7 @@ class EdgeClient:
         self._bytes_sent = self._bytes_received = 0
         self._run: Run | None = None
         self._eos: frozenset[int] | None = None
+        self._pace = RateLimiter(0)  # the server's message rate limit, from its welcome
 
     # -- connection -----------------------------------------------------------------------------
     @property
@@ -173,6 +176,7 @@ class EdgeClient:
             if isinstance(event, Welcomed):
                 self.session, self._ws, self.welcome = session, ws, event.welcome
                 self._eos = frozenset(event.welcome.eos)
+                self._pace = client_pacer(event.welcome.limits.max_messages_per_second)
                 self._inbox = asyncio.Queue()
                 self._reader = asyncio.create_task(self._read(ws, session, self._inbox))
                 self.set_state("connected", f"connected to {self.endpoint.display} ({event.welcome.model})")
@@ -215,6 +219,11 @@ class EdgeClient:
     async def send(self, frame: bytes) -> None:
         if self._ws is None:
             raise Disconnected("not connected")
+        wait = self._pace.delay(time.monotonic())
+        if wait > 0.0:  # stay under the server's rate limit rather than be cut off by it
+            await asyncio.sleep(wait)
+            if self._ws is None:
+                raise Disconnected("not connected")
         try:
             await self._ws.send(frame)
         except ConnectionClosed as exc:
@@ -346,6 +355,12 @@ class EdgeClient:
             if not exc.retry or self.drafter is None or self.on_disconnect != "local":
                 raise
             self.set_state("offline", str(exc))
+
+
+def client_pacer(server_rate: int) -> RateLimiter:
+    """Pace sends under a server's limit of ``server_rate`` messages per second (0: none), with margin:
+    90 % of its rate and half its burst, so arrival jitter does not trip it."""
+    return RateLimiter(0.9 * server_rate, burst=float(server_rate))
 
 
 def _version() -> str:

@@ -92,19 +92,30 @@ async def speculate(client: EdgeClient, run: Run) -> None:
                     run.finish_reason = event.verdict.reason
                     return
                 if not await _consistent_after_verdict(client, run, ahead):
-                    if ahead is not None:
-                        await _drop_ahead(run, ahead)
-                        ahead = None
-                    in_flight.clear()  # whatever was sent ahead comes back as 'discarded'
-                    await client.in_drafter(lambda: _resync(client, run))
+                    await _restart_from_committed(client, run, in_flight, ahead)  # rounds sent ahead
+                    ahead = None  # come back as 'discarded'
             elif isinstance(event, RoundDiscarded):
                 run.stats.discarded_rounds += 1
-                in_flight = [r for r in in_flight if r.number != event.discarded.round]
+                if any(r.number == event.discarded.round for r in in_flight):
+                    # The server did not build on what this round assumed, so neither can anything
+                    # drafted after it: forget those drafts and draft again from the committed tokens.
+                    await _restart_from_committed(client, run, in_flight, ahead)
+                    ahead = None
             elif common_event(run, event):
                 return
     finally:
         if ahead is not None:
             await _drop_ahead(run, ahead)
+
+
+async def _restart_from_committed(client: EdgeClient, run: Run, in_flight: list[_Round],
+                                  ahead: _AheadJob | None) -> None:
+    """Forget the rounds in flight and the one being drafted ahead; roll the drafter back to the
+    committed tokens."""
+    if ahead is not None:
+        await _drop_ahead(run, ahead)
+    in_flight.clear()
+    await client.in_drafter(lambda: _resync(client, run))
 
 
 def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
@@ -134,6 +145,8 @@ def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
 
 
 async def _send_round(client: EdgeClient, run: Run) -> _Round | None:
+    if len(client.session.committed) != len(run.committed):
+        return None  # a verdict is waiting in the inbox: draft after it is handled
     gamma = min(run.controller.choose(run.remaining), client.max_gamma(len(run.committed)))
     proposal, draft_ms = await client.in_drafter(lambda: _propose(client, run, gamma))
     run.mirror.extend(proposal.tokens)
@@ -197,8 +210,12 @@ async def _finish_ahead(client: EdgeClient, run: Run, job: _AheadJob) -> _Round 
     if not pieces or client.session.state is not ClientState.ACTIVE:
         return None
     proposal = _merge(pieces)
-    assumed = run.mirror[len(run.committed): len(run.mirror) - len(proposal.tokens)]
-    number, frame = client.session.draft(proposal.tokens, proposal.proposal, assumed=assumed)
+    # The session frames the round after *its* committed tokens, which already include any verdict
+    # the reader received but this loop has not handled yet: assume only what comes after those.
+    known, start = client.session.committed, len(run.mirror) - len(proposal.tokens)
+    if len(known) > start or run.mirror[len(run.committed): len(known)] != known[len(run.committed):]:
+        return None  # that verdict already ruled this round out; handling it rolls the drafter back
+    number, frame = client.session.draft(proposal.tokens, proposal.proposal, assumed=run.mirror[len(known): start])
     await client.send(frame)
     run.stats.ahead_rounds += 1
     run.controller.observe_draft_time(draft_ms / len(proposal.tokens))

@@ -7,6 +7,7 @@ import asyncio
 import time
 from dataclasses import replace
 
+import msgspec
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,9 +17,11 @@ from specd.desktop.answer import Answer, Settings
 from specd.desktop.connection import Endpoint
 from specd.desktop.drafters.torch_drafter import TorchDrafter
 from specd.desktop.edge_client import EdgeClient
+from specd.shared import messages as m
 from specd.shared.config import load_config
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.sampling import SamplingParams
+from specd.shared.session import ClientState
 from tests.tiny_models import save_tiny_model
 
 GREEDY = Settings(sampling=SamplingParams(temperature=0.0), max_new_tokens=48, seed=0, gamma_max=8)
@@ -46,10 +49,10 @@ class SlowDrafter(TorchDrafter):
 
 
 def client_for(url: str, draft_folder, *, on_disconnect: str = "local", drafter: bool = True,
-               slow: bool = False) -> EdgeClient:
+               slow: bool = False, client_class: type[EdgeClient] = EdgeClient) -> EdgeClient:
     tokenizer = AutoTokenizer.from_pretrained(str(draft_folder))
     kind = SlowDrafter if slow else TorchDrafter
-    return EdgeClient(Endpoint(url=url, open_timeout=5), tokenizer=tokenizer,
+    return client_class(Endpoint(url=url, open_timeout=5), tokenizer=tokenizer,
                       fingerprint=tokenizer_fingerprint(tokenizer),
                       drafter=kind(draft_folder, "cpu") if drafter else None,
                       on_disconnect=on_disconnect, reconnect_max_s=0.5)
@@ -313,3 +316,80 @@ async def test_an_idle_connection_closed_by_the_verifier_is_reported_and_reopene
             await client.close()
     assert second.token_ids == first.token_ids and second.stats.mode == "speculative"
     assert states.count("connected") == 2
+
+
+class VerdictFirstClient(EdgeClient):
+    """Lets the reader apply the next verdict to the session before the answer loop learns that its
+    round drafted ahead is ready: an ordering a loaded machine produces now and then."""
+
+    async def next_event(self, other, cancel):
+        event = await super().next_event(other, cancel)
+        run = self._run
+        if event is None and other is not None and run is not None:
+            for _ in range(500):
+                if len(self.session.committed) > len(run.committed) or self.session.state is not ClientState.ACTIVE:
+                    break
+                await asyncio.sleep(0.002)
+        return event
+
+
+class ParentCorruptingClient(EdgeClient):
+    """A fault on the path: the parent token of every third round, three times, arrives corrupted, so
+    the verifier discards rounds this client is already drafting after."""
+
+    corrupt = 3
+
+    async def send(self, frame: bytes) -> None:
+        msg = m.decode_client(frame, len(frame))
+        if isinstance(msg, m.Draft) and msg.round % 3 == 2 and self.corrupt:
+            self.corrupt -= 1
+            frame = m.encode(msgspec.structs.replace(msg, parent=msg.parent ^ 1))
+        await super().send(frame)
+
+
+async def _answer_with(client: EdgeClient, settings: Settings, prompt=PROMPT) -> Answer:
+    try:
+        return await asyncio.wait_for(client.generate(list(prompt), settings), 30)
+    finally:
+        await client.close()
+
+
+async def test_a_round_drafted_ahead_follows_a_verdict_the_reader_applied_first(folders):
+    """The round drafted ahead is framed after the session's committed tokens, which may already hold a
+    verdict the answer loop has not handled: it must assume only what comes after them, be verified,
+    and leave the answer the target's own."""
+    from specd.desktop.bench.netem import DelayProxy
+
+    settings = replace(GREEDY, max_new_tokens=60, gamma=3)
+    expected = reference_greedy(folders["target"], PROMPT, settings.max_new_tokens)
+    async with (Verifier(verifier_config(folders["target"])) as verifier,  # drafting ahead beats the verdict
+                DelayProxy("127.0.0.1", verifier.port, rtt_ms=20) as proxy):
+        client = client_for(proxy.url(), folders["target"], client_class=VerdictFirstClient)
+        answer = await _answer_with(client, settings)
+    assert answer.token_ids == expected
+    assert answer.stats.ahead_rounds >= answer.stats.rounds // 2 and answer.stats.discarded_rounds == 0
+
+
+async def test_a_discarded_round_voids_what_was_drafted_after_it(folders):
+    """When the verifier discards a round in flight, the round being drafted after it is void too: the
+    client drafts again from the committed tokens instead of building on what was discarded."""
+    settings = replace(GREEDY, max_new_tokens=60, gamma=3)
+    expected = reference_greedy(folders["target"], PROMPT, settings.max_new_tokens)
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        client = client_for(verifier.url, folders["target"], slow=True, client_class=ParentCorruptingClient)
+        answer = await _answer_with(client, settings)
+    assert client.corrupt == 0, "the answer ended before three rounds were corrupted"
+    assert answer.token_ids == expected
+    assert 3 <= answer.stats.discarded_rounds <= 6 and answer.stats.ahead_rounds > 3
+
+
+async def test_the_client_keeps_under_the_verifiers_message_rate(folders):
+    """The verifier advertises its per-connection message limit; a client with a fast draft and a fast
+    target paces its rounds under it instead of being cut off with 'rate_limited'."""
+    settings, prompt = replace(GREEDY, max_new_tokens=100, gamma=1, pipeline=False), [1, 33, 34, 35]
+    expected = reference_greedy(folders["target"], prompt, settings.max_new_tokens)
+    async with Verifier(verifier_config(folders["target"], max_messages_per_second=20)) as verifier:
+        client = client_for(verifier.url, folders["target"])
+        answer = await _answer_with(client, settings, prompt)
+    assert answer.token_ids == expected
+    assert answer.stats.rounds > 2 * 20  # more rounds than the verifier's burst allows at once

@@ -1,4 +1,4 @@
-"""The edge client's pure parts: adaptive γ, incremental detokenisation, local sampling, answer stats."""
+"""The edge client's pure parts: adaptive γ, incremental detokenisation, local sampling, answer stats, pacing."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from specd.desktop.adaptive import GammaController, expected_tokens
 from specd.desktop.answer import AnswerStats
 from specd.desktop.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.torch_drafter import TorchDrafter
+from specd.desktop.edge_client import client_pacer
 from specd.desktop.fallback import local_step
 from specd.shared.config import dump_toml, load_config, to_dict
 from specd.shared.sampling import SamplingParams
+from specd.shared.session import RateLimiter
 from tests.tiny_models import save_tiny_model
 
 
@@ -146,3 +148,20 @@ def test_drafting_ahead_only_when_it_pays():
         bad.observe_guess(False)
     assert good.worth_drafting_ahead(4, 4)
     assert not bad.worth_drafting_ahead(4, 4)
+
+
+def test_a_client_paced_by_the_limiter_is_never_refused_by_the_server():
+    """A client that waits as ``RateLimiter.delay`` says, at 90 % of the rate with half the burst
+    (the edge client's pacing), stays inside the server's limit however fast it would send."""
+    rate = 50
+    server, pacer = RateLimiter(rate), client_pacer(rate)
+    now, sent = 0.0, []
+    for _ in range(1000):  # wants to send every 0.1 ms: far above the limit
+        now += pacer.delay(now)
+        assert server.allow(now), f"refused after {len(sent)} messages at t={now:.3f} s"
+        sent.append(now)
+        now += 0.0001
+    duration = sent[-1] - sent[0]
+    assert 1000 / duration < rate and 1000 / duration > 0.85 * rate  # paced close to, but under, the limit
+    unpaced = RateLimiter(rate)
+    assert not all(unpaced.allow(0.0001 * i) for i in range(1000))  # the same burst without pacing is refused

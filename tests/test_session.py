@@ -350,6 +350,11 @@ def test_rate_limit_closes_a_flooding_connection():
     assert actions[-1].code == s.CLOSE_POLICY_VIOLATION
 
 
+def test_a_limiter_without_a_rate_never_waits():
+    limiter = s.RateLimiter(0)
+    assert all(limiter.allow(0.0) for _ in range(10_000)) and limiter.delay(0.0) == 0.0
+
+
 def test_oversized_frame_is_refused():
     pair = Pair()
     pair.to_server(pair.client.hello())
