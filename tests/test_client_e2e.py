@@ -27,6 +27,7 @@ from tests.tiny_models import save_tiny_model
 GREEDY = Settings(sampling=SamplingParams(temperature=0.0), max_new_tokens=48, seed=0, gamma_max=8)
 SAMPLED = Settings(sampling=SamplingParams(temperature=1.0, top_p=0.9), max_new_tokens=48, seed=11, gamma=3)
 PROMPT = [1, 9, 33, 4, 17]
+LONG_PROMPT = [1, 33, 34, 35]  # greedy, the tiny target does not reach end-of-sequence in 400 tokens
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +230,10 @@ async def test_cancel_stops_the_answer_cleanly(folders):
         client = client_for(verifier.url, folders["draft"])
         try:
             def on_piece(_piece):
-                if len(client._run.committed) - len(PROMPT) >= 5:
+                if len(client._run.committed) - len(LONG_PROMPT) >= 5:
                     client.cancel()
 
-            answer = await client.generate(list(PROMPT), settings, on_piece)
+            answer = await client.generate(list(LONG_PROMPT), settings, on_piece)
             assert answer.finish_reason == "cancelled"
             assert 5 <= len(answer.token_ids) < 200
             consistent(answer, client.tokenizer)
@@ -386,10 +387,10 @@ async def test_a_discarded_round_voids_what_was_drafted_after_it(folders):
 async def test_the_client_keeps_under_the_verifiers_message_rate(folders):
     """The verifier advertises its per-connection message limit; a client with a fast draft and a fast
     target paces its rounds under it instead of being cut off with 'rate_limited'."""
-    settings, prompt = replace(GREEDY, max_new_tokens=100, gamma=1, pipeline=False), [1, 33, 34, 35]
-    expected = reference_greedy(folders["target"], prompt, settings.max_new_tokens)
+    settings = replace(GREEDY, max_new_tokens=100, gamma=1, pipeline=False)
+    expected = reference_greedy(folders["target"], LONG_PROMPT, settings.max_new_tokens)
     async with Verifier(verifier_config(folders["target"], max_messages_per_second=20)) as verifier:
         client = client_for(verifier.url, folders["target"])
-        answer = await _answer_with(client, settings, prompt)
+        answer = await _answer_with(client, settings, LONG_PROMPT)
     assert answer.token_ids == expected
     assert answer.stats.rounds > 2 * 20  # more rounds than the verifier's burst allows at once
