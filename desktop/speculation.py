@@ -92,8 +92,9 @@ async def speculate(client: EdgeClient, run: Run) -> None:
                     run.finish_reason = event.verdict.reason
                     return
                 if not await _consistent_after_verdict(client, run, ahead):
-                    await _restart_from_committed(client, run, in_flight, ahead)  # rounds sent ahead
-                    ahead = None  # come back as 'discarded'
+                    # Rounds already sent ahead come back as 'discarded'.
+                    await _restart_from_committed(client, run, in_flight, ahead)
+                    ahead = None
             elif isinstance(event, RoundDiscarded):
                 run.stats.discarded_rounds += 1
                 if any(r.number == event.discarded.round for r in in_flight):
