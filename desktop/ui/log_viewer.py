@@ -3,6 +3,7 @@ log file's path and its last lines, and a button that copies both."""
 
 from __future__ import annotations
 
+import html
 from collections import deque
 from pathlib import Path
 
@@ -37,8 +38,8 @@ class LogDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("specd logs")
         self.log_file = log_file
-        where = QLabel(f"The log is kept in <b>{log_file}</b> (no file manager was found to open its folder). "
-                       f"Its last lines:")
+        self.where = where = QLabel(f"The log is kept in <b>{html.escape(str(log_file))}</b> (no file manager "
+                                    "was found to open its folder). Its last lines:")
         where.setTextFormat(Qt.TextFormat.RichText)
         where.setWordWrap(True)
         where.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
