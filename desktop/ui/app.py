@@ -65,10 +65,15 @@ def run_app(args: argparse.Namespace) -> int:
 
     from specd.desktop.ui.app_runtime import SingleInstance, install_exception_hooks, setup_logging
     from specd.desktop.ui.controller import DesktopApp, show_error_dialog
+    from specd.desktop.ui.qt_platform import platform_problem
     from specd.shared.config import default_config_path
     from specd.shared.errors import ConfigError
 
     log_file = setup_logging()
+    problem = platform_problem()
+    if problem is not None and QApplication.instance() is None:  # Qt would abort without a word
+        log.error("%s", problem)
+        return 1
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "specd-desktop"])
     app.setApplicationName("specd")
     app.setApplicationVersion(__version__)
