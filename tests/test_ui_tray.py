@@ -174,6 +174,22 @@ def test_screenshot_renders_the_sample_conversation(qapp, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_screenshot_of_the_reconnecting_window(qapp, tmp_path):
+    from specd.desktop.ui.chat_window import ChatWindow
+    from specd.desktop.ui.screenshot import fill_reconnecting
+
+    path = tmp_path / "reconnecting.png"
+    assert main(["--screenshot", str(path), "--sample", "reconnecting"]) == 0
+    image = QImage(str(path))
+    colours = {image.pixelColor(x, y).name() for x in range(0, image.width(), 5) for y in range(0, image.height(), 5)}
+    assert "#dbe7fb" in colours  # the last answer went on locally
+    window = ChatWindow()  # what the picture shows in its status bar
+    fill_reconnecting(window)
+    assert window.status_label.full_text.startswith("Reconnecting in 4 s… — cannot reach the verifier at ")
+    assert window.latency_label.text() == "" and "drafted locally" in window.stats.text()
+    window.close()
+
+
 def test_model_preparation_progress_reaches_the_window(qtbot, qloop, tmp_path, draft_folder):
     from specd.desktop.launch import build_client
 

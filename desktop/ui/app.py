@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "app's own settings.toml is layered over it")
     parser.add_argument("--screenshot", metavar="PATH", help="render the chat window with a sample "
                                                              "conversation to a PNG offscreen and exit")
+    parser.add_argument("--sample", choices=("answered", "reconnecting"), default="answered",
+                        help="with --screenshot: the conversation answered (default), or the window after "
+                             "the verifier went away, reconnecting")
     parser.add_argument("--minimized", action="store_true", help="start in the tray without opening the chat "
                                                                  "window (used by start on login)")
     parser.add_argument("--no-tray", action="store_true", help="no tray icon: the chat window is the app")
@@ -43,18 +46,19 @@ def app_icon():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.screenshot:
-        return take_screenshot(Path(args.screenshot))
+        return take_screenshot(Path(args.screenshot), args.sample)
     return run_app(args)
 
 
-def take_screenshot(path: Path) -> int:
+def take_screenshot(path: Path, sample: str = "answered") -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6.QtWidgets import QApplication
 
     from specd.desktop.ui.screenshot import render_screenshot
 
     QApplication.instance() or QApplication(["specd-desktop"])
-    render_screenshot(path, app_icon())
+    render_screenshot(path, app_icon(), size=(900, 620) if sample == "reconnecting" else (760, 620),
+                      sample=sample)
     print(f"wrote {path}")
     return 0
 

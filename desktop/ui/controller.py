@@ -362,7 +362,7 @@ class DesktopApp(QObject):
     def _show_status(self) -> None:
         status = self.app_status()
         line, detail = status.line(), status.detail()
-        self.menu.set_status(status.menu_line(), detail)
+        self.menu.set_status(line, detail)
         self.window.set_status(line, status.shown_latency(), detail)
         if self.tray is not None:
             self.tray.setToolTip(f"specd — {line}")

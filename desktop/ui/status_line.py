@@ -1,6 +1,6 @@
 """What the status bar, the tray menu's status line and the tray tooltip say, from the app's state.
 
-One short line (``Reconnecting in 4 s… · 127.0.0.1:8765 · CPU (torch) — connection refused …``) and a
+One short line (``Reconnecting in 4 s… — cannot reach the verifier at 127.0.0.1:8765: … · CPU (torch)``) and a
 detail text for tooltips with the whole reason, so a long error never grows the status bar. No Qt here.
 """
 
@@ -34,22 +34,16 @@ class AppStatus:
         return STATE_TEXT.get(self.state, self.state)
 
     def line(self) -> str:
+        """While not connected the reason takes the server's place (the client's reasons name it, and the
+        tooltip has the URL), so that what matters comes before the line is cut."""
         if self.not_ready:
             return f"Not ready — {first_line(self.not_ready)}"
-        parts = [self.phrase, self.endpoint]
-        if self.endpoint:
-            parts.append(self.device or "cloud-only")
-        text = " · ".join(p for p in parts if p)
+        device = (self.device or "cloud-only") if self.endpoint else ""
         if self.state != "connected" and self.reason:
-            text += f" — {first_line(self.reason)}"
-        return text
-
-    def menu_line(self) -> str:
-        """The tray menu's status line: while not connected the reason takes the place of the server and
-        device (the reason names the server; the Device menu stars the device)."""
-        if self.not_ready or self.state == "connected" or not self.reason:
-            return self.line()
-        return f"{self.phrase} — {first_line(self.reason)}"
+            head = f"{self.phrase} — {first_line(self.reason)}"
+        else:
+            head = " · ".join(p for p in (self.phrase, self.endpoint) if p)
+        return f"{head} · {device}" if device else head
 
     def detail(self) -> str:
         lines = [self.phrase]
