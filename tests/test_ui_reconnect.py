@@ -101,7 +101,7 @@ def test_an_idle_app_reconnects_when_the_verifier_restarts(qtbot, qloop, tmp_pat
     assert f"Why: {refused}" in tooltip and "Verifier: ws://127.0.0.1:" in tooltip
     assert menu_line.startswith("Reconnecting in ") and "connection refused" in menu_line
     assert latency == ""  # no stale round-trip figure while offline
-    assert {"Reconnecting in 1 s…", "Reconnecting in 2 s…"} <= {e[0].split(" · ")[0] for e in status.seen}
+    assert {"Reconnecting in 1 s…", "Reconnecting in 2 s…"} <= {e[0].split(" — ")[0] for e in status.seen}
     assert status.seen[-1][0].startswith("Connected · 127.0.0.1:")
     titles = [title for title, _message in app.notifications]
     lost = next(message for title, message in app.notifications if title == "Connection lost")
@@ -150,3 +150,62 @@ def test_a_deliberate_reconnect_is_not_an_outage(qtbot, qloop, tmp_path, folders
     assert "Connection lost" not in titles and "Connected again" not in titles
     assert ("Device", "Switched to " + app.menu.rows["torch:cpu"].name + " (torch)") in app.notifications
     assert "Connection lost" not in caplog.text and "quitting" in caplog.text
+
+
+class GatedClient:
+    """The one thing the reconnector needs of an edge client: ``connect()``, here held until released,
+    so the test decides when a handshake ends (a real one would race the test)."""
+
+    def __init__(self, outcomes: list[Exception | None]) -> None:
+        self.reconnect_max_s = 0.2
+        self.outcomes = outcomes
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.active = 0
+        self.most_active = 0
+
+    async def connect(self):
+        self.calls += 1
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            await self.release.wait()
+        finally:
+            self.active -= 1
+        outcome = self.outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+
+def test_pausing_lets_a_handshake_in_flight_finish_and_gives_up_on_a_refusal(qloop):
+    from specd.desktop.connection import ConnectionFailed
+    from specd.desktop.ui.idle_reconnect import IdleReconnector
+
+    async def scenario():
+        states = []
+        reconnector = IdleReconnector(states.append)
+        client = GatedClient([None])
+        reconnector.start(client, "lost it")
+        while client.active == 0:  # waiting 0.2 s, then the handshake starts and hangs on the gate
+            await asyncio.sleep(0.01)
+        pausing = asyncio.ensure_future(reconnector.pause())
+        await asyncio.sleep(0.05)
+        assert not pausing.done()  # an answer must not start its own handshake beside this one
+        client.release.set()
+        await pausing
+        assert states[0].text == "Reconnecting in 1 s…" and states[0].reason == "lost it"
+        assert [s.phase for s in states if s] == ["waiting", "trying"] and states[-1] is None
+        assert client.calls == 1 and client.most_active == 1 and not reconnector.running
+
+        refused = GatedClient([ConnectionFailed("cannot reach it", retry=True),
+                               ConnectionFailed("the verifier requires an API key", retry=False)])
+        refused.release.set()
+        states.clear()
+        reconnector.start(refused, "lost it")
+        while reconnector.running:
+            await asyncio.sleep(0.01)
+        assert refused.calls == 2 and states[-1].phase == "gave_up" and states[-1].text == "Offline"
+        assert states[-1].reason == "the verifier requires an API key"
+        assert any(s and s.phase == "waiting" and s.reason == "cannot reach it" for s in states)
+
+    qloop.run_until_complete(asyncio.wait_for(scenario(), 30))

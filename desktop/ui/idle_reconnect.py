@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from specd.desktop.connection import ConnectionFailed
+from specd.shared.errors import SpecdError
 
 log = logging.getLogger("specd.desktop")
 FIRST_DELAY_S = 1.0
@@ -96,10 +96,10 @@ class IdleReconnector:
             self._attempt = asyncio.ensure_future(client.connect())
             try:
                 await asyncio.shield(self._attempt)
-            except ConnectionFailed as exc:
+            except SpecdError as exc:  # ConnectionFailed says whether retrying may help; others cannot
                 reason = str(exc)
                 log.info("reconnect failed: %s", reason)
-                if not exc.retry:
+                if not getattr(exc, "retry", False):
                     self._set(RetryState("gave_up", 0, reason))
                     return
             else:
