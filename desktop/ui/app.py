@@ -67,8 +67,13 @@ def run_app(args: argparse.Namespace) -> int:
     import qasync
     from PySide6.QtWidgets import QApplication, QMessageBox
 
-    from specd.desktop.ui.app_runtime import SingleInstance, install_exception_hooks, setup_logging
-    from specd.desktop.ui.controller import DesktopApp, show_error_dialog
+    from specd.desktop.ui.app_runtime import (
+        SingleInstance,
+        install_exception_hooks,
+        setup_logging,
+        show_error_dialog,
+    )
+    from specd.desktop.ui.controller import DesktopApp
     from specd.desktop.ui.qt_platform import platform_problem
     from specd.shared.config import default_config_path
     from specd.shared.errors import ConfigError

@@ -17,7 +17,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Qt, QUrl
 from PySide6.QtGui import QDesktopServices, QIcon
-from PySide6.QtWidgets import QApplication, QMessageBox, QSystemTrayIcon
+from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from specd.desktop.connection import ConnectionFailed
 from specd.desktop.devices import DeviceRow, probe_devices
@@ -27,7 +27,7 @@ from specd.desktop.ui.chat_window import ChatWindow
 from specd.desktop.ui.idle_reconnect import IdleReconnector, RetryState
 from specd.desktop.ui.log_viewer import LogDialog
 from specd.desktop.ui.settings_dialog import SettingsDialog
-from specd.desktop.ui.status_line import AppStatus
+from specd.desktop.ui.status_line import AppStatus, milliseconds
 from specd.desktop.ui.tray_menu import TrayMenu
 from specd.desktop.ui.user_settings import (
     SecretStore,
@@ -193,7 +193,7 @@ class DesktopApp(QObject):
         started = asyncio.get_running_loop().time()
         try:
             await self.client.connect()
-            self.latency = "handshake " + _ms(1000 * (asyncio.get_running_loop().time() - started))
+            self.latency = "handshake " + milliseconds(1000 * (asyncio.get_running_loop().time() - started))
         except ConnectionFailed as exc:
             log.warning("cannot connect: %s", exc)
             self._on_status("offline", str(exc), retry=exc.retry)
@@ -248,7 +248,7 @@ class DesktopApp(QObject):
         stats = answer.stats.to_json()
         self.window.finish_turn(stats_line(stats, answer.finish_reason, len(answer.token_ids)))
         if answer.stats.rounds and answer.stats.network_ms:
-            self.latency = "round trip " + _ms(answer.stats.network_ms / answer.stats.rounds)
+            self.latency = "round trip " + milliseconds(answer.stats.network_ms / answer.stats.rounds)
         self._show_status()
 
     def stop(self) -> None:
@@ -419,18 +419,4 @@ class DesktopApp(QObject):
             QApplication.instance().quit()
 
 
-def _ms(value: float) -> str:
-    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
-
-
-def show_error_dialog(title: str, text: str, details: str = "") -> None:
-    """A modal error box (used by the exception hooks); silently skipped without a QApplication."""
-    if QApplication.instance() is None:
-        return
-    box = QMessageBox(QMessageBox.Icon.Critical, title, text)
-    if details:
-        box.setDetailedText(details)
-    box.open()
-
-
-__all__ = ["ConfigError", "DesktopApp", "show_error_dialog"]
+__all__ = ["ConfigError", "DesktopApp"]
