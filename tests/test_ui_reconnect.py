@@ -85,12 +85,12 @@ def test_an_idle_app_reconnects_when_the_verifier_restarts(qtbot, qloop, tmp_pat
         await status.until(lambda: "connection refused" in app.status_text(), 30, "a refused reconnect")
         await status.until(lambda: app.status_text().startswith("Reconnecting in 2 s…"), 30, "a 2 s backoff")
         await asyncio.to_thread(daemon.start)  # the same port again
-        await status.until(lambda: app.state == "connected", 60, "the idle reconnect")
+        await status.until(lambda: app.state == "connected", 120, "the idle reconnect")
         await app.send(PROMPT)  # the session it reconnected is a working one
         await app.shutdown()
 
     try:
-        qloop.run_until_complete(asyncio.wait_for(scenario(), 240))
+        qloop.run_until_complete(asyncio.wait_for(scenario(), 300))
     finally:
         daemon.stop()
     assert app.conversation[0]["content"] == PROMPT and "speculative" in app.window.stats.text()
