@@ -134,3 +134,13 @@ def test_answer_stats_and_legend_wording():
 def test_a_closed_connection_is_told_in_plain_words(rcvd, sent, words):
     reason = plain_close_reason(ConnectionClosed(rcvd, sent))
     assert reason == words and "frame" not in reason
+
+
+def test_view_logs_where_qt_itself_has_no_launcher(qtbot, qapp, tmp_path, draft_folder):
+    if qapp.platformName() != "offscreen":
+        pytest.skip("only the offscreen platform is known to have no launcher (elsewhere a file manager opens)")
+    app = make_app(tmp_path, draft_folder, log_folder=tmp_path / "logs")  # Qt's own QDesktopServices.openUrl
+    qtbot.addWidget(app.window)
+    dialog = app.view_logs()
+    assert dialog is not None and str(tmp_path / "logs" / LOG_FILE) in dialog.where.text()
+    qtbot.addWidget(dialog)
