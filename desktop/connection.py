@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from specd.shared.config import ClientConfig, read_secret
 from specd.shared.errors import SpecdError
@@ -96,6 +96,28 @@ async def open_connection(endpoint: Endpoint) -> ClientConnection:
                                    retry=True) from None
         hint = "; if it serves TLS, use a wss:// URL" if endpoint.url.startswith("ws://") else ""
         raise ConnectionFailed(f"{where} is not a specd verifier ({exc}){hint}", retry=False) from None
+
+
+# Close codes a verifier (or a proxy in front of it) sends, in the words a user reads in the app.
+CLOSE_MEANINGS = {
+    1000: "the verifier closed the connection",
+    1001: "the verifier is shutting down",
+    1008: "the verifier closed the connection for breaking its rules",
+    1009: "a message was too large for the verifier",
+    1011: "the verifier hit an internal error",
+    1013: "the verifier is overloaded; it will be tried again",
+}
+
+
+def plain_close_reason(exc: ConnectionClosed | None) -> str:
+    """Why a connection ended, in plain words (websockets says "no close frame received or sent")."""
+    rcvd, sent = (exc.rcvd, exc.sent) if exc is not None else (None, None)
+    if rcvd is None and sent is None:
+        return "the connection dropped (the verifier stopped, or the network failed)"
+    if rcvd is None:  # this side closed and the verifier never answered: keepalive timeout, dead link
+        return "the verifier stopped answering"
+    meaning = CLOSE_MEANINGS.get(rcvd.code, f"the verifier closed the connection (code {rcvd.code})")
+    return f"{meaning}: {rcvd.reason}" if rcvd.reason else meaning
 
 
 def backoff_delays(maximum: float, first: float = 0.25):

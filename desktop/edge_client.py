@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from specd.desktop.adaptive import GammaController
 from specd.desktop.answer import Answer, AnswerStats, Piece, Settings, Source, Stopwatch
-from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection
+from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection, plain_close_reason
 from specd.desktop.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.base import Drafter
 from specd.shared import messages as m
@@ -190,9 +190,9 @@ class EdgeClient:
                 self._bytes_received += len(frame)
                 for event in session.receive(frame):
                     inbox.put_nowait(event)
-            reason = f"closed by the verifier ({ws.close_code} {ws.close_reason})".strip()
+            reason = plain_close_reason(ws.close_exc)
         except ConnectionClosed as exc:
-            reason = f"connection lost ({exc})"
+            reason = plain_close_reason(exc)
         except ProtocolError as exc:
             reason = f"the verifier broke the protocol: {exc}"
             await ws.close()
@@ -228,7 +228,7 @@ class EdgeClient:
             await self._ws.send(frame)
         except ConnectionClosed as exc:
             await self._drop_connection()  # else `connected` stays true and the answer retries a dead socket
-            raise Disconnected(f"connection lost ({exc})") from None
+            raise Disconnected(plain_close_reason(exc)) from None
         self._bytes_sent += len(frame)
 
     async def next_event(self, other: asyncio.Future | None, cancel: asyncio.Event) -> ClientEvent | None:

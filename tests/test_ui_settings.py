@@ -3,6 +3,7 @@ and the dialog that refuses bad values with the reason."""
 
 from __future__ import annotations
 
+import re
 import stat
 import sys
 import tomllib
@@ -111,6 +112,10 @@ def make_dialog(qtbot, config_file, settings=None, api_key=None) -> SettingsDial
     ("speculation.gamma", "20", r"gamma = 20 exceeds gamma_max = 8"),
     ("speculation.gamma", "often", r"is not an integer or \"auto\""),
     ("client.server_url", "http://example.com", r"must start with ws:// or wss://"),
+    ("client.server_url", "ws://", r"^Not saved: Server URL: 'ws://' has no host name; e\.g\. ws://127\.0\.0\.1:8765"),
+    ("client.server_url", "ws://host:port", r"Server URL: 'ws://host:port' is not a valid URL"),
+    ("models.draft", "/nowhere/draft", r"^Not saved: Draft model: model folder .*nowhere.draft does not exist"),
+    ("models.draft", "no-such-preset", r"Draft model: unknown model 'no-such-preset'"),
 ])
 def test_dialog_refuses_bad_values_with_the_reason(qtbot, config_file, field, value, reason):
     dialog = make_dialog(qtbot, config_file)
@@ -120,8 +125,6 @@ def test_dialog_refuses_bad_values_with_the_reason(qtbot, config_file, field, va
     assert dialog.result_settings is None
     assert dialog.result() != SettingsDialog.DialogCode.Accepted
     assert not dialog.error.isHidden()
-    import re
-
     assert re.search(reason, dialog.error.text()), dialog.error.text()
 
 
@@ -151,3 +154,29 @@ def test_dialog_round_trip_keeps_only_changes(qtbot, config_file, tmp_path):
     reopened.edits[("speculation", "gamma")].setText("auto")
     reopened.accept()
     assert "gamma" not in reopened.result_settings.layer.get("speculation", {})
+
+
+def test_dialog_errors_name_the_dialog_not_config_toml(qtbot, config_file):
+    dialog = make_dialog(qtbot, config_file)
+    dialog.edits[("sampling", "top_p")].setText("2")
+    dialog.accept()
+    assert dialog.error.text().startswith("Not saved: [sampling] top_p: expected `float` <= 1.0")
+    assert str(config_file) not in dialog.error.text()  # the value came from the dialog, not the file
+
+
+def test_a_bad_value_in_settings_toml_names_settings_toml(tmp_path, config_file):
+    settings = UserSettings(layer={"speculation": {"gamma": 20}})
+    with pytest.raises(ConfigError) as caught:
+        effective_config(config_file, settings, layer_source=str(tmp_path / "settings.toml"))
+    assert str(caught.value) == f"{tmp_path / 'settings.toml'}: [speculation] gamma = 20 exceeds gamma_max = 8"
+    config_file.write_text("[sampling]\ntop_p = 7\n")  # the file itself is wrong: it is the one named
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config_file))}: \[sampling\] top_p"):
+        effective_config(config_file, settings, layer_source="settings.toml")
+
+
+def test_device_field_speaks_plain_words(qtbot, config_file):
+    dialog = make_dialog(qtbot, config_file)
+    texts = [dialog.device.itemText(i) for i in range(dialog.device.count())]
+    assert texts[0] == "Default: automatic (best available: NPU, then GPU, then CPU), as the config file says"
+    assert not any("[devices]" in text or "edge_device" in text for text in texts)
+    assert "Automatic (best available: NPU, then GPU, then CPU)" in texts and "NPU" in texts

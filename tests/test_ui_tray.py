@@ -33,7 +33,7 @@ def test_device_menu_is_built_from_probe_rows(qtbot):
     menu.set_devices(ROWS, "onnxruntime-genai:cpu")
     actions = menu.device_actions
     assert list(actions) == ["auto", "openvino:NPU", "torch:cuda:0", "onnxruntime-genai:cpu"]
-    assert actions["openvino:NPU"].text().startswith("★ Intel AI Boost") and "(best)" in actions["openvino:NPU"].text()
+    assert actions["openvino:NPU"].text() == "Intel AI Boost — openvino (best)"  # ★ is for the one in use
     gpu = actions["torch:cuda:0"]
     assert not gpu.isEnabled() and "CPU-only build" in gpu.text() and "CPU-only build" in gpu.toolTip()
     assert "8.0 GiB" in gpu.text()
@@ -43,6 +43,13 @@ def test_device_menu_is_built_from_probe_rows(qtbot):
     menu.device_picked.connect(picked.append)
     actions["openvino:NPU"].trigger()
     assert picked == ["openvino:NPU"] and menu.active_device() == "openvino:NPU"
+    menu.set_active_device("auto")  # Automatic picked, running on the NPU: the tick and the star differ
+    menu.set_running_device("openvino:NPU")
+    assert menu.active_device() == "auto" and actions["auto"].isChecked()
+    assert actions["openvino:NPU"].text() == "★ Intel AI Boost — openvino (best)"
+    assert not any(a.text().startswith("★") for rid, a in actions.items() if rid != "openvino:NPU")
+    menu.set_devices(ROWS, "auto")  # a new probe keeps the star on the running device
+    assert menu.device_actions["openvino:NPU"].text().startswith("★ ") and menu.active_device() == "auto"
     texts = [a.text() for a in menu.actions()]
     assert texts[0] == "Open chat" and "Device" in texts and texts[-1] == "Quit"
     assert {"Settings…", "View logs"} <= set(texts)
@@ -75,9 +82,12 @@ def test_device_choice_survives_a_restart(qtbot, qloop, tmp_path, draft_folder):
     qloop.run_until_complete(first.start())
     assert first.client is not None and first.setup.choice.row.id == "torch:cpu"
     assert [r.id for r in first.rows] == [r.id for r in probe_devices(first.config)]
-    assert first.menu.active_device() == "torch:cpu"
+    assert first.menu.active_device() == "auto" and first.menu.running == "torch:cpu"  # picked · in use
+    assert first.menu.device_actions["torch:cpu"].text().startswith("★ ")
     assert first.state == "offline"  # nothing listens on port 9: the app starts anyway, offline
-    assert "Offline" in first.menu.status_action.text() and "127.0.0.1:9" in first.window.status_label.text()
+    assert first.menu.status_action.text().startswith("Reconnecting in ")
+    assert "connection refused" in first.menu.status_action.text()
+    assert "127.0.0.1:9" in first.window.status_label.full_text
     qloop.run_until_complete(first.pick_device("torch:cpu"))
     assert read_settings(tmp_path / "user" / "settings.toml").desktop.device == "torch:cpu"
     qloop.run_until_complete(first.shutdown())
@@ -162,6 +172,22 @@ def test_screenshot_renders_the_sample_conversation(qapp, tmp_path, capsys):
     colours = {image.pixelColor(x, y).name() for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
     assert "#dcf2dc" in colours and "#fde3c0" in colours  # drafted and corrected tokens are tinted
     assert "wrote" in capsys.readouterr().out
+
+
+def test_screenshot_of_the_reconnecting_window(qapp, tmp_path):
+    from specd.desktop.ui.chat_window import ChatWindow
+    from specd.desktop.ui.screenshot import fill_reconnecting
+
+    path = tmp_path / "reconnecting.png"
+    assert main(["--screenshot", str(path), "--sample", "reconnecting"]) == 0
+    image = QImage(str(path))
+    colours = {image.pixelColor(x, y).name() for x in range(0, image.width(), 5) for y in range(0, image.height(), 5)}
+    assert "#dbe7fb" in colours  # the last answer went on locally
+    window = ChatWindow()  # what the picture shows in its status bar
+    fill_reconnecting(window)
+    assert window.status_label.full_text.startswith("Reconnecting in 4 s… — cannot reach the verifier at ")
+    assert window.latency_label.text() == "" and "drafted locally" in window.stats.text()
+    window.close()
 
 
 def test_model_preparation_progress_reaches_the_window(qtbot, qloop, tmp_path, draft_folder):

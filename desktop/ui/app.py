@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "app's own settings.toml is layered over it")
     parser.add_argument("--screenshot", metavar="PATH", help="render the chat window with a sample "
                                                              "conversation to a PNG offscreen and exit")
+    parser.add_argument("--sample", choices=("answered", "reconnecting"), default="answered",
+                        help="with --screenshot: the conversation answered (default), or the window after "
+                             "the verifier went away, reconnecting")
     parser.add_argument("--minimized", action="store_true", help="start in the tray without opening the chat "
                                                                  "window (used by start on login)")
     parser.add_argument("--no-tray", action="store_true", help="no tray icon: the chat window is the app")
@@ -43,18 +46,19 @@ def app_icon():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.screenshot:
-        return take_screenshot(Path(args.screenshot))
+        return take_screenshot(Path(args.screenshot), args.sample)
     return run_app(args)
 
 
-def take_screenshot(path: Path) -> int:
+def take_screenshot(path: Path, sample: str = "answered") -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6.QtWidgets import QApplication
 
     from specd.desktop.ui.screenshot import render_screenshot
 
     QApplication.instance() or QApplication(["specd-desktop"])
-    render_screenshot(path, app_icon())
+    render_screenshot(path, app_icon(), size=(900, 620) if sample == "reconnecting" else (760, 620),
+                      sample=sample)
     print(f"wrote {path}")
     return 0
 
@@ -63,12 +67,22 @@ def run_app(args: argparse.Namespace) -> int:
     import qasync
     from PySide6.QtWidgets import QApplication, QMessageBox
 
-    from specd.desktop.ui.app_runtime import SingleInstance, install_exception_hooks, setup_logging
-    from specd.desktop.ui.controller import DesktopApp, show_error_dialog
+    from specd.desktop.ui.app_runtime import (
+        SingleInstance,
+        install_exception_hooks,
+        setup_logging,
+        show_error_dialog,
+    )
+    from specd.desktop.ui.controller import DesktopApp
+    from specd.desktop.ui.qt_platform import platform_problem
     from specd.shared.config import default_config_path
     from specd.shared.errors import ConfigError
 
     log_file = setup_logging()
+    problem = platform_problem()
+    if problem is not None and QApplication.instance() is None:  # Qt would abort without a word
+        log.error("%s", problem)
+        return 1
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "specd-desktop"])
     app.setApplicationName("specd")
     app.setApplicationVersion(__version__)

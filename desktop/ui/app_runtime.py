@@ -15,6 +15,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
+from PySide6.QtWidgets import QApplication, QMessageBox
 
 from specd.shared.paths import log_dir
 
@@ -45,6 +46,16 @@ def setup_logging(folder: Path | None = None, level: int = logging.INFO) -> Path
 
 
 ShowError = Callable[[str, str, str], None]  # (title, text, details)
+
+
+def show_error_dialog(title: str, text: str, details: str = "") -> None:
+    """A modal error box (used by the exception hooks); silently skipped without a QApplication."""
+    if QApplication.instance() is None:
+        return
+    box = QMessageBox(QMessageBox.Icon.Critical, title, text)
+    if details:
+        box.setDetailedText(details)
+    box.open()
 
 
 def install_exception_hooks(show: ShowError, loop: asyncio.AbstractEventLoop | None = None) -> None:

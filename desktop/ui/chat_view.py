@@ -52,7 +52,7 @@ def render_conversation(turns: list[Turn], *, highlight: bool) -> str:
 def legend_html() -> str:
     cells = "".join(f'<span style="background:{color};">&nbsp;{html.escape(name)}&nbsp;</span> '
                     for name, (color, _why) in (("drafted", SOURCE_STYLE["draft"]),
-                                                ("corrected", SOURCE_STYLE["target"]),
+                                                ("from the verifier", SOURCE_STYLE["target"]),
                                                 ("local", SOURCE_STYLE["local"])))
     return cells.strip()
 
@@ -126,10 +126,15 @@ def _runs(text: str, start: int, end: int, sources: list[tuple[int, int, str]], 
 
 
 def stats_line(stats: dict, finish_reason: str | None, tokens: int) -> str:
-    """``42 tokens · 18.3 tok/s · acceptance 79% · mean γ 4.2 · cpu (onnxruntime-genai) · speculative``."""
+    """``42 tokens · 18.3 tok/s · acceptance 79% · mean γ 4.2 · cpu (onnxruntime-genai) · speculative``;
+    an answer the verifier never saw says ``drafted locally`` instead of acceptance and γ."""
     parts = [f"{tokens} tokens", f"{stats.get('tokens_per_second', 0.0):.1f} tok/s"]
-    if stats.get("mode") != "cloud-only":
+    if stats.get("mode") != "cloud-only" and stats.get("local_tokens") and not stats.get("rounds"):
+        parts.append("drafted locally")
+    elif stats.get("mode") != "cloud-only":
         parts += [f"acceptance {stats.get('acceptance_rate', 0.0):.0%}", f"mean γ {stats.get('gamma_mean', 0.0):.1f}"]
+        if stats.get("local_tokens"):
+            parts.append(f"{stats['local_tokens']} drafted locally")
     if stats.get("device"):
         parts.append(f"{stats['device']} ({stats.get('backend', '')})")
     parts.append(str(stats.get("mode", "")))

@@ -7,7 +7,7 @@ so the window never blocks and can be driven (and screenshotted) without a netwo
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QCloseEvent, QIcon, QKeyEvent
+from PySide6.QtGui import QCloseEvent, QIcon, QKeyEvent, QResizeEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QHBoxLayout,
@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QTextBrowser,
     QVBoxLayout,
     QWidget,
@@ -35,6 +36,31 @@ class PromptBox(QPlainTextEdit):
             self.submitted.emit()
             return
         super().keyPressEvent(event)
+
+
+class StatusLabel(QLabel):
+    """One line, elided to the width it has; the whole text (and any detail) is in its tooltip. A long
+    error never wraps the status bar onto several lines or widens the window."""
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__()
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setMinimumWidth(40)
+        self.full_text = ""
+        self.set_line(text)
+
+    def set_line(self, text: str, detail: str = "") -> None:
+        self.full_text = " ".join(text.split())  # newlines and runs of spaces would break the one line
+        self.setToolTip(detail or self.full_text)
+        self._elide()
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self._elide()
+
+    def _elide(self) -> None:
+        width = max(self.width(), self.minimumWidth())
+        self.setText(self.fontMetrics().elidedText(self.full_text, Qt.TextElideMode.ElideRight, width))
 
 
 class ChatWindow(QMainWindow):
@@ -96,7 +122,7 @@ class ChatWindow(QMainWindow):
         central.setLayout(layout)
         self.setCentralWidget(central)
 
-        self.status_label = QLabel("Starting…")
+        self.status_label = StatusLabel("Starting…")
         self.latency_label = QLabel("")
         self.progress = QProgressBar()
         self.progress.setRange(0, 0)  # busy indicator: preparation steps have no known length
@@ -172,8 +198,9 @@ class ChatWindow(QMainWindow):
         return self.view.toPlainText()
 
     # -- status -----------------------------------------------------------------------------------
-    def set_status(self, text: str, latency: str = "") -> None:
-        self.status_label.setText(text)
+    def set_status(self, text: str, latency: str = "", detail: str = "") -> None:
+        """The one status line; ``detail`` (the whole reason, the device) goes in its tooltip."""
+        self.status_label.set_line(text, detail)
         self.latency_label.setText(latency)
 
     def show_progress(self, message: str | None) -> None:
@@ -182,7 +209,7 @@ class ChatWindow(QMainWindow):
             self.progress.hide()
             return
         self.progress.show()
-        self.status_label.setText(message)
+        self.status_label.set_line(message)
 
     def bring_forward(self) -> None:
         self.show()

@@ -15,14 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QObject, QUrl
+from PySide6.QtCore import QObject, Qt, QUrl
 from PySide6.QtGui import QDesktopServices, QIcon
-from PySide6.QtWidgets import QApplication, QMessageBox, QSystemTrayIcon
+from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
+from specd.desktop.connection import ConnectionFailed
 from specd.desktop.devices import DeviceRow, probe_devices
+from specd.desktop.ui.app_runtime import LOG_FILE
 from specd.desktop.ui.chat_view import stats_line
 from specd.desktop.ui.chat_window import ChatWindow
+from specd.desktop.ui.idle_reconnect import IdleReconnector, RetryState
+from specd.desktop.ui.log_viewer import LogDialog
 from specd.desktop.ui.settings_dialog import SettingsDialog
+from specd.desktop.ui.status_line import AppStatus, milliseconds
 from specd.desktop.ui.tray_menu import TrayMenu
 from specd.desktop.ui.user_settings import (
     SecretStore,
@@ -40,7 +45,7 @@ from specd.shared.paths import log_dir
 log = logging.getLogger("specd.desktop")
 
 Probe = Callable[[Config], list[DeviceRow]]
-STATE_TEXT = {"connected": "Connected", "local": "Local (draft model only)", "offline": "Offline"}
+OpenUrl = Callable[[QUrl], bool]
 
 
 class DesktopApp(QObject):
@@ -49,9 +54,12 @@ class DesktopApp(QObject):
     def __init__(self, *, config_path: Path | None, settings_folder: Path | None = None,
                  secrets: SecretStore | None = None, use_tray: bool = True, probe: Probe | None = None,
                  build: Callable[..., Any] | None = None, icon: QIcon | None = None,
-                 autostart_home: Path | None = None, on_quit: Callable[[], None] | None = None) -> None:
+                 autostart_home: Path | None = None, on_quit: Callable[[], None] | None = None,
+                 open_url: OpenUrl | None = None, log_folder: Path | None = None) -> None:
         super().__init__()
         self._on_quit = on_quit
+        self._open_url = open_url or QDesktopServices.openUrl
+        self.log_folder = log_folder or log_dir()
         self.config_path = config_path
         self.settings_file = settings_path(settings_folder)
         self.secrets = secrets or SecretStore(settings_folder)
@@ -59,14 +67,17 @@ class DesktopApp(QObject):
         self._probe = probe or (lambda cfg: probe_devices(cfg))
         self._build = build
         self.settings = read_settings(self.settings_file)
-        self.config = effective_config(config_path, self.settings)
+        self.config = effective_config(config_path, self.settings, layer_source=str(self.settings_file))
         self.rows: list[DeviceRow] = []
         self.setup: Any = None  # launch.ClientSetup once the client is ready
         self.client: Any = None
         self.conversation: list[dict[str, str]] = []
         self.notifications: list[tuple[str, str]] = []
         self.state = "offline"
+        self.reason = ""  # why the verifier is not connected, for the status tooltip and tray menu
+        self.prepare_error = ""  # why there is no client at all
         self.latency = ""
+        self.reconnector = IdleReconnector(self._on_retry)
         self._lost = False  # the connection dropped since it was last up: say so when it comes back
         self._answer_task: asyncio.Task | None = None
         self._prepare_task: asyncio.Task | None = None
@@ -126,8 +137,9 @@ class DesktopApp(QObject):
         self.menu.set_devices(self.rows, self.requested_device)
         await self.prepare_client()
 
-    async def prepare_client(self) -> None:
-        """(Re)build the client for the current config and device; the old one is closed first."""
+    async def prepare_client(self, *, announce: bool = False) -> None:
+        """(Re)build the client for the current config and device; the old one is closed first, quietly
+        (a reconnect the app makes itself is no outage). ``announce``: say which device is now used."""
         if self._prepare_task is not None and not self._prepare_task.done():
             self._prepare_task.cancel()
         self._prepare_task = asyncio.current_task()
@@ -142,21 +154,27 @@ class DesktopApp(QObject):
         try:
             setup = await asyncio.to_thread(self._build_client, progress)
         except SpecdError as exc:
+            self.prepare_error = f"cannot prepare the client: {exc}"
             self.window.show_progress(None)
+            self._show_status()
             self._error(f"Cannot prepare the client: {exc}")
             return
         finally:
             self.window.show_progress(None)
+        self.prepare_error = ""
+        self.state, self.reason, self.latency = "offline", "", ""
         self.setup, self.client = setup, setup.client
         key = self.secrets.load()
         if key:
             setup.client.endpoint = dataclasses.replace(setup.client.endpoint, api_key=key)
         setup.client.on_status = self._on_status
         choice = setup.choice
+        self.menu.set_running_device(choice.row.id if choice is not None else None)
         if choice is not None:
-            self.menu.set_active_device(choice.row.id)
             if choice.fell_back:
                 self.notify("Device fell back", choice.summary())
+            elif announce:
+                self.notify("Device", f"Switched to {choice.row.name} ({choice.row.backend})")
         elif setup.drafter_error:
             self.notify("No draft model", f"Answers are cloud-only: {setup.drafter_error}")
         self._show_status()
@@ -175,15 +193,20 @@ class DesktopApp(QObject):
         started = asyncio.get_running_loop().time()
         try:
             await self.client.connect()
-            self.latency = "handshake " + _ms(1000 * (asyncio.get_running_loop().time() - started))
+            self.latency = "handshake " + milliseconds(1000 * (asyncio.get_running_loop().time() - started))
+        except ConnectionFailed as exc:
+            log.warning("cannot connect: %s", exc)
+            self._on_status("offline", str(exc), retry=exc.retry)
         except SpecdError as exc:
             log.warning("cannot connect: %s", exc)
-            self._on_status("offline", str(exc))
+            self._on_status("offline", str(exc), retry=False)
         self._show_status()
 
     async def _close_client(self) -> None:
         client, self.client, self.setup = self.client, None, None
+        self.reconnector.stop()
         if client is not None:
+            client.on_status = None  # closing it on purpose: not a lost connection
             client.cancel()
             with contextlib.suppress(Exception):
                 await client.close()
@@ -197,9 +220,13 @@ class DesktopApp(QObject):
         if self._answer_task is not None and not self._answer_task.done():
             return
         if self.client is None:
-            self._error("The client is not ready yet (the draft model is still being prepared).")
+            if self.prepare_error:
+                self._error(f"Cannot answer: {self.prepare_error}. Change it in Settings….")
+            else:
+                self._error("The client is not ready yet (the draft model is still being prepared).")
             return
         self._answer_task = asyncio.current_task()
+        await self.reconnector.pause()  # the answer reconnects by itself; one handshake at a time
         self.conversation.append({"role": "user", "content": text})
         self.window.add_turn("user", text)
         self.window.add_turn("assistant", pending=True)
@@ -216,11 +243,12 @@ class DesktopApp(QObject):
         finally:
             self.window.set_busy(False)
             self._answer_task = None
+            self._retry_while_idle()
         self.conversation.append({"role": "assistant", "content": answer.text})
         stats = answer.stats.to_json()
         self.window.finish_turn(stats_line(stats, answer.finish_reason, len(answer.token_ids)))
         if answer.stats.rounds and answer.stats.network_ms:
-            self.latency = "round trip " + _ms(answer.stats.network_ms / answer.stats.rounds)
+            self.latency = "round trip " + milliseconds(answer.stats.network_ms / answer.stats.rounds)
         self._show_status()
 
     def stop(self) -> None:
@@ -238,7 +266,7 @@ class DesktopApp(QObject):
         self.settings = self.settings.with_desktop(device=device)
         write_settings(self.settings_file, self.settings)
         self.menu.set_active_device(device)
-        await self.prepare_client()
+        await self.prepare_client(announce=True)
 
     def open_settings(self) -> SettingsDialog:
         base = load_config(self.config_path)
@@ -276,39 +304,68 @@ class DesktopApp(QObject):
             with contextlib.suppress(OSError):
                 write_settings(self.settings_file, self.settings)
 
-    def view_logs(self) -> None:
-        folder = log_dir()
+    def view_logs(self) -> LogDialog | None:
+        """Open the log folder in the file manager; where there is none, show the log in a dialog."""
+        folder = self.log_folder
         folder.mkdir(parents=True, exist_ok=True)
-        QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+        if self._open_url(QUrl.fromLocalFile(str(folder))):
+            return None
+        log.info("no file manager opened %s; showing the log in a dialog", folder)
+        dialog = LogDialog(folder / LOG_FILE, parent=self.window if self.window.isVisible() else None)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.open()
+        return dialog
 
     # -- status and notifications -----------------------------------------------------------------
-    def _on_status(self, state: str, message: str) -> None:
+    def _on_status(self, state: str, message: str, *, retry: bool = True) -> None:
+        """The edge client's state changed (``message`` says why); ``retry``: whether reconnecting may help."""
         previous, self.state = self.state, state
+        if state == "connected":
+            self.reason = ""
+        else:
+            self.reason, self.latency = message, ""
         if previous == "connected" and state != "connected":
             self._lost = True
             self.notify("Connection lost", message)
         elif state == "connected" and self._lost:
             self._lost = False
             self.notify("Connected again", message)
+        if retry:
+            self._retry_while_idle()
         self._show_status()
 
-    def status_text(self) -> str:
-        parts = [STATE_TEXT.get(self.state, self.state)]
-        if self.client is not None:
-            parts.append(self.client.endpoint.display)
+    def _retry_while_idle(self) -> None:
+        """Between answers nobody else reconnects: keep trying in the background."""
+        answering = self._answer_task is not None and not self._answer_task.done()
+        # The client's state, not `client.connected`: a reader reporting the loss is still running.
+        if self.client is None or answering or self.closed.is_set() or self.state == "connected":
+            return
+        self.reconnector.start(self.client, self.reason or "the verifier is not connected")
+
+    def _on_retry(self, retry: RetryState | None) -> None:
+        if retry is not None:
+            self.reason = retry.reason
+        self._show_status()
+
+    def app_status(self) -> AppStatus:
         choice = self.setup.choice if self.setup is not None else None
-        if choice is not None:
-            parts.append(f"{choice.row.name} ({choice.row.backend})")
-        elif self.setup is not None:
-            parts.append("cloud-only")
-        return " · ".join(parts)
+        return AppStatus(
+            state=self.state, endpoint=self.client.endpoint.display if self.client is not None else "",
+            url=self.client.endpoint.url if self.client is not None else "",
+            device=f"{choice.row.name} ({choice.row.backend})" if choice is not None else "",
+            cloud_only_reason=(self.setup.drafter_error or "") if self.setup is not None else "",
+            reason=self.reason, retry=self.reconnector.state, not_ready=self.prepare_error, latency=self.latency)
+
+    def status_text(self) -> str:
+        return self.app_status().line()
 
     def _show_status(self) -> None:
-        text = self.status_text()
-        self.menu.set_status(text)
-        self.window.set_status(text, self.latency)
+        status = self.app_status()
+        line, detail = status.line(), status.detail()
+        self.menu.set_status(line, detail)
+        self.window.set_status(line, status.shown_latency(), detail)
         if self.tray is not None:
-            self.tray.setToolTip(f"specd — {text}")
+            self.tray.setToolTip(f"specd — {line}")
 
     def notify(self, title: str, message: str) -> None:
         log.info("%s: %s", title, message)
@@ -362,18 +419,4 @@ class DesktopApp(QObject):
             QApplication.instance().quit()
 
 
-def _ms(value: float) -> str:
-    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
-
-
-def show_error_dialog(title: str, text: str, details: str = "") -> None:
-    """A modal error box (used by the exception hooks); silently skipped without a QApplication."""
-    if QApplication.instance() is None:
-        return
-    box = QMessageBox(QMessageBox.Icon.Critical, title, text)
-    if details:
-        box.setDetailedText(details)
-    box.open()
-
-
-__all__ = ["ConfigError", "DesktopApp", "show_error_dialog"]
+__all__ = ["ConfigError", "DesktopApp"]

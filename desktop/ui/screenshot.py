@@ -2,6 +2,8 @@
 
 No network and no models: the sample answer is replayed as pieces with the provenance a real
 speculative answer has (runs of drafted-and-accepted tokens ended by a verifier correction).
+``--sample reconnecting`` shows the same window after the verifier went away: a last answer finished
+on the draft model alone, and the status bar counting down to the next reconnect with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from PySide6.QtWidgets import QApplication
 
 from specd.desktop.ui.chat_view import stats_line
 from specd.desktop.ui.chat_window import ChatWindow
+from specd.desktop.ui.idle_reconnect import RetryState
+from specd.desktop.ui.status_line import AppStatus
 
 SAMPLE_QUESTION = "How do I reverse a list in Python?"
 # (text, source) pieces: what the draft proposed and the verifier kept, and the verifier's own tokens.
@@ -23,8 +27,8 @@ SAMPLE_ANSWER = [
     ("Slicing returns a new list; ", "draft"), ("`list.reverse()`", "target"),
     (" changes the list itself and returns `None`.", "draft"),
 ]
-SAMPLE_STATS = {"mode": "speculative", "tokens_per_second": 41.7, "acceptance_rate": 0.81, "gamma_mean": 4.6,
-                "device": "cpu", "backend": "onnxruntime-genai"}
+SAMPLE_STATS = {"mode": "speculative", "rounds": 13, "tokens_per_second": 41.7, "acceptance_rate": 0.81,
+                "gamma_mean": 4.6, "device": "cpu", "backend": "onnxruntime-genai"}
 
 
 def fill_sample(window: ChatWindow) -> None:
@@ -43,18 +47,40 @@ def fill_sample(window: ChatWindow) -> None:
     window.set_status("Connected · verifier.example.com:8765 · CPU (onnxruntime-genai)", "round trip 38 ms")
 
 
-def render_screenshot(path: Path, icon: QIcon | None = None, size: tuple[int, int] = (760, 620)) -> Path:
-    """Render the sample chat window to ``path`` (needs a QApplication; offscreen is fine)."""
+SAMPLE_SERVER = "verifier.example.com:8765"
+SAMPLES = ("answered", "reconnecting")
+
+
+def fill_reconnecting(window: ChatWindow) -> None:
+    fill_sample(window)
+    window.add_turn("user", "And a string?")
+    window.add_turn("assistant", pending=True)
+    window.append_piece("Strings slice the same way: ", "draft")
+    window.append_piece("`s[::-1]`", "target")
+    window.append_piece(" returns a new, reversed string.", "local")
+    window.finish_turn(stats_line({**SAMPLE_STATS, "mode": "local", "tokens_per_second": 23.5, "rounds": 2,
+                                   "acceptance_rate": 0.8, "gamma_mean": 5.0, "local_tokens": 8}, "eos", 19))
+    reason = f"cannot reach the verifier at {SAMPLE_SERVER}: connection refused (is specd-verifier running?)"
+    status = AppStatus(state="local", endpoint=SAMPLE_SERVER, url=f"wss://{SAMPLE_SERVER}",
+                       device="CPU (onnxruntime-genai)", reason=reason, retry=RetryState("waiting", 4, reason))
+    window.set_status(status.line(), status.shown_latency(), status.detail())
+
+
+def render_screenshot(path: Path, icon: QIcon | None = None, size: tuple[int, int] = (760, 620),
+                      sample: str = "answered") -> Path:
+    """Render a sample chat window to ``path`` (needs a QApplication; offscreen is fine)."""
     app = QApplication.instance()
     if app is None:
         raise RuntimeError("render_screenshot needs a QApplication")
     window = ChatWindow(icon)
     window.resize(*size)
-    fill_sample(window)
+    (fill_reconnecting if sample == "reconnecting" else fill_sample)(window)
     window.show()
     for _ in range(5):  # let layouts and the document settle before grabbing
         app.processEvents()
     window.refresh(now=True)
+    app.processEvents()
+    window.view.verticalScrollBar().setValue(window.view.verticalScrollBar().maximum())  # the last answer
     app.processEvents()
     path.parent.mkdir(parents=True, exist_ok=True)
     if not window.grab().save(str(path), "PNG"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -30,7 +31,8 @@ from PySide6.QtWidgets import (
 from specd.desktop.devices import KINDS, DeviceRow
 from specd.desktop.ui.user_settings import UserSettings, effective_config
 from specd.shared.config import Config, to_dict
-from specd.shared.errors import ConfigError
+from specd.shared.errors import ConfigError, ModelError
+from specd.shared.models import resolve_source
 
 # (section, key, label, kind) of the config fields the dialog edits as text.
 TEXT_FIELDS = (
@@ -79,9 +81,10 @@ class SettingsDialog(QDialog):
                 form.addRow("API key", self.api_key)
         self.device = QComboBox()
         self.device.setObjectName("desktop.device")
-        self.device.addItem("Config default ([devices] edge_device)", "")
+        self.device.addItem(f"Default: {device_words(base.devices.edge_device)}, as the config file says", "")
         for choice in ("auto", *KINDS):
-            self.device.addItem({"auto": "Auto (NPU > GPU > CPU)"}.get(choice, choice.upper()), choice)
+            words = device_words(choice)
+            self.device.addItem(words[:1].upper() + words[1:], choice)
         for row in rows:
             text = f"{row.name} — {row.backend} ({row.id})" + ("" if row.available else f": {row.reason}")
             self.device.addItem(text, row.id)
@@ -102,7 +105,7 @@ class SettingsDialog(QDialog):
             checks.addWidget(box)
         self.start_on_login = QCheckBox("Start specd when I sign in")
         self.start_on_login.setChecked(settings.desktop.start_on_login)
-        self.highlight = QCheckBox("Highlight drafted-and-accepted versus corrected tokens")
+        self.highlight = QCheckBox("Highlight where each token came from (drafted here, from the verifier, local)")
         self.highlight.setChecked(settings.desktop.highlight_tokens)
         checks.addWidget(self.start_on_login)
         checks.addWidget(self.highlight)
@@ -153,7 +156,24 @@ class SettingsDialog(QDialog):
                 layer.setdefault(section, {})[key] = box.isChecked()
         return layer
 
+    def field_problem(self) -> str | None:
+        """What is wrong with a field that config.toml's rules let through but cannot work."""
+        url = self.edits[("client", "server_url")].text().strip()
+        problem = server_url_problem(url)
+        if problem:
+            return f"Server URL: {problem}"
+        try:
+            resolve_source(self.edits[("models", "draft")].text())
+        except ModelError as exc:
+            return f"Draft model: {exc}"
+        return None
+
     def accept(self) -> None:
+        problem = self.field_problem()
+        if problem:
+            self.error.setText(f"Not saved: {problem}")
+            self.error.show()
+            return
         try:
             layer = self.form_layer()
             candidate = UserSettings(layer=layer, desktop=self.settings.desktop).with_desktop(
@@ -167,6 +187,30 @@ class SettingsDialog(QDialog):
         self.result_settings = candidate
         self.result_api_key = self.api_key.text().strip()
         super().accept()
+
+
+def device_words(choice: str) -> str:
+    """A device setting in plain words: "auto" → "automatic (best available: NPU, then GPU, then CPU)"."""
+    if choice in ("", "auto"):
+        return "automatic (best available: NPU, then GPU, then CPU)"
+    return choice.upper() if choice in KINDS else choice
+
+
+def server_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot reach a verifier (None when it can be tried)."""
+    example = "e.g. ws://127.0.0.1:8765 or wss://verifier.example.com"
+    try:
+        parsed = urlparse(url)
+        port = parsed.port
+    except ValueError as exc:
+        return f"{url!r} is not a valid URL ({exc}); {example}"
+    if parsed.scheme not in ("ws", "wss"):
+        return f"{url!r} must start with ws:// or wss://; {example}"
+    if not parsed.hostname:
+        return f"{url!r} has no host name; {example}"
+    if port == 0:
+        return f"{url!r}: port 0 cannot be connected to; {example}"
+    return None
 
 
 def _parse(text: str, kind: Any, name: str) -> Any:

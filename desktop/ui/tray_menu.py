@@ -16,12 +16,19 @@ from specd.desktop.devices import DeviceRow, format_memory
 AUTO = "auto"
 
 
-def device_label(row: DeviceRow) -> str:
-    """``★ NVIDIA RTX 4060 — torch, 8.0 GiB`` (★ marks the best device); unavailable rows say why."""
+RUNNING = "★ "
+STATUS_CHARS = 140  # a menu entry is as wide as its text: longer reasons are cut here, whole in the tooltip
+
+
+def device_label(row: DeviceRow, *, running: bool = False) -> str:
+    """``★ NVIDIA RTX 4060 — torch, 8.0 GiB (best)``: ★ marks the device the draft model runs on,
+    (best) the one Automatic prefers; unavailable rows say why."""
     memory = format_memory(row.memory_bytes)
     text = f"{row.name} — {row.backend}" + (f", {memory}" if memory else "")
+    if running:
+        text = RUNNING + text
     if row.best:
-        text = "★ " + text + " (best)"
+        text += " (best)"
     if not row.available:
         text += f" — unavailable: {row.reason}"
     return text
@@ -41,6 +48,8 @@ class TrayMenu(QMenu):
         self.device_group = QActionGroup(self)
         self.device_group.setExclusive(True)
         self.device_actions: dict[str, QAction] = {}
+        self.rows: dict[str, DeviceRow] = {}
+        self.running: str | None = None
         self.addSeparator()
         self.status_action = self.addAction("Starting…")
         self.status_action.setEnabled(False)
@@ -49,6 +58,7 @@ class TrayMenu(QMenu):
         self.addAction("View logs", self.view_logs.emit)
         self.addSeparator()
         self.addAction("Quit", self.quit.emit)
+        self.setToolTipsVisible(True)
         self.set_devices([], AUTO)
 
     def set_devices(self, rows: list[DeviceRow], active: str) -> None:
@@ -57,6 +67,7 @@ class TrayMenu(QMenu):
         for action in self.device_group.actions():
             self.device_group.removeAction(action)
         self.device_actions = {}
+        self.rows = {row.id: row for row in rows}
         entries = [(AUTO, "Automatic (best available)", True, "")]
         entries += [(row.id, device_label(row), row.available, row.reason) for row in rows]
         for row_id, text, enabled, reason in entries:
@@ -73,9 +84,17 @@ class TrayMenu(QMenu):
             if row_id == AUTO and rows:
                 self.devices.addSeparator()
         self.set_active_device(active)
+        self.set_running_device(self.running)
         self.devices.setToolTipsVisible(True)
 
+    def set_running_device(self, row_id: str | None) -> None:
+        """Star the row the draft model runs on (None: no draft model); the tick stays on the choice."""
+        self.running = row_id
+        for rid, row in self.rows.items():
+            self.device_actions[rid].setText(device_label(row, running=rid == row_id))
+
     def set_active_device(self, active: str) -> None:
+        """Tick what the user picked: a row, or Automatic (also for a kind such as "cpu")."""
         action = self.device_actions.get(active) or self.device_actions.get(AUTO)
         if action is not None:
             action.setChecked(True)
@@ -84,5 +103,10 @@ class TrayMenu(QMenu):
         action = self.device_group.checkedAction()
         return action.data() if action is not None else None
 
-    def set_status(self, text: str) -> None:
-        self.status_action.setText(text)
+    def set_status(self, text: str, detail: str = "") -> None:
+        """The status line, with why it is offline; the whole text is in its tooltip."""
+        line = " ".join(text.split())
+        if len(line) > STATUS_CHARS:
+            line = line[:STATUS_CHARS - 1].rstrip() + "…"
+        self.status_action.setText(line.replace("&", "&&"))
+        self.status_action.setToolTip(detail or text)

@@ -88,10 +88,24 @@ def write_settings(path: Path, settings: UserSettings) -> None:
     os.replace(tmp, path)
 
 
-def effective_config(config_path: Path | None, settings: UserSettings,
-                     overrides: dict[str, Any] | None = None) -> Config:
-    """``config.toml`` with the user's layer on top (ConfigError names the bad key)."""
-    return load_config(config_path, overrides, layers=[settings.layer])
+def effective_config(config_path: Path | None, settings: UserSettings, *, layer_source: str = "") -> Config:
+    """``config.toml`` with the user's layer on top (ConfigError names the bad key). When the file alone
+    is fine, a bad value came from the layer: the message names ``layer_source`` (the settings file;
+    "" for the Settings dialog, which shows it beside the fields) instead of ``config.toml``."""
+    try:
+        return load_config(config_path, layers=[settings.layer])
+    except ConfigError as exc:
+        if not settings.layer:
+            raise
+        try:
+            load_config(config_path)
+        except ConfigError:
+            raise exc from None  # config.toml itself is wrong: its own message names it
+        message = str(exc)
+        file_prefix = f"{config_path if config_path is not None else 'defaults'}: "
+        if message.startswith(file_prefix):
+            message = message[len(file_prefix):]
+        raise ConfigError(f"{layer_source}: {message}" if layer_source else message) from None
 
 
 # -- the API key: OS keyring, else a file only the user can read --------------------------------
