@@ -108,7 +108,7 @@ def make_dialog(qtbot, config_file, settings=None, api_key=None) -> SettingsDial
     ("sampling.temperature", "warm", r"\[sampling\] temperature: 'warm' is not a number"),
     ("sampling.temperature", "200", r"temperature: expected `float` <= 100"),
     ("sampling.max_new_tokens", "0", r"max_new_tokens: expected `int` >= 1"),
-    ("speculation.gamma", "20", r"gamma = 20 exceeds gamma_max = 8"),
+    ("speculation.gamma", "20", r"gamma = 20 \(in Settings\) exceeds \[speculation\] gamma_max = 8 \(the default\)"),
     ("speculation.gamma", "often", r"is not an integer or \"auto\""),
     ("client.server_url", "http://example.com", r"must start with ws:// or wss://"),
 ])

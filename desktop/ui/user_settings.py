@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from specd.shared.config import Config, dump_toml, load_config
+from specd.shared.config_origins import ConfigLayer
 from specd.shared.errors import ConfigError
 from specd.shared.paths import user_config_dir
 
 log = logging.getLogger("specd.desktop")
 
 SETTINGS_FILE = "settings.toml"
+SETTINGS_SOURCE = "Settings"  # how a config message names a value the user set in the app's dialog
 API_KEY_FILE = "api_key"
 KEYRING_SERVICE = "specd"
 KEYRING_USER = "api-key"
@@ -90,8 +92,9 @@ def write_settings(path: Path, settings: UserSettings) -> None:
 
 def effective_config(config_path: Path | None, settings: UserSettings,
                      overrides: dict[str, Any] | None = None) -> Config:
-    """``config.toml`` with the user's layer on top (ConfigError names the bad key)."""
-    return load_config(config_path, overrides, layers=[settings.layer])
+    """``config.toml`` with the user's layer on top (ConfigError names the bad key, and "Settings" as
+    the source of a value the user set in the app)."""
+    return load_config(config_path, overrides, layers=[ConfigLayer(settings.layer, SETTINGS_SOURCE)])
 
 
 # -- the API key: OS keyring, else a file only the user can read --------------------------------
