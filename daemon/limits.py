@@ -1,10 +1,9 @@
 """The limits the verifier announces: the configured ones, fitted to the model it loaded.
 
-A model's context (``max_position_embeddings``) caps ``max_total_tokens``, and a ``max_total_tokens``
-smaller than ``max_input_tokens`` caps the prompt: whether that total came from a flag, the config file
-or the model, the prompt limit is capped with the same warning, naming where each value came from.
-(A ``max_input_tokens`` the user set to at least ``max_total_tokens`` is refused when the config
-loads; only the default follows a smaller total.)
+A model's context (``max_position_embeddings``) caps ``max_total_tokens``, and the prompt limit
+``max_input_tokens`` must stay below the total. Whatever set the smaller value (a flag, the config
+file, the model), the larger one is capped with a warning of one shape that names where each value
+came from; the verifier refuses neither, so a flag and a small model behave alike.
 """
 
 from __future__ import annotations

@@ -131,11 +131,8 @@ def _check(cfg: Config, origins: Origins) -> None:
         raise ConfigError(f"{said('speculation.gamma_max')} exceeds {said('limits.max_draft')}")
     if spec.proposal_top_k > lim.max_support:
         raise ConfigError(f"{said('speculation.proposal_top_k')} exceeds {said('limits.max_support')}")
-    # A max_input_tokens nobody set follows a smaller max_total_tokens (the verifier caps it with a
-    # warning, as it does when the model's context caps max_total_tokens); one the user set is a mistake.
-    input_origin = origins.of("limits.max_input_tokens")
-    if lim.max_input_tokens >= lim.max_total_tokens and not (input_origin and input_origin.is_default):
-        raise ConfigError(f"{said('limits.max_input_tokens')} must be below {said('limits.max_total_tokens')}")
+    # max_input_tokens >= max_total_tokens is not refused: the verifier caps the prompt limit below the
+    # total with a warning naming both sources, as it does when the model's context caps the total.
     if bool(srv.tls_cert) != bool(srv.tls_key):
         given = "server.tls_cert" if srv.tls_cert else "server.tls_key"
         raise ConfigError(f"[server] tls_cert and tls_key must be given together; only {said(given)} is set")
