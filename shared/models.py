@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from specd.shared.errors import ModelError
+from specd.shared.folder_lock import exclusive_lock
 from specd.shared.paths import cache_dir
 
 Progress = Callable[[str], None]
@@ -157,23 +158,29 @@ def load_tokenizer_from(folder: Path) -> Any:
 
 
 def _cached(target: Path, build: Callable[[Path], None], say: Progress, message: str) -> Path:
-    """Build ``target`` atomically: in a temporary sibling, renamed into place when complete."""
+    """Build ``target`` once: under a lock shared with other processes, in a temporary sibling renamed
+    into place when complete. A process that finds another building it waits, then reuses its result."""
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    say(message)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("ok\n")
+    with exclusive_lock(target.with_name(f"{target.name}.lock"),
+                        on_wait=lambda: say(f"Waiting for another specd process to finish preparing {target.name}")):
+        if (target / ".complete").is_file():  # the process we waited for built it
+            say(f"Using {target}, prepared by the other process")
+            return target
+        say(message)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / ".complete").is_file():  # a stale partial folder: replace it
-                shutil.rmtree(target, ignore_errors=True)
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            try:
                 os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                if not (target / ".complete").is_file():  # a stale partial folder: replace it
+                    shutil.rmtree(target, ignore_errors=True)
+                    os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     say(f"Cached in {target}")
     return target
 
