@@ -1,9 +1,11 @@
 """Typed, frozen configuration loaded from ``config.toml`` with ``tomllib``.
 
 Every key of the file is a field below; an unknown key, a wrong type or an impossible value fails at
-start with a message naming the key. Command-line flags override the file through
-:func:`load_config`'s ``overrides``. Secrets never live in the file: only the names of the
-environment variable or file that hold them.
+start with a message naming the key and where its value came from (:mod:`specd.shared.config_origins`:
+the flag, the file, a layer such as the app's Settings, or the default). Layers (the desktop's
+settings) and then command-line flags override the file through :func:`load_config`'s ``layers`` and
+``overrides``. Secrets never live in the file: only the names of the environment variable or file
+that hold them.
 """
 
 from __future__ import annotations
