@@ -57,9 +57,12 @@ def build_client(config: Config, *, device: str | None = None, model_path: str |
             loaded, choice = load_drafter(config, device, say)
         except (DeviceError, ModelError) as exc:
             error = str(exc)
-            say(f"No draft model can run here, so answers are cloud-only: {exc}")
-            log.warning("cloud-only: %s", exc)
+    # Cloud-only answers need the draft model's tokenizer too: when it cannot be loaded either, its
+    # error is the one to show, and "cloud-only" would be untrue.
     tokenizer = loaded.load_tokenizer() if loaded is not None else load_tokenizer(config, say)
+    if error is not None:
+        say(f"No draft model can run here, so answers are cloud-only: {error}")
+        log.warning("cloud-only: %s", error)
     client = EdgeClient(Endpoint.from_config(config.client, url), tokenizer=tokenizer,
                         fingerprint=tokenizer_fingerprint(tokenizer), drafter=loaded,
                         on_disconnect=config.client.on_disconnect, reconnect_max_s=config.client.reconnect_max_s,

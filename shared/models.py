@@ -68,6 +68,9 @@ def resolve_source(spec: str) -> ModelSource:
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file {path} does not exist")
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelError(f"{path} is not a GGUF file (it does not start with the bytes GGUF)")
         return ModelSource("gguf", str(path.resolve()), path.stem)
     looks_like_path = spec.startswith((".", "/", "~", "\\")) or "\\" in spec or spec[1:3] == ":\\"
     if path.exists() or looks_like_path:

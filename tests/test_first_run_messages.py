@@ -165,8 +165,9 @@ def test_the_draft_side_says_the_same_wherever_it_opens_a_folder(untokenized_fol
 
 
 # -- item: `specd chat --model-path` with a model that is not there ------------------------------------
-async def specd_chat(*args: str, config: Path | None = None) -> tuple[int, str, str]:
-    env = environment(**({"SPECD_CONFIG": str(config)} if config else {}))
+async def specd_chat(*args: str, config: Path | None = None, cache: Path | None = None) -> tuple[int, str, str]:
+    env = environment(**({"SPECD_CONFIG": str(config)} if config else {}),
+                      **({"SPECD_CACHE_DIR": str(cache)} if cache else {}))
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "specd.desktop.cli", "chat", *args,
                                                 "--prompt", "hi", "--port", "9", stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -184,6 +185,20 @@ async def test_a_missing_model_path_is_refused_in_one_line_before_anything_start
     assert code == 1 and err.splitlines() == [f"specd: --model-path: the model folder {untokenized_folder} "
                                               f"{NO_TOKENIZER}, or vocab.txt; copy the tokenizer files from where "
                                               "the model came from (they are saved with tokenizer.save_pretrained)"]
+
+
+async def test_a_draft_that_fails_with_its_tokenizer_is_an_error_not_cloud_only(tmp_path):
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_bytes(b"not a model")
+    code, _out, err = await specd_chat("--model-path", str(not_gguf))
+    assert code == 1 and err.splitlines() == [f"specd: --model-path: {not_gguf} is not a GGUF file (it does not "
+                                              "start with the bytes GGUF)"]
+    # Past that check, no device can run it, and without its tokenizer there is no cloud-only answer either.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    code, _out, err = await specd_chat("--model-path", str(broken), config=None, cache=tmp_path / "cache")
+    assert code == 1 and "cloud-only" not in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"specd: cannot load {broken}: ")
 
 
 async def test_a_missing_draft_in_the_config_file_names_the_file(tmp_path):
