@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from specd.shared import __version__
-from specd.shared.config import default_config_path, load_config
+from specd.shared.config import default_config_path, load_config, load_config_with_origins
+from specd.shared.config_origins import ConfigLayer, Origins, flag_layer
 from specd.shared.errors import ConfigError, SpecdError
 
 PROG = "specd-verifier"
@@ -60,16 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "server": {"host": args.host, "port": args.port, "device": args.device, "dtype": args.dtype,
-                   "api_key_file": args.api_key_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                   "insecure_no_auth": args.insecure_no_auth, "log_level": args.log_level},
-        "models": {"target": args.model},
-        "limits": {"max_sessions": args.max_sessions, "max_input_tokens": args.max_input_tokens,
-                   "max_total_tokens": args.max_total_tokens, "max_draft": args.max_draft,
-                   "max_frame_bytes": args.max_frame_bytes, "idle_timeout_s": args.idle_timeout},
-    }
+# Each flag and the config key it overrides (errors then name the flag, not the file).
+FLAG_KEYS = {
+    "--host": "server.host", "--port": "server.port", "--device": "server.device", "--dtype": "server.dtype",
+    "--api-key-file": "server.api_key_file", "--tls-cert": "server.tls_cert", "--tls-key": "server.tls_key",
+    "--insecure-no-auth": "server.insecure_no_auth", "--log-level": "server.log_level", "--model": "models.target",
+    "--max-sessions": "limits.max_sessions", "--max-input-tokens": "limits.max_input_tokens",
+    "--max-total-tokens": "limits.max_total_tokens", "--max-draft": "limits.max_draft",
+    "--max-frame-bytes": "limits.max_frame_bytes", "--idle-timeout": "limits.idle_timeout_s",
+}
+
+
+def overrides_from(args: argparse.Namespace) -> ConfigLayer:
+    return flag_layer(args, FLAG_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = args.config or default_config_path()
-        overrides = overrides_from(args)
+        layers = []
         if args.max_draft is not None:
             # [speculation] is the edge's business; keep its cross-check with max_draft from failing here.
             spec = load_config(path).speculation
             gamma_max = min(spec.gamma_max, args.max_draft)
             gamma = spec.gamma if spec.gamma == "auto" or spec.gamma <= gamma_max else gamma_max
-            overrides["speculation"] = {"gamma_max": gamma_max, "gamma": gamma}
-        config = load_config(path, overrides)
+            layers.append({"speculation": {"gamma_max": gamma_max, "gamma": gamma}})
+        config, origins = load_config_with_origins(path, overrides_from(args), layers)
         if args.threads is not None and args.threads < 1:
             raise ConfigError("--threads must be at least 1")
     except ConfigError as exc:
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if path:
         log.info("config: %s", path)
     try:
-        interrupted = asyncio.run(_serve(config, Path(args.port_file) if args.port_file else None))
+        interrupted = asyncio.run(_serve(config, origins, Path(args.port_file) if args.port_file else None))
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve(config: Any, port_file: Path | None) -> bool:
+async def _serve(config: Any, origins: Origins, port_file: Path | None) -> bool:
     """Serve until SIGTERM/SIGINT; True when stopped before the model finished loading."""
     from specd.daemon.notify import Notifier
     from specd.daemon.server import Verifier
@@ -127,7 +131,7 @@ async def _serve(config: Any, port_file: Path | None) -> bool:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     notifier = Notifier()
-    verifier = Verifier(config, notifier=notifier)
+    verifier = Verifier(config, notifier=notifier, origins=origins)
     starting = loop.create_task(verifier.start())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -25,12 +25,14 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from specd.daemon.connection import SessionDriver, peer_address
+from specd.daemon.limits import effective_limits
 from specd.daemon.metrics import Metrics
 from specd.daemon.notify import Notifier, cancel_quietly, extend_start_timeout, run_watchdog, watchdog_interval
 from specd.daemon.target import ModelWorker, TargetModel
 from specd.shared import __version__
 from specd.shared import messages as m
 from specd.shared.config import Config, read_secret
+from specd.shared.config_origins import Origins
 from specd.shared.errors import ConfigError, ErrorCode
 from specd.shared.models import resolve_source
 
@@ -53,8 +55,9 @@ class Verifier:
     """The verifier service: ``await start()`` loads the model and serves; ``await stop()`` drains."""
 
     def __init__(self, config: Config, *, api_key: str | None = None, notifier: Notifier | None = None,
-                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, origins: Origins | None = None) -> None:
         self.config = config
+        self.origins = origins or Origins(traced=False)  # where each value came from, for warnings
         srv = config.server
         self.api_key = api_key if api_key is not None else read_secret(srv.api_key_env, srv.api_key_file)
         self.notifier = notifier or Notifier()
@@ -199,16 +202,8 @@ class Verifier:
         return context
 
     def _effective_limits(self, target: TargetModel) -> m.Limits:
-        lim = self.config.limits
-        total = lim.max_total_tokens
-        if target.max_positions and total > target.max_positions:
-            log.warning("[limits] max_total_tokens = %d exceeds the model's context of %d positions; using %d",
-                        total, target.max_positions, target.max_positions)
-            total = target.max_positions
-        return m.Limits(max_input_tokens=min(lim.max_input_tokens, total - 1), max_total_tokens=total,
-                        max_draft=lim.max_draft, max_support=min(lim.max_support, target.vocab_size),
-                        max_frame_bytes=lim.max_frame_bytes,
-                        max_messages_per_second=lim.max_messages_per_second)
+        return effective_limits(self.config.limits, self.origins, max_positions=target.max_positions,
+                                vocab_size=target.vocab_size, warn=log.warning)
 
     # -- HTTP -----------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

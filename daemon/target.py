@@ -96,11 +96,12 @@ class TargetModel:
         source = resolve_source(spec)
         device = resolve_device(config.server.device)
         dtype = resolve_dtype(config.server.dtype, device)
-        folder = ensure_hf_folder(source, cache_override=config.models.cache_dir, progress=say)
         if not sys.stderr or not sys.stderr.isatty():
             from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()  # no bars in journald or log files
+            # No bars in journald, log files or the pipe `specd demo` relays (even while preparing).
+            hf_logging.disable_progress_bar()
+        folder = ensure_hf_folder(source, cache_override=config.models.cache_dir, progress=say)
         say(f"Loading {spec} on {device} ({str(dtype).removeprefix('torch.')})")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))

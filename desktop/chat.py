@@ -18,8 +18,9 @@ from urllib.parse import urlparse, urlunparse
 import msgspec
 
 from specd.desktop.answer import Answer, Piece, Settings
-from specd.desktop.launch import ClientSetup, build_client
-from specd.shared.config import Config, default_config_path, load_config
+from specd.desktop.launch import ClientSetup, build_client, check_draft_model
+from specd.shared.config import Config, default_config_path, load_config_with_origins
+from specd.shared.config_origins import flag_layer
 from specd.shared.errors import ConfigError
 
 HELP = "Type a message and press Enter. /new starts a new conversation, /quit leaves (Ctrl+D too)."
@@ -51,7 +52,17 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pipeline", action="store_true", help="do not draft the next round during verification")
 
 
+# The flags that override a config key (errors then name the flag, not the file).
+CLIENT_FLAG_KEYS = {
+    "--model-path": "models.draft", "--temperature": "sampling.temperature", "--top-p": "sampling.top_p",
+    "--top-k": "sampling.top_k", "--max-new-tokens": "sampling.max_new_tokens", "--seed": "sampling.seed",
+    "--gamma": "speculation.gamma", "--no-pipeline": "speculation.pipeline",
+}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The config with the flags applied; a draft model that is not there is refused here, before
+    anything starts (see :func:`check_draft_model`)."""
     path = args.config or default_config_path()
     gamma: Any = args.gamma
     if gamma is not None and gamma != "auto":
@@ -59,12 +70,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             gamma = int(gamma)
         except ValueError:
             raise ConfigError(f'--gamma must be "auto" or a whole number, not {args.gamma!r}') from None
-    overrides = {
-        "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                     "max_new_tokens": args.max_new_tokens, "seed": args.seed},
-        "speculation": {"gamma": gamma, "pipeline": False if args.no_pipeline else None},
-    }
-    cfg = load_config(path, overrides=overrides)
+    flags = flag_layer(args, CLIENT_FLAG_KEYS, {"--gamma": gamma, "--no-pipeline": False if args.no_pipeline else None})
+    cfg, origins = load_config_with_origins(path, flags)
+    check_draft_model(cfg, origins)
     if args.host or args.port:
         url = urlparse(cfg.client.server_url)
         host = args.host or url.hostname or "127.0.0.1"

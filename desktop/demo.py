@@ -19,6 +19,7 @@ from specd.desktop.chat import Printer, add_client_options, config_from_args, sa
 from specd.desktop.launch import build_client
 from specd.desktop.local_verifier import LocalVerifier
 from specd.shared.config import to_dict
+from specd.shared.models import ensure_hf_folder
 
 PROMPTS = (
     "Explain in three sentences why the sky is blue.",
@@ -35,6 +36,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1),
                    help="how many of the built-in prompts to run (default: %(default)s)")
     p.set_defaults(handler=run_demo, temperature_default=0.0, max_new_tokens_default=96)
+
+
+def say_between_bars(message: str) -> None:
+    """A progress line that does not break a progress bar being drawn (transformers' tqdm bars, while
+    the verifier's lines arrive from its own process)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        say(message)
+        return
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def split_cores() -> tuple[set[int] | None, set[int] | None, str]:
@@ -58,11 +71,15 @@ async def demo_async(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     started = time.perf_counter()
     verifier_cpus, edge_cpus, pinning = split_cores()
-    say(f"specd demo · target {cfg.models.target} · draft {args.model_path or cfg.models.draft} · {pinning}")
+    say(f"specd demo · target {cfg.models.target} · draft {cfg.models.draft} · {pinning}")
+    # Prepared here, once, with its progress on this terminal; the verifier then finds it in the cache
+    # (as does the draft, when it is the same model: the embedded pair), instead of both building it.
+    await asyncio.to_thread(ensure_hf_folder, cfg.models.target, cache_override=cfg.models.cache_dir,
+                            progress=say_between_bars)
     overrides = {k: v for k, v in to_dict(cfg).items() if k in ("models", "limits")}
     verifier = LocalVerifier(overrides=overrides | {"server": {"device": cfg.server.device}},
                              cpus=verifier_cpus, threads=len(verifier_cpus) if verifier_cpus else None,
-                             progress=say)
+                             progress=say_between_bars)
     if edge_cpus:
         os.sched_setaffinity(0, edge_cpus)
     import torch
@@ -71,8 +88,7 @@ async def demo_async(args: argparse.Namespace) -> int:
     say("Preparing the draft model and starting the verifier…")
     serving = asyncio.create_task(verifier.start())
     try:
-        setup = await asyncio.to_thread(build_client, cfg, device=args.device, model_path=args.model_path,
-                                        progress=say)
+        setup = await asyncio.to_thread(build_client, cfg, device=args.device, progress=say_between_bars)
         await serving
         say(f"Verifier ready at {verifier.url} ({time.perf_counter() - started:.0f} s so far)")
         if setup.choice is not None:

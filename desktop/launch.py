@@ -18,9 +18,10 @@ from specd.desktop.connection import Endpoint
 from specd.desktop.devices import DeviceChoice
 from specd.desktop.edge_client import EdgeClient, StatusCallback
 from specd.shared.config import Config
+from specd.shared.config_origins import Origins
 from specd.shared.errors import DeviceError, ModelError
 from specd.shared.fingerprint import tokenizer_fingerprint
-from specd.shared.models import Progress, ensure_hf_folder
+from specd.shared.models import Progress, ensure_hf_folder, load_tokenizer_from, resolve_source
 
 log = logging.getLogger("specd.client")
 
@@ -56,9 +57,12 @@ def build_client(config: Config, *, device: str | None = None, model_path: str |
             loaded, choice = load_drafter(config, device, say)
         except (DeviceError, ModelError) as exc:
             error = str(exc)
-            say(f"No draft model can run here, so answers are cloud-only: {exc}")
-            log.warning("cloud-only: %s", exc)
+    # Cloud-only answers need the draft model's tokenizer too: when it cannot be loaded either, its
+    # error is the one to show, and "cloud-only" would be untrue.
     tokenizer = loaded.load_tokenizer() if loaded is not None else load_tokenizer(config, say)
+    if error is not None:
+        say(f"No draft model can run here, so answers are cloud-only: {error}")
+        log.warning("cloud-only: %s", error)
     client = EdgeClient(Endpoint.from_config(config.client, url), tokenizer=tokenizer,
                         fingerprint=tokenizer_fingerprint(tokenizer), drafter=loaded,
                         on_disconnect=config.client.on_disconnect, reconnect_max_s=config.client.reconnect_max_s,
@@ -67,12 +71,26 @@ def build_client(config: Config, *, device: str | None = None, model_path: str |
                        drafter_error=error)
 
 
+def check_draft_model(config: Config, origins: Origins) -> None:
+    """Refuse, before anything starts, a draft model that is not there (a missing file or folder, a
+    folder that holds no model or no tokenizer): without it there is no tokenizer, so not even a
+    cloud-only answer. The message names where the model was set (``--model-path``, a file)."""
+    from specd.desktop.drafters.openvino import is_openvino_folder
+    from specd.desktop.drafters.ortgenai import is_genai_folder
+
+    try:
+        source = resolve_source(config.models.draft)
+        folder = Path(source.ref)
+        if source.kind == "folder" and not (is_genai_folder(folder) or is_openvino_folder(folder)):
+            ensure_hf_folder(source)  # a folder is only checked here, never prepared
+    except ModelError as exc:
+        raise ModelError(f"{origins.name('models.draft')}: {exc}") from None
+
+
 def load_tokenizer(config: Config, progress: Progress | None = None) -> Any:
     """The draft model's tokenizer without loading the model (cloud-only clients need it too)."""
-    from transformers import AutoTokenizer
-
     spec = config.models.draft
     folder = Path(spec).expanduser()
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         folder = ensure_hf_folder(spec, cache_override=config.models.cache_dir, progress=progress)
-    return AutoTokenizer.from_pretrained(str(folder))
+    return load_tokenizer_from(folder)

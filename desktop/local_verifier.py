@@ -79,7 +79,8 @@ class LocalVerifier:
         self._dir = tempfile.TemporaryDirectory(prefix="specd-verifier-")
         folder = Path(self._dir.name)
         config_file, port_file = folder / "config.toml", folder / "port"
-        config_file.write_text(dump_toml(to_dict(self.config)), encoding="utf-8")
+        # Only what differs from the defaults, so the daemon still tells a default from a value set on purpose.
+        config_file.write_text(dump_toml(to_dict(self.config, changed_only=True)), encoding="utf-8")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
         if self.api_key:
@@ -113,7 +114,8 @@ class LocalVerifier:
     def _relay_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
+            # A progress bar redrawn with carriage returns arrives as one line: keep its last state.
+            line = raw.decode("utf-8", "replace").rstrip().rsplit("\r", 1)[-1]
             self.log_tail = [*self.log_tail[-49:], line]
             if self.port is None and line:
                 self.say(f"verifier: {line}")

@@ -1,9 +1,11 @@
 """Typed, frozen configuration loaded from ``config.toml`` with ``tomllib``.
 
 Every key of the file is a field below; an unknown key, a wrong type or an impossible value fails at
-start with a message naming the key. Command-line flags override the file through
-:func:`load_config`'s ``overrides``. Secrets never live in the file: only the names of the
-environment variable or file that hold them.
+start with a message naming the key and where its value came from (:mod:`specd.shared.config_origins`:
+the flag, the file, a layer such as the app's Settings, or the default). Layers (the desktop's
+settings) and then command-line flags override the file through :func:`load_config`'s ``layers`` and
+``overrides``. Secrets never live in the file: only the names of the environment variable or file
+that hold them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from specd.shared.config_origins import ConfigLayer, Origins, key_name
 from specd.shared.errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -117,28 +120,40 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
 
 
-def _check(cfg: Config) -> None:
-    """Rules that span keys; each message names the keys involved."""
+def _check(cfg: Config, origins: Origins) -> None:
+    """Rules that span keys; each message names the keys involved and where each value came from."""
     spec, lim, srv = cfg.speculation, cfg.limits, cfg.server
+
+    def said(dotted: str) -> str:
+        return origins.describe(dotted, value_at(cfg, dotted))
+
     if isinstance(spec.gamma, int) and spec.gamma > spec.gamma_max:
-        raise ConfigError(f"[speculation] gamma = {spec.gamma} exceeds gamma_max = {spec.gamma_max}")
+        raise ConfigError(f"{said('speculation.gamma')} exceeds {said('speculation.gamma_max')}")
     if spec.gamma_max > lim.max_draft:
-        raise ConfigError(f"[speculation] gamma_max = {spec.gamma_max} exceeds [limits] max_draft = {lim.max_draft}")
+        raise ConfigError(f"{said('speculation.gamma_max')} exceeds {said('limits.max_draft')}")
     if spec.proposal_top_k > lim.max_support:
-        raise ConfigError(f"[speculation] proposal_top_k = {spec.proposal_top_k} exceeds [limits] "
-                          f"max_support = {lim.max_support}")
-    if lim.max_input_tokens >= lim.max_total_tokens:
-        raise ConfigError(f"[limits] max_input_tokens = {lim.max_input_tokens} must be below "
-                          f"max_total_tokens = {lim.max_total_tokens}")
+        raise ConfigError(f"{said('speculation.proposal_top_k')} exceeds {said('limits.max_support')}")
+    # max_input_tokens >= max_total_tokens is not refused: the verifier caps the prompt limit below the
+    # total with a warning naming both sources, as it does when the model's context caps the total.
     if bool(srv.tls_cert) != bool(srv.tls_key):
-        raise ConfigError("[server] tls_cert and tls_key must be given together")
+        given = "server.tls_cert" if srv.tls_cert else "server.tls_key"
+        raise ConfigError(f"[server] tls_cert and tls_key must be given together; only {said(given)} is set")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", srv.device):
-        raise ConfigError(f"[server] device = {srv.device!r}: allowed auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"{said('server.device')}: allowed auto, cpu, cuda or cuda:N")
     if not re.match(r"wss?://", cfg.client.server_url):
-        raise ConfigError(f"[client] server_url = {cfg.client.server_url!r} must start with ws:// or wss://")
+        raise ConfigError(f"{said('client.server_url')} must start with ws:// or wss://")
 
 
-def _describe(exc: msgspec.ValidationError, source: str) -> str:
+def value_at(cfg: Config, dotted: str) -> Any:
+    """The value of ``limits.max_total_tokens`` (any dotted key) in ``cfg``."""
+    node: Any = cfg
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node
+
+
+def _describe(exc: msgspec.ValidationError, origins: Origins, raw: dict[str, Any]) -> str:
+    """msgspec's message, prefixed by the flag, file or layer that set the bad value."""
     text = str(exc)
     path = ""
     match = re.search(r" - at `\$(.*)`$", text)
@@ -150,12 +165,25 @@ def _describe(exc: msgspec.ValidationError, source: str) -> str:
     section = "[" + ".".join(keys) + "]" if keys else "top level"
     if unknown:
         allowed = _allowed_keys(keys)
+        source = origins.where(".".join([*keys, unknown.group(1)]))
         return (f"{source}: unknown key {unknown.group(1)!r} in {section}; "
                 f"allowed: {', '.join(allowed)}")
-    where = ("[" + ".".join(keys[:-1]) + "] " + keys[-1]) if len(keys) > 1 else (keys[0] if keys else "")
     if text.startswith("Invalid enum value") and keys:
         text = f"{text[len('Invalid enum value '):]} is not allowed; use {_allowed_values(keys)}"
-    return f"{source}: {where}: {text.replace('Expected', 'expected')}".replace(": : ", ": ")
+    text = text.replace("Expected", "expected")
+    dotted = ".".join(keys)
+    origin = origins.of(dotted) if keys else None
+    if origin is not None and origin.flag:
+        return f"{origins.describe(dotted, _raw_value(raw, keys))}: {text}"
+    where = key_name(dotted) if keys else ""
+    return f"{origins.where(dotted)}: {where}: {text}".replace(": : ", ": ")
+
+
+def _raw_value(raw: dict[str, Any], keys: list[str]) -> Any:
+    node: Any = raw
+    for key in keys:
+        node = node[key]
+    return node
 
 
 def _allowed_values(keys: list[str]) -> str:
@@ -205,17 +233,26 @@ def default_config_path() -> Path | None:
     return None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                layers: list[dict[str, Any]] | None = None) -> Config:
+LayerValues = dict[str, Any] | ConfigLayer
+
+
+def load_config(path: str | Path | None = None, overrides: LayerValues | None = None,
+                layers: list[LayerValues] | None = None) -> Config:
     """Load the file (or the built-in defaults), apply ``layers`` then ``overrides``, and validate.
 
     ``overrides`` is nested like the file, e.g. ``{"server": {"port": 9000}}``; values that are
-    None are ignored so unset flags do not override the file.
+    None are ignored so unset flags do not override the file. A :class:`ConfigLayer` (rather than a
+    plain dict) also says where its values came from, so errors name the right flag or file.
     """
-    source = "defaults"
+    return load_config_with_origins(path, overrides, layers)[0]
+
+
+def load_config_with_origins(path: str | Path | None = None, overrides: LayerValues | None = None,
+                             layers: list[LayerValues] | None = None) -> tuple[Config, Origins]:
+    """:func:`load_config`, and where each value came from (for messages about values in use)."""
+    origins = Origins()
     raw: dict[str, Any] = {}
     if path is not None:
-        source = str(path)
         try:
             with open(path, "rb") as fh:
                 raw = tomllib.load(fh)
@@ -223,19 +260,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    for layer in layers or []:
-        raw = _merge(raw, layer)
-    if overrides:
-        raw = _merge(raw, _drop_none(overrides))
+        origins.record(ConfigLayer(raw, str(path)))
+    for layer in [*(layers or []), *([overrides] if overrides else [])]:
+        labelled = layer if isinstance(layer, ConfigLayer) else ConfigLayer(layer, "overrides")
+        values = _drop_none(dict(labelled.values))
+        origins.record(ConfigLayer(values, labelled.where, labelled.flags))
+        raw = _merge(raw, values)
     try:
         cfg = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
-    try:
-        _check(cfg)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    return cfg
+        raise ConfigError(_describe(exc, origins, raw)) from None
+    _check(cfg, origins)
+    return cfg, origins
 
 
 def _drop_none(tree: dict[str, Any]) -> dict[str, Any]:
@@ -265,9 +301,23 @@ def read_secret(env_name: str, file_name: str) -> str | None:
     return None
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as plain nested dicts (as it would be written to TOML)."""
-    return msgspec.to_builtins(cfg)
+def to_dict(cfg: Config, *, changed_only: bool = False) -> dict[str, Any]:
+    """The config as plain nested dicts (as it would be written to TOML); ``changed_only``: only the
+    values that differ from the defaults."""
+    tree = msgspec.to_builtins(cfg)
+    return _changes(tree, msgspec.to_builtins(Config())) if changed_only else tree
+
+
+def _changes(tree: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            inner = _changes(value, defaults.get(key, {}))
+            if inner:
+                out[key] = inner
+        elif value != defaults.get(key):
+            out[key] = value
+    return out
 
 
 def dump_toml(tree: dict[str, Any]) -> str:

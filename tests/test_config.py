@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from specd.shared.config import Config, load_config, read_secret, to_dict
+from specd.shared.config_origins import ConfigLayer
 from specd.shared.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
@@ -39,8 +40,7 @@ def _write(tmp_path, text: str) -> Path:
     ("[devices]\nedge_device = \"tpu\"\n", "[devices] edge_device: 'tpu' is not allowed"),
     ("[devices.gpu]\ndevice_id = -1\n", "[devices.gpu] device_id: expected `int` >= 0"),
     ("[sampling]\ntop_p = 0.0\n", "[sampling] top_p: expected `float` > 0.0"),
-    ("[speculation]\ngamma = 9\n", "gamma = 9 exceeds gamma_max = 8"),
-    ("[limits]\nmax_input_tokens = 9000\n", "max_input_tokens = 9000 must be below max_total_tokens"),
+    ("[speculation]\ngamma = 9\n", "gamma = 9 (in {path}) exceeds [speculation] gamma_max = 8 (the default)"),
     ("[server]\ntls_cert = \"a.pem\"\n", "tls_cert and tls_key must be given together"),
     ("[server]\ndevice = \"gpu\"\n", "allowed auto, cpu, cuda or cuda:N"),
     ("[client]\nserver_url = \"http://x\"\n", "must start with ws:// or wss://"),
@@ -50,7 +50,7 @@ def test_mistakes_fail_with_a_message_naming_the_key(tmp_path, text, message):
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert message in str(err.value) and str(path) in str(err.value)
+    assert message.format(path=path) in str(err.value) and str(path) in str(err.value)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -84,3 +84,47 @@ def test_secrets_come_from_environment_or_file_never_from_toml(tmp_path, monkeyp
     path = _write(tmp_path, "[server]\napi_key = \"x\"\n")
     with pytest.raises(ConfigError, match="unknown key 'api_key'"):
         load_config(path)
+
+
+# -- each value knows where it came from --------------------------------------------------------
+FLAGS = {"speculation.gamma": "--gamma", "server.port": "--port", "limits.max_total_tokens": "--max-total-tokens",
+         "limits.max_input_tokens": "--max-input-tokens", "server.device": "--device"}
+
+
+def flags(values: dict) -> ConfigLayer:
+    return ConfigLayer(values, "the command line", FLAGS)
+
+
+@pytest.mark.parametrize(("file_text", "layer", "override", "message"), [
+    ("", None, flags({"speculation": {"gamma": 9}}), "--gamma 9 exceeds [speculation] gamma_max = 8 (the default)"),
+    ("[speculation]\ngamma_max = 4\n", None, flags({"speculation": {"gamma": 6}}),
+     "--gamma 6 exceeds [speculation] gamma_max = 4 (in {path})"),
+    ("", ConfigLayer({"speculation": {"gamma": 9}}, "Settings"), None,
+     "[speculation] gamma = 9 (in Settings) exceeds [speculation] gamma_max = 8 (the default)"),
+    ("[speculation]\ngamma = 3\n", ConfigLayer({"speculation": {"gamma_max": 20}}, "Settings"), None,
+     "[speculation] gamma_max = 20 (in Settings) exceeds [limits] max_draft = 16 (the default)"),
+    ("[server]\nport = 80\n", None, flags({"server": {"port": 70000}}), "--port 70000: expected `int` <= 65535"),
+    ("", ConfigLayer({"sampling": {"top_p": 2.0}}, "Settings"), None,
+     "Settings: [sampling] top_p: expected `float` <= 1.0"),
+    ("", None, flags({"server": {"device": "tpu"}}), "--device tpu: allowed auto, cpu, cuda or cuda:N"),
+])
+def test_errors_name_the_flag_file_or_layer_that_set_each_value(tmp_path, file_text, layer, override, message):
+    path = _write(tmp_path, file_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, override, layers=[layer] if layer else None)
+    assert message.format(path=path) in str(err.value)
+    if "(in {path})" not in message:
+        assert str(path) not in str(err.value)  # the file did not set the values in question
+
+
+def test_a_prompt_limit_above_the_total_is_left_to_the_verifier_to_cap(tmp_path):
+    # The verifier caps it with a warning naming both sources (tests/test_first_run_messages.py), as it
+    # caps a total above the model's context: the config refuses neither.
+    cfg = load_config(_write(tmp_path, "[limits]\nmax_input_tokens = 4096\n"),
+                      flags({"limits": {"max_total_tokens": 256}}))
+    assert (cfg.limits.max_input_tokens, cfg.limits.max_total_tokens) == (4096, 256)
+
+
+def test_changed_only_keeps_what_differs_from_the_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, "[limits]\nmax_total_tokens = 256\n[server]\nport = 8765\n"))
+    assert to_dict(cfg, changed_only=True) == {"limits": {"max_total_tokens": 256}}

@@ -311,7 +311,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 @pytest.mark.parametrize(("args", "message"), [
     (["--port", "70000"], "port"),
     (["--device", "tpu"], "device"),
-    (["--max-input-tokens", "9000", "--max-total-tokens", "100"], "max_input_tokens"),
+    (["--max-total-tokens", "0"], "--max-total-tokens 0: expected `int` >= 1"),
     (["--config", "/does/not/exist.toml"], "does not exist"),
     (["--host", "0.0.0.0", "--port", "0"], "--insecure-no-auth"),
     (["--tls-cert", "/nope.pem", "--tls-key", "/nope.key", "--port", "0"], "does not exist"),

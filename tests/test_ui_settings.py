@@ -109,7 +109,7 @@ def make_dialog(qtbot, config_file, settings=None, api_key=None) -> SettingsDial
     ("sampling.temperature", "warm", r"\[sampling\] temperature: 'warm' is not a number"),
     ("sampling.temperature", "200", r"temperature: expected `float` <= 100"),
     ("sampling.max_new_tokens", "0", r"max_new_tokens: expected `int` >= 1"),
-    ("speculation.gamma", "20", r"gamma = 20 exceeds gamma_max = 8"),
+    ("speculation.gamma", "20", r"gamma = 20 \(in Settings\) exceeds \[speculation\] gamma_max = 8 \(the default\)"),
     ("speculation.gamma", "often", r"is not an integer or \"auto\""),
     ("client.server_url", "http://example.com", r"must start with ws:// or wss://"),
     ("client.server_url", "ws://", r"^Not saved: Server URL: 'ws://' has no host name; e\.g\. ws://127\.0\.0\.1:8765"),
@@ -160,7 +160,7 @@ def test_dialog_errors_name_the_dialog_not_config_toml(qtbot, config_file):
     dialog = make_dialog(qtbot, config_file)
     dialog.edits[("sampling", "top_p")].setText("2")
     dialog.accept()
-    assert dialog.error.text().startswith("Not saved: [sampling] top_p: expected `float` <= 1.0")
+    assert dialog.error.text().startswith("Not saved: Settings: [sampling] top_p: expected `float` <= 1.0")
     assert str(config_file) not in dialog.error.text()  # the value came from the dialog, not the file
 
 
@@ -168,7 +168,8 @@ def test_a_bad_value_in_settings_toml_names_settings_toml(tmp_path, config_file)
     settings = UserSettings(layer={"speculation": {"gamma": 20}})
     with pytest.raises(ConfigError) as caught:
         effective_config(config_file, settings, layer_source=str(tmp_path / "settings.toml"))
-    assert str(caught.value) == f"{tmp_path / 'settings.toml'}: [speculation] gamma = 20 exceeds gamma_max = 8"
+    assert str(caught.value) == (f"[speculation] gamma = 20 (in {tmp_path / 'settings.toml'}) exceeds "
+                                 "[speculation] gamma_max = 8 (the default)")
     config_file.write_text("[sampling]\ntop_p = 7\n")  # the file itself is wrong: it is the one named
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(config_file))}: \[sampling\] top_p"):
         effective_config(config_file, settings, layer_source="settings.toml")

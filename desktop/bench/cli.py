@@ -24,6 +24,7 @@ from specd.desktop.answer import Settings
 from specd.desktop.bench.figures import MODES
 from specd.desktop.bench.prompts import PROMPTS, select_prompts
 from specd.shared.config import Config, default_config_path, load_config, to_dict
+from specd.shared.config_origins import flag_layer
 from specd.shared.errors import ConfigError, SpecdError
 
 
@@ -72,8 +73,9 @@ def say(message: str) -> None:
 def bench_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     """The config with the flags applied, and the remote verifier's URL (None: start one locally)."""
     path = args.config or default_config_path()
-    cfg = load_config(path, overrides={"sampling": {"temperature": args.temperature, "top_p": args.top_p,
-                                                    "max_new_tokens": args.max_new_tokens, "seed": args.seed}})
+    flags = {"--temperature": "sampling.temperature", "--top-p": "sampling.top_p",
+             "--max-new-tokens": "sampling.max_new_tokens", "--seed": "sampling.seed"}
+    cfg = load_config(path, overrides=flag_layer(args, flags))
     if not (args.host or args.port):
         return cfg, None
     url = urlparse(cfg.client.server_url)

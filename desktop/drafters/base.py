@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from specd.shared.errors import ModelError
+from specd.shared.models import load_tokenizer_from
 from specd.shared.sampling import (
     DRAFT_STREAM,
     ProposalDistribution,
@@ -93,9 +94,7 @@ class Drafter(ABC):
         """The draft model's Hugging Face tokenizer (its fingerprint must match the verifier's)."""
         if self.tokenizer_path is None:
             raise ModelError(f"the {self.backend} draft {self.model_name!r} has no tokenizer folder")
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+        return load_tokenizer_from(self.tokenizer_path)
 
     # -- shared behaviour ----------------------------------------------------------------------
     def prefill(self, token_ids: Sequence[int]) -> None:

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from specd.shared.config import Config, dump_toml, load_config
+from specd.shared.config_origins import ConfigLayer
 from specd.shared.errors import ConfigError
 from specd.shared.paths import user_config_dir
 
 log = logging.getLogger("specd.desktop")
 
 SETTINGS_FILE = "settings.toml"
+SETTINGS_SOURCE = "Settings"  # how a config message names a value the user set in the app's dialog
 API_KEY_FILE = "api_key"
 KEYRING_SERVICE = "specd"
 KEYRING_USER = "api-key"
@@ -89,23 +91,9 @@ def write_settings(path: Path, settings: UserSettings) -> None:
 
 
 def effective_config(config_path: Path | None, settings: UserSettings, *, layer_source: str = "") -> Config:
-    """``config.toml`` with the user's layer on top (ConfigError names the bad key). When the file alone
-    is fine, a bad value came from the layer: the message names ``layer_source`` (the settings file;
-    "" for the Settings dialog, which shows it beside the fields) instead of ``config.toml``."""
-    try:
-        return load_config(config_path, layers=[settings.layer])
-    except ConfigError as exc:
-        if not settings.layer:
-            raise
-        try:
-            load_config(config_path)
-        except ConfigError:
-            raise exc from None  # config.toml itself is wrong: its own message names it
-        message = str(exc)
-        file_prefix = f"{config_path if config_path is not None else 'defaults'}: "
-        if message.startswith(file_prefix):
-            message = message[len(file_prefix):]
-        raise ConfigError(f"{layer_source}: {message}" if layer_source else message) from None
+    """``config.toml`` with the user's layer on top. A ConfigError names the bad key and where its value
+    came from: ``layer_source`` (the settings file) for the user's layer, or "Settings" (the dialog)."""
+    return load_config(config_path, layers=[ConfigLayer(settings.layer, layer_source or SETTINGS_SOURCE)])
 
 
 # -- the API key: OS keyring, else a file only the user can read --------------------------------
