@@ -65,6 +65,8 @@ print(json.dumps({
 
 pytestmark = [
     pytest.mark.slow,
+    # Above the build's own limit (1200 s), which then reports the build's output; a loaded machine needs it.
+    pytest.mark.timeout(1500),
     pytest.mark.skipif(sys.platform != "linux", reason="the verifier bundle is built for Linux servers"),
 ]
 
