@@ -1,7 +1,7 @@
-"""Packaging checks that run everywhere in seconds: the systemd unit (verified by systemd-analyze when
-present), install.sh / uninstall.sh against a temporary root, the PyInstaller specs, the Inno Setup
-script, the Windows build script and workflow, and the app icon. The bundle itself is built and
-started by tests/test_packaging_smoke.py."""
+"""Packaging checks that run everywhere in seconds: the systemd unit (verified and rated by systemd-analyze,
+from Debian's systemd package where it is missing), install.sh / uninstall.sh against a temporary root, the
+PyInstaller specs, the Inno Setup script, the Windows build script and workflow, and the app icon. The bundle
+itself is built and started (plainly and inside the unit's sandbox) by tests/test_packaging_smoke.py."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.debian_tools import debian_tool
+from tests.systemd_unit import unit_entries, values
+
 ROOT = Path(__file__).resolve().parents[1]
 LINUX = ROOT / "packaging" / "linux"
 WINDOWS = ROOT / "packaging" / "windows"
@@ -26,27 +29,6 @@ SYSTEM_UNITS = Path("/lib/systemd/system")
 
 sys.path.insert(0, str(ROOT / "packaging"))
 import pyinstaller_shared  # noqa: E402
-
-
-def unit_entries(text: str) -> dict[str, list[tuple[str, str]]]:
-    """A systemd unit as {section: [(key, value), ...]}, repeated keys kept in order."""
-    sections: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            current = sections.setdefault(line.strip("[]"), [])
-        else:
-            key, _, value = line.partition("=")
-            current.append((key.strip(), value.strip()))
-    return sections
-
-
-def values(entries: list[tuple[str, str]], key: str) -> list[str]:
-    return [v for k, v in entries if k == key]
-
 
 # --- the unit -------------------------------------------------------------------------------------------------
 
@@ -65,12 +47,19 @@ def test_the_unit_is_a_hardened_notify_service_that_keeps_the_gpus():
     assert "HF_HOME=%C/specd/huggingface" in values(service, "Environment")
     assert one["EnvironmentFile"] == "-/etc/specd/verifier.env"
     assert one["ProtectSystem"] == "strict"
-    for key in ("ProtectHome", "PrivateTmp", "NoNewPrivileges"):
+    for key in ("ProtectHome", "PrivateTmp", "NoNewPrivileges", "PrivateUsers", "ProtectClock"):
         assert one[key] == "yes", key
+    assert one["CapabilityBoundingSet"] == ""
     assert one["RestrictAddressFamilies"].split() == ["AF_INET", "AF_INET6", "AF_UNIX"]
-    # Each of these hides /dev/nvidia* or /dev/dri, or breaks torch.
-    for key in ("MemoryDenyWriteExecute", "PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock"):
+    # The GPUs stay reachable: NVIDIA's device groups, ROCm's render nodes and compute queues, group render.
+    assert one["DevicePolicy"] == "closed"
+    allowed = {value.split()[0] for value in values(service, "DeviceAllow")}
+    assert {"char-nvidiactl", "char-nvidia-uvm", "char-nvidia-caps", "char-drm", "char-kfd"} <= allowed
+    assert "render" in one["SupplementaryGroups"].split()
+    # Each of these hides /dev/nvidia*, /proc/meminfo or /proc/driver/nvidia, or breaks JIT-compiled kernels.
+    for key in ("MemoryDenyWriteExecute", "PrivateDevices", "ProcSubset"):
         assert key not in one, key
+    assert values(service, "SystemCallFilter") == ["@system-service", "~@privileged"]
     assert unit_entries(UNIT.read_text())["Install"] == [("WantedBy", "multi-user.target")]
 
 
@@ -175,6 +164,17 @@ def test_install_for_a_venv_uses_a_drop_in_and_switching_back_removes_it(sandbox
     assert not dropin.parent.exists()
 
 
+def test_install_refuses_a_venv_the_service_cannot_see(sandbox):
+    venv_program = sandbox.root / "home/alice/venv/bin/specd-verifier"
+    venv_program.parent.mkdir(parents=True)
+    venv_program.write_text("#!/bin/sh\n")
+    venv_program.chmod(0o755)
+    result = sandbox.run("install.sh", "--venv", "/home/alice/venv")
+    assert result.returncode != 0
+    assert "ProtectHome=yes" in result.stderr and "/opt/specd/venv" in result.stderr
+    assert not (sandbox.root / "etc").exists()
+
+
 def test_uninstall_keeps_settings_unless_purged(sandbox):
     assert sandbox.run("install.sh", "--bundle", str(sandbox.bundle)).returncode == 0
     cache = sandbox.root / "var/cache/private/specd/models"
@@ -191,10 +191,23 @@ def test_uninstall_keeps_settings_unless_purged(sandbox):
     assert sandbox.run("uninstall.sh", "--purge").returncode == 0  # nothing left to remove: still fine
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None or not SYSTEM_UNITS.is_dir(),
-                    reason="systemd-analyze (and the system's units) are not installed")
-@pytest.mark.parametrize("variant", ["bundle", "venv"])
-def test_systemd_analyze_verifies_the_installed_unit(sandbox, variant):
+# --- systemd-analyze on the installed unit (bundle and venv variants) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def systemd_analyze() -> str:
+    """systemd-analyze, from Debian's systemd package where it is missing: it only reads unit files here, so no
+    running systemd is needed."""
+    found = debian_tool("systemd-analyze", "systemd")
+    if found is None or not SYSTEM_UNITS.is_dir():
+        pytest.skip("systemd-analyze is missing and Debian's systemd package could not be installed here "
+                    "(that needs root, apt-get and a reachable Debian mirror)")
+    return found
+
+
+def install_variant(sandbox, variant: str) -> None:
+    """install.sh into the staging root as a bundle or as a venv (whose drop-in replaces ExecStart), with the
+    system's units beside it so that systemd-analyze resolves dependencies such as sysinit.target."""
     if variant == "venv":
         program = sandbox.root / "opt/specd/venv/bin/specd-verifier"
         program.parent.mkdir(parents=True)
@@ -204,14 +217,28 @@ def test_systemd_analyze_verifies_the_installed_unit(sandbox, variant):
     else:
         args = ["--bundle", str(sandbox.bundle)]
     assert sandbox.run("install.sh", *args).returncode == 0
-    # verify resolves dependencies such as sysinit.target: give the staging root the system's units.
     shutil.copytree(SYSTEM_UNITS, sandbox.root / "usr/lib/systemd/system", symlinks=True)
-    result = subprocess.run(["systemd-analyze", "verify", f"--root={sandbox.root}",
+
+
+@pytest.mark.parametrize("variant", ["bundle", "venv"])
+def test_systemd_analyze_verifies_the_installed_unit(sandbox, systemd_analyze, variant):
+    install_variant(sandbox, variant)
+    result = subprocess.run([systemd_analyze, "verify", f"--root={sandbox.root}",
                              "/etc/systemd/system/specd-verifier.service"],
                             capture_output=True, text=True, timeout=60)
     # verify exits 0 on ignored (mistyped) settings too: any message about the unit is a failure.
     messages = [line for line in (result.stdout + result.stderr).splitlines() if "specd-verifier" in line]
     assert result.returncode == 0 and not messages, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", ["bundle", "venv"])
+def test_the_installed_unit_rates_an_exposure_of_at_most_2(sandbox, systemd_analyze, variant):
+    install_variant(sandbox, variant)
+    result = subprocess.run([systemd_analyze, "security", "--offline=yes", f"--root={sandbox.root}", "--no-pager",
+                             "specd-verifier.service"], capture_output=True, text=True, timeout=60)
+    rating = re.search(r"Overall exposure level for specd-verifier\.service: (\d+\.\d+)", result.stdout)
+    assert result.returncode == 0 and rating, result.stdout + result.stderr
+    assert float(rating.group(1)) <= 2.0, result.stdout
 
 
 # --- PyInstaller specs and the frozen entry point ------------------------------------------------------------

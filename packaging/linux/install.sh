@@ -43,6 +43,10 @@ readme_src=$(first "$here/README.md" "$here/../../README.md")
 [ -f "$config_src" ] || die "config.toml is missing (looked beside this script and in the checkout)"
 
 if [ -n "$venv" ]; then
+  case "$venv/" in
+    /home/*|/root/*|/run/user/*)
+      die "the service cannot see $venv (its unit has ProtectHome=yes): create the venv elsewhere, e.g. python3 -m venv /opt/specd/venv" ;;
+  esac
   [ -x "$DESTDIR$venv/bin/specd-verifier" ] || \
     die "$venv/bin/specd-verifier not found: create the venv and pip install 'specd[daemon]' into it first"
 else
