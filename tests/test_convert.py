@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -72,13 +71,24 @@ def test_convert_explains_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert "not a Hugging Face model folder" in capsys.readouterr().err
 
 
-def test_prepared_drafts_are_built_once_and_cached(tiny_hf, tmp_path):
+def test_prepared_drafts_are_built_once_and_cached(tiny_hf, tmp_path, monkeypatch):
+    import specd.desktop.openvino_export as openvino_export
+
+    builds: list[str] = []
+    real_export = openvino_export.export_openvino
+
+    def counted_export(hf_folder, out, precision, say):
+        builds.append(precision)
+        return real_export(hf_folder, out, precision, say)
+
+    monkeypatch.setattr(openvino_export, "export_openvino", counted_export)
     messages: list[str] = []
     first = prepare_draft(str(tiny_hf), "openvino", "int8", cache_override=str(tmp_path), progress=messages.append)
     assert (first / ".complete").is_file() and any("once" in m for m in messages)
-    started = time.monotonic()
+    assert builds == ["int8"]
     again = prepare_draft(str(tiny_hf), "openvino", "int8", cache_override=str(tmp_path), progress=messages.append)
-    assert again == first and time.monotonic() - started < 1.0
+    assert again == first and builds == ["int8"]  # the cached build is used, not rebuilt
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary folders left behind
     # A folder that already is a model for the backend is used as it is.
     assert prepare_draft(str(first), "openvino", "int8", cache_override=str(tmp_path)) == first
+    assert builds == ["int8"]
