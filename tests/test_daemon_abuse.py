@@ -277,7 +277,7 @@ async def test_a_flooding_connection_is_rate_limited_and_others_keep_working(tin
 
 async def test_a_client_that_stops_reading_stalls_only_itself_and_is_dropped(tiny_folder, monkeypatch):
     """Backpressure: the verifier's send to a non-reading client waits on that connection only."""
-    monkeypatch.setattr(connection_module, "SEND_TIMEOUT_S", 6.0)  # 30 s by default
+    monkeypatch.setattr(connection_module, "SEND_TIMEOUT_S", 8.0)  # 30 s by default
     async with Verifier(daemon_config(tiny_folder)) as v:
         stuck = await connect(v.url, compression=None, max_size=None, max_queue=1, ping_interval=None)
         stuck.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
@@ -293,16 +293,16 @@ async def test_a_client_that_stops_reading_stalls_only_itself_and_is_dropped(tin
             await stuck.send(enc({"type": "hello", "protocol": 1, "tokenizer": "x" * 200}))
         good = await Client.open(v.url, FINGERPRINT)
         stalled = False
-        began = time.monotonic()
-        for _ in range(20):
+        for _ in range(8):
             await good.start(PROMPT, 6, sampling=m.Sampling(temperature=0.0))
             while not good.session.finished:
-                t0 = time.monotonic()
                 await good.round([7, 8, 9])
-                assert time.monotonic() - t0 < 2.5, "a round waited on the stalled client"
+                # Had the round waited on the stalled client, that client would be gone by now: it is
+                # dropped only after its send has waited SEND_TIMEOUT_S.
+                assert driver in v.drivers and v.metrics.refusals["send_timeout"] == 0, \
+                    "a round waited on the stalled client"
             stalled = stalled or driver.ws.transport.get_write_buffer_size() > 0
         assert stalled, "the test did not reach backpressure"
-        assert time.monotonic() - began < 60
         # A send that waits longer than SEND_TIMEOUT_S drops the stalled client and frees its slot.
         deadline = time.monotonic() + 30
         while driver in v.drivers and time.monotonic() < deadline:

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -146,9 +147,10 @@ async def test_healthz_is_503_while_the_model_loads(tiny_folder, monkeypatch):
     import specd.daemon.target as target_module
 
     real_load = target_module.TargetModel.load
+    loaded = threading.Event()  # the model stays "loading" until the checks below are done
 
     def slow_load(*args, **kwargs):
-        time.sleep(1.0)
+        assert loaded.wait(60), "the test never let the model load"
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(target_module.TargetModel, "load", staticmethod(slow_load))
@@ -161,6 +163,7 @@ async def test_healthz_is_503_while_the_model_loads(tiny_folder, monkeypatch):
     with pytest.raises(InvalidStatus) as info:
         await Client.open(v.url, FINGERPRINT)
     assert info.value.response.status_code == 503
+    loaded.set()
     await starting
     assert (await get(f"http://127.0.0.1:{v.port}/healthz"))[0] == 200
     await v.stop()
@@ -229,23 +232,33 @@ async def test_stop_finishes_the_round_in_flight_then_closes_with_1001(tiny_fold
     v = Verifier(daemon_config(tiny_folder))
     await v.start()
     original = v.target.forward
-    v.target.forward = lambda *a, **k: (time.sleep(0.5), original(*a, **k))[1]
+    entered, release = threading.Event(), threading.Event()
+
+    def held_forward(*args, **kwargs):  # the round's forward stays in flight until the stop has begun
+        entered.set()
+        assert release.wait(60), "the test never released the forward"
+        return original(*args, **kwargs)
+
+    target = v.target  # stop() lets go of it
     client = await Client.open(v.url, FINGERPRINT)
     idle = await Client.open(v.url, FINGERPRINT)
     await client.start([1, 5, 6], 10, sampling=m.Sampling(temperature=0.0))
+    forwards = len(target.forward_positions)
+    target.forward = held_forward
     _rnd, frame = client.session.draft([7, 8])
     await client.ws.send(frame)
-    await asyncio.sleep(0.2)  # the round's forward is running
-    began = time.monotonic()
+    assert await asyncio.to_thread(entered.wait, 30), "the round's forward did not start"
     stopping = asyncio.create_task(v.stop())
+    await asyncio.sleep(0)  # let the stop begin while the forward is held
+    release.set()
     (verdict,) = await client.events()
     assert verdict.verdict.position == 3  # the round in flight was answered
     (event,) = await client.events()
     assert isinstance(event, ServerFailed) and event.error.code == "shutting_down" and event.error.fatal
     (idle_event,) = await idle.events()
     assert idle_event.error.code == "shutting_down"
-    await stopping
-    assert time.monotonic() - began < 5
+    await asyncio.wait_for(stopping, 60)  # a hang guard: stopping waits for nothing but that round
+    assert len(target.forward_positions) == forwards + 1, "work was started after the stop began"
     for c in (client, idle):
         await c.ws.wait_closed()
         assert c.ws.close_code == 1001
