@@ -119,6 +119,7 @@ def test_help_documents_every_flag():
 
 
 async def test_healthz_and_metrics(tiny_folder):
+    began = time.monotonic()
     async with Verifier(daemon_config(tiny_folder)) as v:
         base = f"http://127.0.0.1:{v.port}"
         client = await Client.open(v.url, FINGERPRINT)
@@ -129,7 +130,9 @@ async def test_healthz_and_metrics(tiny_folder):
         health = json.loads(body)
         assert status == 200 and content_type == "application/json"
         assert health["ready"] is True and health["sessions"] == 1 and health["device"] == "cpu"
-        assert health["model"] == Path(tiny_folder).name and health["uptime"] >= 0
+        assert health["model"] == Path(tiny_folder).name
+        # Counted from the verifier's start, which came after `began` (0.001: the figure is rounded to ms).
+        assert 0 < health["uptime"] <= time.monotonic() - began + 0.001
         status, content_type, metrics = await get(base + "/metrics")
         assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
         lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
@@ -298,11 +301,20 @@ async def test_sd_notify_messages(tiny_folder, monkeypatch, kind):
         v = Verifier(daemon_config(tiny_folder), notifier=notifier)
         await v.start()
         client = await Client.open(v.url, FINGERPRINT)
-        await asyncio.sleep(0.35)
+        lines: list[str] = []
+
+        def serving_one_session() -> bool:
+            return any(line.startswith("STATUS=serving") and line.endswith(": 1 session") for line in lines)
+
+        # Wait for the messages themselves (the watchdog pings every 100 ms), not for a fixed time.
+        for _ in range(1500):
+            lines += [line for message in drain(sock) for line in message.splitlines()]
+            if lines.count("WATCHDOG=1") >= 2 and serving_one_session():
+                break
+            await asyncio.sleep(0.02)
         await client.close()
-        await asyncio.sleep(0.05)
         await v.stop()
-        lines = [line for message in drain(sock) for line in message.splitlines()]
+        lines += [line for message in drain(sock) for line in message.splitlines()]
     finally:
         sock.close()
         if kind == "environment":
