@@ -318,7 +318,7 @@ async def test_an_idle_connection_closed_by_the_verifier_is_reported_and_reopene
         client.on_status = lambda state, _msg: states.append(state)
         try:
             first = await client.generate(list(PROMPT), replace(GREEDY, max_new_tokens=8))
-            for _ in range(40):
+            for _ in range(300):
                 if "offline" in states:
                     break
                 await asyncio.sleep(0.1)

@@ -29,7 +29,7 @@ from specd.shared import messages as m
 from specd.shared.errors import ConfigError
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.session import ServerFailed
-from tests.daemon_support import Client, daemon_config
+from tests.daemon_support import Client, daemon_config, eventually
 from tests.tiny_models import save_tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(180)
@@ -224,10 +224,7 @@ async def test_idle_sessions_are_closed_and_freed(tiny_folder):
         assert isinstance(event, ServerFailed) and event.error.code == "idle_timeout"
         await client.ws.wait_closed()
         assert client.ws.close_code == 1000
-        for _ in range(100):
-            if not v.drivers:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: not v.drivers, "the idle connection is dropped")
         assert v.sessions == 0 and driver.cache.kv is None and driver.cache.tokens == []
 
 
