@@ -7,6 +7,7 @@ client written from docs/protocol.md would do — so the daemon is tested withou
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,3 +103,13 @@ def greedy_reference(model: Any, prompt: list[int], max_new_tokens: int, eos: li
                              do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                              pad_token_id=eos[0], temperature=None, top_p=None, top_k=None)
     return out[0, len(prompt):].tolist()
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Wait until ``condition()`` holds (a closed connection frees its slot a few loop turns later). The
+    timeout only guards against a hang: the checks are on the state, never on how long it took."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.02)

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specd.daemon.server import Verifier
+from specd.desktop.adaptive import GammaController
 from specd.desktop.answer import Answer, Settings
 from specd.desktop.connection import Endpoint
 from specd.desktop.drafters.torch_drafter import TorchDrafter
@@ -34,6 +35,13 @@ LONG_PROMPT = [1, 33, 34, 35]  # greedy, the tiny target does not reach end-of-s
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {"target": save_tiny_model(root / "target", seed=1), "draft": save_tiny_model(root / "draft", seed=2)}
+
+
+@pytest.fixture
+def always_draft_ahead(monkeypatch):
+    """Whether drafting ahead pays is the controller's call from measured timings, which a loaded machine
+    changes; the tests of the mechanism take that call out, so the counts they check are exact."""
+    monkeypatch.setattr(GammaController, "worth_drafting_ahead", lambda _self, _now, _next: True)
 
 
 def verifier_config(target, port: int = 0, **limits):
@@ -286,7 +294,7 @@ async def test_embedded_pair_greedy_equals_the_target(smollm2_folder):
     assert "Paris" in answer.text
 
 
-async def test_rounds_drafted_ahead_are_used_when_the_guess_is_right(folders):
+async def test_rounds_drafted_ahead_are_used_when_the_guess_is_right(folders, always_draft_ahead):
     """With the target as its own draft every guess is right: rounds drafted during verification are
     sent ahead and verified without a round trip, and the output is still the target's own."""
     settings = replace(GREEDY, max_new_tokens=60, gamma=3)
@@ -295,7 +303,10 @@ async def test_rounds_drafted_ahead_are_used_when_the_guess_is_right(folders):
         piped = await generate(verifier.url, folders["target"], settings, slow=True)
         plain = await generate(verifier.url, folders["target"], replace(settings, pipeline=False), slow=True)
     assert piped.token_ids == plain.token_ids == expected
-    assert piped.stats.ahead_rounds >= piped.stats.rounds // 2
+    # Every guess is right, so every round after the first was drafted during its predecessor's
+    # verification, and none was discarded; each round carries γ drafts and the bonus token.
+    assert piped.stats.rounds == plain.stats.rounds == -(-len(expected) // 4)
+    assert piped.stats.ahead_rounds == piped.stats.rounds - 1
     assert piped.stats.discarded_rounds == 0
     assert plain.stats.ahead_rounds == 0
 
@@ -307,7 +318,7 @@ async def test_an_idle_connection_closed_by_the_verifier_is_reported_and_reopene
         client.on_status = lambda state, _msg: states.append(state)
         try:
             first = await client.generate(list(PROMPT), replace(GREEDY, max_new_tokens=8))
-            for _ in range(40):
+            for _ in range(300):
                 if "offline" in states:
                     break
                 await asyncio.sleep(0.1)
@@ -355,7 +366,7 @@ async def _answer_with(client: EdgeClient, settings: Settings, prompt=PROMPT) ->
         await client.close()
 
 
-async def test_a_round_drafted_ahead_follows_a_verdict_the_reader_applied_first(folders):
+async def test_a_round_drafted_ahead_follows_a_verdict_the_reader_applied_first(folders, always_draft_ahead):
     """The round drafted ahead is framed after the session's committed tokens, which may already hold a
     verdict the answer loop has not handled: it must assume only what comes after them, be verified,
     and leave the answer the target's own."""
@@ -368,10 +379,10 @@ async def test_a_round_drafted_ahead_follows_a_verdict_the_reader_applied_first(
         client = client_for(proxy.url(), folders["target"], client_class=VerdictFirstClient)
         answer = await _answer_with(client, settings)
     assert answer.token_ids == expected
-    assert answer.stats.ahead_rounds >= answer.stats.rounds // 2 and answer.stats.discarded_rounds == 0
+    assert answer.stats.ahead_rounds == answer.stats.rounds - 1 and answer.stats.discarded_rounds == 0
 
 
-async def test_a_discarded_round_voids_what_was_drafted_after_it(folders):
+async def test_a_discarded_round_voids_what_was_drafted_after_it(folders, always_draft_ahead):
     """When the verifier discards a round in flight, the round being drafted after it is void too: the
     client drafts again from the committed tokens instead of building on what was discarded."""
     settings = replace(GREEDY, max_new_tokens=60, gamma=3)
@@ -381,6 +392,7 @@ async def test_a_discarded_round_voids_what_was_drafted_after_it(folders):
         answer = await _answer_with(client, settings)
     assert client.corrupt == 0, "the answer ended before three rounds were corrupted"
     assert answer.token_ids == expected
+    # Each corrupted round is discarded, and so is the one round that may have been sent ahead after it.
     assert 3 <= answer.stats.discarded_rounds <= 6 and answer.stats.ahead_rounds > 3
 
 
@@ -393,4 +405,6 @@ async def test_the_client_keeps_under_the_verifiers_message_rate(folders):
         client = client_for(verifier.url, folders["target"])
         answer = await _answer_with(client, settings, LONG_PROMPT)
     assert answer.token_ids == expected
-    assert answer.stats.rounds > 2 * 20  # more rounds than the verifier's burst allows at once
+    # Every draft is right, so each round is one draft and the bonus token: 50 rounds, more than the
+    # verifier's burst (2 × 20 messages) allows at once.
+    assert answer.stats.rounds == -(-len(expected) // 2) > 2 * 20

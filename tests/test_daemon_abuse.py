@@ -27,7 +27,7 @@ from specd.daemon.server import Verifier
 from specd.shared import messages as m
 from specd.shared.errors import ConfigError
 from specd.shared.fingerprint import tokenizer_fingerprint
-from tests.daemon_support import Client, daemon_config, greedy_reference
+from tests.daemon_support import Client, daemon_config, eventually, greedy_reference
 from tests.tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(180)
@@ -243,11 +243,7 @@ async def test_every_bad_input_gets_its_error_and_a_concurrent_session_is_unaffe
         assert answers >= 1
         health = v.health()
         assert health["ready"] and v.target is not None
-        for _ in range(50):  # every abusive connection is gone and its slot free
-            if v.sessions == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert v.sessions == 0
+        await eventually(lambda: v.sessions == 0, "every abusive connection is gone and its slot free")
 
 
 async def test_a_flooding_connection_is_rate_limited_and_others_keep_working(tiny_folder):
@@ -277,7 +273,7 @@ async def test_a_flooding_connection_is_rate_limited_and_others_keep_working(tin
 
 async def test_a_client_that_stops_reading_stalls_only_itself_and_is_dropped(tiny_folder, monkeypatch):
     """Backpressure: the verifier's send to a non-reading client waits on that connection only."""
-    monkeypatch.setattr(connection_module, "SEND_TIMEOUT_S", 6.0)  # 30 s by default
+    monkeypatch.setattr(connection_module, "SEND_TIMEOUT_S", 8.0)  # 30 s by default
     async with Verifier(daemon_config(tiny_folder)) as v:
         stuck = await connect(v.url, compression=None, max_size=None, max_queue=1, ping_interval=None)
         stuck.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
@@ -293,16 +289,16 @@ async def test_a_client_that_stops_reading_stalls_only_itself_and_is_dropped(tin
             await stuck.send(enc({"type": "hello", "protocol": 1, "tokenizer": "x" * 200}))
         good = await Client.open(v.url, FINGERPRINT)
         stalled = False
-        began = time.monotonic()
-        for _ in range(20):
+        for _ in range(8):
             await good.start(PROMPT, 6, sampling=m.Sampling(temperature=0.0))
             while not good.session.finished:
-                t0 = time.monotonic()
                 await good.round([7, 8, 9])
-                assert time.monotonic() - t0 < 2.5, "a round waited on the stalled client"
+                # Had the round waited on the stalled client, that client would be gone by now: it is
+                # dropped only after its send has waited SEND_TIMEOUT_S.
+                assert driver in v.drivers and v.metrics.refusals["send_timeout"] == 0, \
+                    "a round waited on the stalled client"
             stalled = stalled or driver.ws.transport.get_write_buffer_size() > 0
         assert stalled, "the test did not reach backpressure"
-        assert time.monotonic() - began < 60
         # A send that waits longer than SEND_TIMEOUT_S drops the stalled client and frees its slot.
         deadline = time.monotonic() + 30
         while driver in v.drivers and time.monotonic() < deadline:
@@ -325,10 +321,7 @@ async def test_max_sessions_refuses_clearly_and_frees_the_slot(tiny_folder):
         await third.ws.wait_closed()
         assert third.ws.close_code == 1013
         await first.close()
-        for _ in range(50):
-            if v.sessions < 2:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: v.sessions < 2, "the closed session's slot is free")
         again = await Client.open(v.url, FINGERPRINT)  # the slot is free again
         assert again.session.welcome is not None
         await second.start(PROMPT, 4, sampling=m.Sampling(temperature=0.0))
@@ -397,10 +390,7 @@ async def test_the_edge_client_says_the_verifier_is_full_and_may_retry(tiny_fold
         assert "the verifier refused this client" in str(info.value) and "max_sessions = 1" in str(info.value)
         assert info.value.retry, "a full verifier is worth retrying (close 1013: try again later)"
         await holder.close()
-        for _ in range(50):
-            if v.sessions == 0:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: v.sessions == 0, "the holder's slot is free")
         welcome = await edge.connect()
         assert welcome.vocab_size == 64
         await edge.close()

@@ -8,6 +8,8 @@ Every test runs a real ``Verifier`` on 127.0.0.1 with a real model; the client i
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -228,31 +230,55 @@ async def test_a_second_session_keeps_working_while_the_first_sends_garbage(veri
 
 
 async def test_pings_and_other_sessions_are_served_during_a_slow_forward(verifier):
-    target = verifier.target
-    original = target.forward
+    """The model runs on its own thread: a forward held on purpose does not stop the event loop from
+    answering pings, and the worker serves sessions round-robin, so another session's round waits for at
+    most the stream's forward in progress and its one queued step, never for the whole stream."""
+    target, worker = verifier.target, verifier.worker
+    original_forward, original_run = target.forward, worker.run
+    release, held = threading.Event(), threading.Semaphore(0)
+    release.set()
+    jobs: list[tuple[str, object]] = []  # ("queued" | "ran", session) in the order they happened
 
-    def slow_forward(*args, **kwargs):
-        import time
+    def gated_forward(*args, **kwargs):
+        if not release.is_set():
+            held.release()
+            assert release.wait(60), "the test never released the forward"
+        time.sleep(0.02)  # slow enough that the stream is still running while the other session works
+        return original_forward(*args, **kwargs)
 
-        time.sleep(1.0)
-        return original(*args, **kwargs)
+    async def logged_run(key, fn, *args):
+        def job(*job_args):
+            jobs.append(("ran", key))
+            return fn(*job_args)
 
-    target.forward = slow_forward
+        jobs.append(("queued", key))
+        return await original_run(key, job, *args)
+
+    target.forward, worker.run = gated_forward, logged_run
     try:
         streaming = await Client.open(verifier.url, FINGERPRINT)
         other = await Client.open(verifier.url, FINGERPRINT)
-        await streaming.start([1, 3, 4], 50, sampling=m.Sampling(temperature=0.0), mode="cloud")
+        await streaming.start([1, 33, 34, 35], 300, sampling=m.Sampling(temperature=0.0), mode="cloud", stop=[])
         await streaming.events()  # the first token: the stream is running
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        await asyncio.wait_for(await other.ws.ping(), 5)
-        assert loop.time() - began < 0.5  # answered while the next step's 1 s forward is running
+        release.clear()
+        assert await asyncio.to_thread(held.acquire, True, 30), "no forward started"
+        # A forward is held on the model thread now; the pong can only come from the event loop.
+        await asyncio.wait_for(await other.ws.ping(), 30)
+        assert worker.busy and not release.is_set()
+        release.set()
         await other.start([1, 9, 9], 5, sampling=m.Sampling(temperature=0.0))
         verdict = await other.round([5, 6])
-        # Round-robin: the round waited at most for the forward in progress and one queued step.
-        assert verdict.verdict.queue_ms < 2 * 1000 + 500
+        assert verdict.verdict.position == 3
     finally:
-        target.forward = original
+        release.set()
+        target.forward, worker.run = original_forward, original_run
+    (stream_key,) = {key for kind, key in jobs if kind == "queued" and jobs.count(("queued", key)) > 3}
+    other_key = next(key for _kind, key in jobs if key is not stream_key)
+    verify_queued = max(i for i, job in enumerate(jobs) if job == ("queued", other_key))
+    verify_ran = max(i for i, job in enumerate(jobs) if job == ("ran", other_key))
+    stream_steps_between = sum(job == ("ran", stream_key) for job in jobs[verify_queued:verify_ran])
+    assert stream_steps_between <= 1, jobs[verify_queued:verify_ran + 1]
+    assert jobs[:verify_ran].count(("ran", stream_key)) < 300, "the stream had ended: nothing competed with the round"
     await streaming.close()
     await other.close()
 

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,7 @@ from specd.shared import messages as m
 from specd.shared.errors import ConfigError
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.session import ServerFailed
-from tests.daemon_support import Client, daemon_config
+from tests.daemon_support import Client, daemon_config, eventually
 from tests.tiny_models import save_tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(180)
@@ -118,6 +119,7 @@ def test_help_documents_every_flag():
 
 
 async def test_healthz_and_metrics(tiny_folder):
+    began = time.monotonic()
     async with Verifier(daemon_config(tiny_folder)) as v:
         base = f"http://127.0.0.1:{v.port}"
         client = await Client.open(v.url, FINGERPRINT)
@@ -128,7 +130,9 @@ async def test_healthz_and_metrics(tiny_folder):
         health = json.loads(body)
         assert status == 200 and content_type == "application/json"
         assert health["ready"] is True and health["sessions"] == 1 and health["device"] == "cpu"
-        assert health["model"] == Path(tiny_folder).name and health["uptime"] >= 0
+        assert health["model"] == Path(tiny_folder).name
+        # Counted from the verifier's start, which came after `began` (0.001: the figure is rounded to ms).
+        assert 0 < health["uptime"] <= time.monotonic() - began + 0.001
         status, content_type, metrics = await get(base + "/metrics")
         assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
         lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
@@ -146,9 +150,10 @@ async def test_healthz_is_503_while_the_model_loads(tiny_folder, monkeypatch):
     import specd.daemon.target as target_module
 
     real_load = target_module.TargetModel.load
+    loaded = threading.Event()  # the model stays "loading" until the checks below are done
 
     def slow_load(*args, **kwargs):
-        time.sleep(1.0)
+        assert loaded.wait(60), "the test never let the model load"
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(target_module.TargetModel, "load", staticmethod(slow_load))
@@ -161,6 +166,7 @@ async def test_healthz_is_503_while_the_model_loads(tiny_folder, monkeypatch):
     with pytest.raises(InvalidStatus) as info:
         await Client.open(v.url, FINGERPRINT)
     assert info.value.response.status_code == 503
+    loaded.set()
     await starting
     assert (await get(f"http://127.0.0.1:{v.port}/healthz"))[0] == 200
     await v.stop()
@@ -218,10 +224,7 @@ async def test_idle_sessions_are_closed_and_freed(tiny_folder):
         assert isinstance(event, ServerFailed) and event.error.code == "idle_timeout"
         await client.ws.wait_closed()
         assert client.ws.close_code == 1000
-        for _ in range(100):
-            if not v.drivers:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: not v.drivers, "the idle connection is dropped")
         assert v.sessions == 0 and driver.cache.kv is None and driver.cache.tokens == []
 
 
@@ -229,23 +232,33 @@ async def test_stop_finishes_the_round_in_flight_then_closes_with_1001(tiny_fold
     v = Verifier(daemon_config(tiny_folder))
     await v.start()
     original = v.target.forward
-    v.target.forward = lambda *a, **k: (time.sleep(0.5), original(*a, **k))[1]
+    entered, release = threading.Event(), threading.Event()
+
+    def held_forward(*args, **kwargs):  # the round's forward stays in flight until the stop has begun
+        entered.set()
+        assert release.wait(60), "the test never released the forward"
+        return original(*args, **kwargs)
+
+    target = v.target  # stop() lets go of it
     client = await Client.open(v.url, FINGERPRINT)
     idle = await Client.open(v.url, FINGERPRINT)
     await client.start([1, 5, 6], 10, sampling=m.Sampling(temperature=0.0))
+    forwards = len(target.forward_positions)
+    target.forward = held_forward
     _rnd, frame = client.session.draft([7, 8])
     await client.ws.send(frame)
-    await asyncio.sleep(0.2)  # the round's forward is running
-    began = time.monotonic()
+    assert await asyncio.to_thread(entered.wait, 30), "the round's forward did not start"
     stopping = asyncio.create_task(v.stop())
+    await asyncio.sleep(0)  # let the stop begin while the forward is held
+    release.set()
     (verdict,) = await client.events()
     assert verdict.verdict.position == 3  # the round in flight was answered
     (event,) = await client.events()
     assert isinstance(event, ServerFailed) and event.error.code == "shutting_down" and event.error.fatal
     (idle_event,) = await idle.events()
     assert idle_event.error.code == "shutting_down"
-    await stopping
-    assert time.monotonic() - began < 5
+    await asyncio.wait_for(stopping, 60)  # a hang guard: stopping waits for nothing but that round
+    assert len(target.forward_positions) == forwards + 1, "work was started after the stop began"
     for c in (client, idle):
         await c.ws.wait_closed()
         assert c.ws.close_code == 1001
@@ -285,11 +298,20 @@ async def test_sd_notify_messages(tiny_folder, monkeypatch, kind):
         v = Verifier(daemon_config(tiny_folder), notifier=notifier)
         await v.start()
         client = await Client.open(v.url, FINGERPRINT)
-        await asyncio.sleep(0.35)
+        lines: list[str] = []
+
+        def serving_one_session() -> bool:
+            return any(line.startswith("STATUS=serving") and line.endswith(": 1 session") for line in lines)
+
+        # Wait for the messages themselves (the watchdog pings every 100 ms), not for a fixed time.
+        for _ in range(1500):
+            lines += [line for message in drain(sock) for line in message.splitlines()]
+            if lines.count("WATCHDOG=1") >= 2 and serving_one_session():
+                break
+            await asyncio.sleep(0.02)
         await client.close()
-        await asyncio.sleep(0.05)
         await v.stop()
-        lines = [line for message in drain(sock) for line in message.splitlines()]
+        lines += [line for message in drain(sock) for line in message.splitlines()]
     finally:
         sock.close()
         if kind == "environment":

@@ -132,3 +132,34 @@ async def test_a_missing_or_mismatched_certificate_stops_the_verifier_at_start(t
                                                                              tls_key=str(pki / "other.key")))
     with pytest.raises(ConfigError, match="TLS: cannot use"):
         await Verifier(mismatched).start()
+
+
+@pytest.mark.parametrize(("client_section", "connects"), [
+    ({"ca_file": "{pki}/ca.pem"}, True),  # the private CA from the config is trusted
+    ({}, False),  # verified against the system's CAs by default: refused
+    ({"tls_verify": False}, True),  # opting out (debugging only) connects
+    ({"ca_file": "{pki}/ca.pem", "tls_verify": False}, True),
+])
+async def test_build_client_takes_tls_verify_and_ca_file_from_the_config(tiny_folder, pki, monkeypatch,
+                                                                          client_section, connects):
+    """``[client] tls_verify`` and ``ca_file`` reach the connection the launcher builds (``specd chat``,
+    the tray app), checked by a real TLS handshake with the verifier's certificate."""
+    from specd.desktop.launch import build_client
+    from specd.shared.config import load_config
+
+    monkeypatch.setenv("SPECD_API_KEY", KEY)
+    section = {k: v.format(pki=pki) if isinstance(v, str) else v for k, v in client_section.items()}
+    async with Verifier(tls_config(tiny_folder, pki), api_key=KEY) as v:
+        cfg = load_config(None, overrides={"models": {"draft": str(tiny_folder)},
+                                           "client": {"server_url": f"wss://localhost:{v.port}", **section}})
+        setup = await asyncio.to_thread(build_client, cfg, drafter=False)
+        try:
+            if connects:
+                await setup.client.connect()
+                assert setup.client.connected and v.metrics.sessions_total == 1
+            else:
+                with pytest.raises(ConnectionFailed, match="refused the certificate") as info:
+                    await setup.client.connect()
+                assert "ca_file" in str(info.value) and v.metrics.sessions_total == 0
+        finally:
+            await setup.client.close()

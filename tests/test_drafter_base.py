@@ -5,30 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specd.desktop.drafters.base import CachedDrafter, draft_proposal
-from specd.shared.sampling import SamplingParams, sparse_proposal
+from specd.desktop.drafters.base import CachedDrafter
+from specd.shared.sampling import DRAFT_STREAM, SamplingParams, position_generator, target_probs
 
 
-def dense(proposal, vocab: int) -> torch.Tensor:
-    return torch.zeros(proposal.ids.shape[0], vocab).scatter_add_(1, proposal.ids, proposal.probs)
-
-
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0.7, top_p=0.95),
-    SamplingParams(temperature=1.0, top_p=0.5),
-    SamplingParams(temperature=1.3, top_k=40, top_p=0.9),
-    SamplingParams(temperature=0.2, top_p=0.99),
-    SamplingParams(temperature=1.0, top_k=5),
-    SamplingParams(temperature=0.0),
-])
-@pytest.mark.parametrize("vocab", [64, 49152])
-def test_draft_proposal_equals_the_shared_sparse_proposal(params, vocab):
-    generator = torch.Generator().manual_seed(vocab)
-    for scale in (0.5, 3.0, 12.0):  # flat to peaked distributions
-        logits = torch.randn(1, vocab, generator=generator) * scale
-        fast, reference = draft_proposal(logits, params, 32), sparse_proposal(logits, params, 32)
-        torch.testing.assert_close(dense(fast, vocab), dense(reference, vocab), atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(fast.probs.sum(dim=-1), torch.ones(1))
+def reference_proposal(logits: torch.Tensor, params: SamplingParams, support_k: int) -> tuple[list[int], torch.Tensor]:
+    """The proposal from first principles: the target's law for these settings (checked against
+    transformers in test_sampling.py), cut to its ``support_k`` most likely tokens and renormalised."""
+    probs = target_probs(logits.unsqueeze(0), params)[0]
+    order = sorted(range(probs.shape[0]), key=lambda i: -float(probs[i]))[:support_k]
+    kept = probs[order]
+    return order, kept / kept.sum()
 
 
 class CountingDrafter(CachedDrafter):
@@ -50,12 +37,61 @@ class CountingDrafter(CachedDrafter):
         assert start == len(self.cache), "fed at the wrong position"
         self.cache.extend(token_ids)
         self.passes.append((start, list(token_ids)))
-        seed = hash(tuple(self.cache)) % (2**31)
+        return self.logits_after(self.cache)
+
+    @staticmethod
+    def logits_after(sequence: list[int]) -> torch.Tensor:
+        seed = hash(tuple(sequence)) % (2**31)
         return torch.randn(50, generator=torch.Generator().manual_seed(seed)) * 4
 
     def _truncate(self, length: int) -> None:
         del self.cache[length:]
         self.truncations.append(length)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7, top_p=0.95),
+    SamplingParams(temperature=1.3, top_k=40, top_p=0.9),
+    SamplingParams(temperature=1.0, top_k=5),
+])
+def test_propose_samples_each_draft_from_its_sent_proposal_with_the_position_stream(params):
+    """Every draft row is the proposal of the logits at that prefix, and each token is the draw of
+    ``position_generator(seed, n, DRAFT_STREAM)`` from that row, n being the token's absolute position."""
+    drafter, seed, support = CountingDrafter(), 21, 8
+    prompt = [3, 1, 4, 1, 5]
+    drafter.prefill(prompt)
+    drafted = drafter.propose(6, params, support, seed=seed)
+    assert len(drafted.tokens) == 6 and drafted.proposal.ids.shape == (6, support)
+    sequence = list(prompt)
+    for row, token in enumerate(drafted.tokens):
+        ids, probs = reference_proposal(CountingDrafter.logits_after(sequence), params, support)
+        kept = int((probs > 0).sum())  # past the nucleus the order of the zero-probability tail is arbitrary
+        assert drafted.proposal.ids[row, :kept].tolist() == ids[:kept]
+        torch.testing.assert_close(drafted.proposal.probs[row], probs)
+        draw = int(torch.multinomial(probs, 1, generator=position_generator(seed, len(sequence), DRAFT_STREAM)))
+        assert token == ids[draw], f"draft {row} was not drawn from its own stream"
+        sequence.append(token)
+    assert drafter.tokens() == sequence
+    # The same prefix and seed give the same drafts however the rounds are split.
+    again = CountingDrafter()
+    again.prefill(prompt)
+    split = again.propose(2, params, support, seed=seed).tokens + again.propose(4, params, support, seed=seed).tokens
+    assert split == drafted.tokens
+
+
+def test_greedy_propose_takes_the_argmax_and_stops_after_a_stop_token():
+    drafter = CountingDrafter()
+    drafter.prefill([7, 7, 2])
+    sequence = [7, 7, 2]
+    expected = []
+    for _ in range(5):
+        expected.append(int(CountingDrafter.logits_after(sequence).argmax()))
+        sequence.append(expected[-1])
+    drafted = drafter.propose(5, SamplingParams(temperature=0.0), 8, seed=0)
+    assert drafted.tokens == expected and drafted.proposal is None
+    drafter.rollback(3)
+    stopped = drafter.propose(5, SamplingParams(temperature=0.0), 8, seed=0, stop={expected[1]})
+    assert stopped.tokens == expected[:2] and drafter.token_count == 5
 
 
 def test_tokens_are_fed_lazily_and_a_verdict_costs_one_short_pass():

@@ -37,20 +37,36 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> l
     return out[0, len(prompt):].tolist()
 
 
+@torch.no_grad()
+def forwards_needed(draft, prompt: list[int], expected: list[int], gamma: int) -> int:
+    """Target forwards greedy speculation must take to emit ``expected`` (the target's own output): a round
+    keeps the draft's greedy tokens while they match ``expected`` (at most γ), plus one from the target.
+    While they match, the draft reads ``prompt + expected[:j]``, so one forward gives every prediction."""
+    logits = draft(torch.tensor([prompt + expected])).logits[0, len(prompt) - 1:-1]
+    right = (logits.argmax(dim=-1) == torch.tensor(expected)).tolist()  # the draft predicts expected[j]
+    done, forwards = 0, 0
+    while done < len(expected):
+        kept = 0
+        while kept < gamma and done + kept < len(expected) and right[done + kept]:
+            kept += 1
+        done, forwards = done + kept + 1, forwards + 1
+    return forwards
+
+
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 def test_tiny_model_greedy_equals_generate(tiny_target, tiny_draft, gamma):
     prompt = [1, 9, 33, 4]
     expected = hf_greedy(tiny_target, prompt, 40, eos={2})
     got, forwards = speculative_greedy(tiny_target, tiny_draft, prompt, max_new_tokens=40, gamma=gamma, eos={2})
     assert got == expected
-    assert forwards <= len(expected)
+    assert forwards == forwards_needed(tiny_draft, prompt, expected, gamma)
 
 
 def test_tiny_model_greedy_with_itself_as_draft_needs_few_target_forwards(tiny_target):
     prompt = [1, 9, 33, 4]
     got, forwards = speculative_greedy(tiny_target, tiny_target, prompt, max_new_tokens=40, gamma=4, eos={2})
     assert got == hf_greedy(tiny_target, prompt, 40, eos={2})
-    assert forwards <= -(-len(got) // 5) + 1
+    assert forwards == -(-len(got) // 5)  # every draft accepted: γ + 1 = 5 tokens per forward
 
 
 @pytest.mark.smollm2
