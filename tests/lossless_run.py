@@ -57,8 +57,8 @@ CONTROL_CASE = Case("negative control", SamplingParams(temperature=1.0), gamma=2
                     first_seed=6 * 10**6)
 CONTROLS = {"wrong residual (only p(d) lowered)": lower_only_p_of_d,
             "bonus from the wrong row (p_γ)": bonus_from_the_last_drafts_row}
-SHORT = {"case": 250, "control": 400}
-FULL = {"case": 4000, "control": 2000}
+SHORT = {"case": 200, "control": 400}
+FULL = {"case": 2000, "control": 1000}
 
 
 def short_alpha() -> float:
@@ -121,7 +121,7 @@ def report(out: dict, command: str, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.lossless_run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="answers per case, relative to the full size")
-    parser.add_argument("--power-repeats", type=int, default=5,
+    parser.add_argument("--power-repeats", type=int, default=4,
                         help="short-size runs of each negative control, to measure the short test's power")
     parser.add_argument("--report", metavar="PATH", help="write the Markdown report here")
     args = parser.parse_args(argv)
