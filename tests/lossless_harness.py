@@ -316,6 +316,8 @@ async def run_case(case: Case, models: Models, *, verifier: VerifierFactory = in
                    prompt: tuple[int, ...] = PROMPT) -> CaseResult:
     """Sample ``case`` through a verifier from ``verifier`` (judging rounds with ``rule`` when given)
     and test every position of the answers against the target's exact law."""
+    if rule is not None and verifier is not in_process_verifier:
+        raise ValueError("a wrong rule reaches only the in-process verifier (it patches this process)")
     with round_rule(rule):
         async with verifier(models.target) as url:
             sample = await sample_answers(url, models, case, drive, prompt)

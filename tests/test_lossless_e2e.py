@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
-from tests.lossless_harness import build_models, default_threads, run_case
+from tests.lossless_harness import VERIFIER_ROUND_RULE, build_models, default_threads, run_case
 from tests.lossless_run import CONTROL_CASE, CONTROLS, SHORT, SHORT_CASES, short_alpha
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -15,8 +16,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    threads = torch.get_num_threads()
     default_threads()
-    return build_models(tmp_path_factory.mktemp("lossless"))
+    yield build_models(tmp_path_factory.mktemp("lossless"))
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", SHORT_CASES, ids=lambda c: c.name)
@@ -36,4 +39,5 @@ async def test_answers_follow_the_targets_law(case, models):
 async def test_a_wrong_rule_in_the_verifier_is_rejected(rule, models):
     result = await run_case(replace(CONTROL_CASE, answers=SHORT["control"]), models, rule=rule)
     assert result.sample.kinds["bonus"] and result.sample.kinds["corrected"], result.summary()
-    assert result.pvalue < short_alpha(), f"the harness missed a wrong rule: {result.summary()}"
+    assert result.pvalue < short_alpha(), (f"the harness missed a wrong rule (does the verifier still judge "
+                                           f"rounds through {VERIFIER_ROUND_RULE}?): {result.summary()}")
