@@ -18,7 +18,7 @@ DESKTOP_DEBS := libegl1 libgl1 libfontconfig1 libfreetype6 libdbus-1-3 libglib2.
   libxcb-render-util0 libxcb-shape0 libxcb-shm0 libxcb-sync1 libxcb-util1 libxcb-xfixes0 libxcb-xkb1 \
   libxkbcommon0 libxkbcommon-x11-0
 
-.PHONY: demo test lint check-fast package-daemon clean-venv help reliability desktop-libs
+.PHONY: demo test lint check-fast package-daemon clean-venv help reliability desktop-libs lossless
 
 help:
 	@echo "make demo   - run specd on the embedded default model pair (sets up .venv on first use)"
@@ -26,6 +26,7 @@ help:
 	@echo "make package-daemon - build the specd-verifier bundle and release archive into dist/"
 	@echo "make reliability - load (64 sessions, 60 s) and fault tests; writes benchmarks/reliability.md"
 	@echo "make desktop-libs - install the X11 libraries the desktop app needs (Debian/Ubuntu, as root)"
+	@echo "make lossless - the full end-to-end χ² harness with negative controls; writes benchmarks/lossless.md"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +92,13 @@ test: $(VENV)/.test-deps lint
 RELIABILITY_ARGS ?= --sessions 64 --duration 60 --faults --fuzz-examples 2000
 reliability: $(VENV)/.test-deps
 	OMP_NUM_THREADS=1 $(PY) -m tests.load $(RELIABILITY_ARGS) --report benchmarks/reliability.md
+
+# The end-to-end χ² harness at full size: thousands of seeded answers per case through EdgeClient and the
+# verifier, the negative controls, and the short run's power; writes benchmarks/lossless.md. `make test`
+# runs its short version (tests/test_lossless_e2e.py). Override: make lossless LOSSLESS_ARGS="--scale 0.25".
+LOSSLESS_ARGS ?=
+lossless: $(VENV)/.test-deps
+	OMP_NUM_THREADS=1 $(PY) -m tests.lossless_run $(LOSSLESS_ARGS) --report benchmarks/lossless.md
 
 # The Linux verifier bundle (PyInstaller onedir) and its release archive, from this venv's packages.
 package-daemon: $(VENV)/.test-deps

@@ -15,11 +15,11 @@ from pathlib import Path
 class DaemonProcess:
     """``python -m specd.daemon`` on a tiny model; start on a free port, restart on the same one."""
 
-    def __init__(self, folder: Path, workdir: Path, *, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, folder: Path, workdir: Path, *, args: tuple[str, ...] = (), config: str = "") -> None:
         self.folder, self.workdir, self.args = folder, workdir, args  # extra flags, e.g. ("--max-sessions", "64")
         self.port = 0
         self.proc: subprocess.Popen | None = None
-        (workdir / "empty.toml").write_text("")
+        (workdir / "config.toml").write_text(config)  # TOML for what no flag sets (empty: the defaults)
 
     def start(self, timeout: float = 90.0) -> int:
         port_file = self.workdir / "port"
@@ -27,7 +27,7 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if k != "SPECD_API_KEY"}
         env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specd.daemon", "--config", str(self.workdir / "empty.toml"),
+            [sys.executable, "-m", "specd.daemon", "--config", str(self.workdir / "config.toml"),
              "--model", str(self.folder), "--port", str(self.port), "--port-file", str(port_file),
              "--device", "cpu", "--threads", "1", "--log-level", "warning", *self.args],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "daemon.log", "ab"))  # noqa: SIM115

@@ -13,7 +13,7 @@ from specd.desktop.drafters.torch_drafter import TorchDrafter
 from specd.desktop.openvino_export import export_openvino
 from specd.shared.models import EMBEDDED_PRESET
 from specd.shared.sampling import SamplingParams, sparse_proposal, validate_proposal
-from tests.tiny_models import tiny_config, tiny_tokenizer
+from tests.tiny_models import save_tiny_ort_model
 
 SAMPLED = SamplingParams(temperature=0.8, top_k=0, top_p=0.9)
 GREEDY = SamplingParams(temperature=0.0)
@@ -21,30 +21,11 @@ SUPPORT = 16
 BACKENDS = ("torch", "onnxruntime-genai", "openvino")
 
 
-def save_tiny_model_for_ort(folder, seed: int):
-    """Like tests.tiny_models.save_tiny_model, shaped for the ORT GenAI builder: its attention needs a head
-    size that is a multiple of 16 (the shared tiny config has 8), and it mistakes any linear layer with
-    ``vocab_size`` outputs for the LM head (the shared config's MLP has 64 = vocab_size)."""
-    from transformers import LlamaForCausalLM
-
-    config = tiny_config()
-    config.num_attention_heads, config.num_key_value_heads = 2, 1
-    config.head_dim = config.hidden_size // config.num_attention_heads
-    config.intermediate_size = 96
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_builds(tmp_path_factory):
     """One tiny Llama as an HF folder and as fp32 ORT GenAI and OpenVINO builds (a few seconds each)."""
     root = tmp_path_factory.mktemp("tiny-draft")
-    hf = save_tiny_model_for_ort(root / "hf", seed=3)
+    hf = save_tiny_ort_model(root / "hf", seed=3)
     (root / "ort").mkdir()
     build_ortgenai(hf, root / "ort", "fp32", lambda _msg: None)
     (root / "ov").mkdir()

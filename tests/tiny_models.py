@@ -14,13 +14,26 @@ def tiny_config(vocab_size: int = TINY_VOCAB) -> LlamaConfig:
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def tiny_llama(seed: int, vocab_size: int = TINY_VOCAB) -> LlamaForCausalLM:
+def tiny_ort_config(vocab_size: int = TINY_VOCAB) -> LlamaConfig:
+    """The tiny config shaped for the ONNX Runtime GenAI builder: its attention needs a head size that is a
+    multiple of 16 (the shared tiny config has 8), and it mistakes any linear layer with ``vocab_size``
+    outputs for the LM head (the shared config's MLP has 64 = vocab_size)."""
+    config = tiny_config(vocab_size)
+    config.num_attention_heads, config.num_key_value_heads = 2, 1
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    config.intermediate_size = 96
+    return config
+
+
+def tiny_llama(seed: int, vocab_size: int = TINY_VOCAB, config: LlamaConfig | None = None, *,
+               sharpness: float = 8.0) -> LlamaForCausalLM:
     """A tiny Llama whose weights depend only on ``seed``; different seeds give different models."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(vocab_size)).eval()
-    # Random init gives nearly uniform outputs; sharpen them so drafts and targets disagree clearly.
+    model = LlamaForCausalLM(config or tiny_config(vocab_size)).eval()
+    # Random init gives nearly uniform outputs; sharpen them (the LM head times ``sharpness``) so drafts
+    # and targets disagree clearly.
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+        model.lm_head.weight.mul_(sharpness)
     return model
 
 
@@ -42,9 +55,32 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     return tokenizer
 
 
+def save_with_tokenizer(model: LlamaForCausalLM, folder):
+    """Write a tiny model and its tokenizer as a Hugging Face folder; returns the folder."""
+    model.save_pretrained(folder)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return folder
+
+
 def save_tiny_model(folder, seed: int, vocab_size: int = TINY_VOCAB):
     """Write a tiny model and its tokenizer as a Hugging Face folder; returns the folder."""
-    model = tiny_llama(seed, vocab_size)
-    model.save_pretrained(folder)
-    tiny_tokenizer(vocab_size).save_pretrained(folder)
-    return folder
+    return save_with_tokenizer(tiny_llama(seed, vocab_size), folder)
+
+
+def save_tiny_ort_model(folder, seed: int):
+    """Like :func:`save_tiny_model`, with :func:`tiny_ort_config` (the ONNX Runtime GenAI builder takes it)."""
+    return save_with_tokenizer(tiny_llama(seed, config=tiny_ort_config()), folder)
+
+
+def perturbed_llama(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:
+    """A copy of ``model`` with Gaussian noise of ``scale`` times each weight matrix's spread added: a
+    draft that agrees with its target often but far from always (its overlap falls as ``scale`` grows)."""
+    import copy
+
+    generator = torch.Generator().manual_seed(seed)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for weight in noisy.parameters():
+            if weight.dim() > 1:
+                weight.add_(torch.randn(weight.shape, generator=generator) * weight.std() * scale)
+    return noisy

@@ -1,0 +1,149 @@
+"""The cases of the end-to-end χ² harness (tests/lossless_harness.py), and its full-size run.
+
+    python -m tests.lossless_run                                # every case at full size, with power
+    python -m tests.lossless_run --scale 0.25 --power-repeats 3 # a quicker look
+    make lossless                                               # the full run, report in benchmarks/
+
+``make test`` runs the short version (tests/test_lossless_e2e.py): :data:`SHORT` answers per case.
+The full run samples :data:`FULL` answers per case, also through a ``specd-verifier`` subprocess, runs
+the two negative controls at full size, and repeats each negative control ``--power-repeats`` times at
+the short size with fresh seeds: the fraction rejected is the short test's power against that bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from specd.shared.sampling import SamplingParams
+from tests.lossless_harness import (
+    Case,
+    CaseResult,
+    Models,
+    build_models,
+    default_threads,
+    in_process_verifier,
+    run_case,
+    subprocess_verifier,
+)
+from tests.wrong_rules import bonus_from_the_last_drafts_row, lower_only_p_of_d
+
+# Family-wise false alarm rate of the short run: a correct build fails it at most this often. Each
+# positive case gets an equal share (Bonferroni); a negative control must fall below the same share.
+FAMILY_ALPHA = 1e-3
+
+# Pipelined cases need γ = 2 and 6 tokens: with fewer, the client never finds drafting ahead worth it.
+CASES = [
+    Case("temperature-1, pipelined", SamplingParams(temperature=1.0), gamma=2, tokens=6, sessions=4),
+    Case("temperature-0.7, top-k 8, ONNX Runtime GenAI", SamplingParams(temperature=0.7, top_k=8), gamma=3,
+         tokens=5, pipeline=False, backend="onnxruntime-genai", first_seed=10**6),
+    Case("top-p 0.8, pipelined", SamplingParams(temperature=1.0, top_p=0.8), gamma=2, tokens=6, sessions=4,
+         first_seed=2 * 10**6),
+    Case("temperature-1, not pipelined", SamplingParams(temperature=1.0), gamma=2, tokens=4, pipeline=False,
+         first_seed=3 * 10**6),
+    Case("all filters, support 8", SamplingParams(temperature=0.8, top_k=20, top_p=0.9), gamma=2, tokens=4,
+         support_k=8, pipeline=False, first_seed=4 * 10**6),
+]
+SHORT_CASES = CASES[:3]
+SUBPROCESS_CASE = Case("temperature-1, specd-verifier subprocess", SamplingParams(temperature=1.0), gamma=2,
+                       tokens=4, pipeline=False, first_seed=5 * 10**6)
+CONTROL_CASE = Case("negative control", SamplingParams(temperature=1.0), gamma=2, tokens=4, pipeline=False,
+                    first_seed=6 * 10**6)
+CONTROLS = {"wrong residual (only p(d) lowered)": lower_only_p_of_d,
+            "bonus from the wrong row (p_γ)": bonus_from_the_last_drafts_row}
+SHORT = {"case": 200, "control": 400}
+FULL = {"case": 2000, "control": 1000}
+
+
+def short_alpha() -> float:
+    """The level each case of the short run is tested at."""
+    return FAMILY_ALPHA / len(SHORT_CASES)
+
+
+async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict:
+    full = {k: max(50, int(v * scale)) for k, v in FULL.items()}
+    out: dict = {"cases": [], "controls": [], "power": {}}
+    for case in [*CASES, SUBPROCESS_CASE]:
+        verifier = subprocess_verifier if case is SUBPROCESS_CASE else in_process_verifier
+        result = await run_case(replace(case, answers=full["case"]), models, verifier=verifier)
+        say(result.summary())
+        out["cases"].append(result)
+    for name, rule in CONTROLS.items():
+        result = await run_case(replace(CONTROL_CASE, name=name, answers=full["control"]), models, rule=rule)
+        say(result.summary())
+        out["controls"].append(result)
+        rejected = []
+        for r in range(power_repeats):
+            short = replace(CONTROL_CASE, name=f"{name}, short #{r + 1}", answers=SHORT["control"],
+                            first_seed=CONTROL_CASE.first_seed + (r + 1) * 10**5)
+            result = await run_case(short, models, rule=rule)
+            say(result.summary())
+            rejected.append(result.pvalue < short_alpha())
+        out["power"][name] = (sum(rejected), len(rejected))
+    return out
+
+
+def _row(result: CaseResult) -> str:
+    k = result.sample.kinds
+    worst = min(result.positions, key=lambda t: t.pvalue)
+    return (f"| {result.case.name} | {len(result.sample.answers)} | γ {result.case.gamma}, {result.case.tokens} "
+            f"tokens, {result.case.sessions} sessions | {result.overlap:.2f} | {result.pvalue:.3g} | "
+            f"{worst.pvalue:.3g} (t{worst.position} {worst.kind}) | {k['accepted']} / {k['corrected']} / "
+            f"{k['bonus']} / {k['ahead rounds']} | {result.sample.answers_per_second:.1f} |")
+
+
+def report(out: dict, command: str, seconds: float) -> str:
+    header = ("| case | answers | shape | overlap | p (Bonferroni) | smallest test p | accepted / corrected / "
+              "bonus tokens / rounds drafted ahead | answers/s |\n|---|---|---|---|---|---|---|---|")
+    lines = [
+        "# Losslessness through the product: end-to-end χ²", "",
+        f"Command: `{command}` — {seconds / 60:.1f} min on {platform.machine()} "
+        f"({platform.python_version()}).", "",
+        "Each answer runs through a real `EdgeClient` (torch or ONNX Runtime GenAI drafter) and a real verifier "
+        "on 127.0.0.1; every position is tested against the tiny target's exact conditionals "
+        "(tests/target_law.py: a token test per stratum of the previous token and a rank test), combined per "
+        "case with a Bonferroni correction. A correct build gives p-values spread over (0, 1].", "",
+        "## The shipped rule", "", header, *(_row(r) for r in out["cases"]), "",
+        "## Negative controls (must be rejected)", "", header, *(_row(r) for r in out["controls"]), "",
+        f"Power of the short run (`make test`: {SHORT['control']} answers, rejected when p < "
+        f"{short_alpha():.2g}), over fresh seeds:", "",
+        *(f"- {name}: rejected {hit} of {n}" for name, (hit, n) in out["power"].items()), "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.lossless_run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="answers per case, relative to the full size")
+    parser.add_argument("--power-repeats", type=int, default=4,
+                        help="short-size runs of each negative control, to measure the short test's power")
+    parser.add_argument("--report", metavar="PATH", help="write the Markdown report here")
+    args = parser.parse_args(argv)
+    default_threads()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="specd-lossless-") as root:
+        models = build_models(Path(root))
+        out = asyncio.run(run_all(models, args.scale, args.power_repeats, lambda line: print(line, flush=True)))
+    text = report(out, "python -m tests.lossless_run " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  time.perf_counter() - start)
+    print(text)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text, encoding="utf-8")
+    failed = [r.case.name for r in out["cases"] if r.pvalue < FAMILY_ALPHA / len(out["cases"])]
+    missed = [r.case.name for r in out["controls"] if r.pvalue >= FAMILY_ALPHA]
+    for name in failed:
+        print(f"FAILED: {name} differs from the target's law", file=sys.stderr)
+    for name in missed:
+        print(f"FAILED: the negative control {name} was not rejected", file=sys.stderr)
+    return 1 if failed or missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

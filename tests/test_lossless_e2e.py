@@ -1,0 +1,43 @@
+"""Sampled answers through the shipped edge client and verifier follow the target's law, and the same
+harness rejects the two classic wrong rules (the short run; ``make lossless`` is the full one)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.lossless_harness import VERIFIER_ROUND_RULE, build_models, default_threads, run_case
+from tests.lossless_run import CONTROL_CASE, CONTROLS, SHORT, SHORT_CASES, short_alpha
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    threads = torch.get_num_threads()
+    default_threads()
+    yield build_models(tmp_path_factory.mktemp("lossless"))
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", SHORT_CASES, ids=lambda c: c.name)
+async def test_answers_follow_the_targets_law(case, models):
+    if case.backend == "onnxruntime-genai" and models.draft_ort is None:
+        pytest.skip("onnxruntime-genai is not installed")
+    result = await run_case(replace(case, answers=SHORT["case"]), models)
+    kinds = result.sample.kinds
+    assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
+    if case.pipeline:
+        assert kinds["ahead rounds"] > 0, f"no round was drafted ahead: {result.summary()}"
+    assert 0.3 < result.overlap < 0.8, result.summary()
+    assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+@pytest.mark.parametrize("rule", list(CONTROLS.values()), ids=list(CONTROLS))
+async def test_a_wrong_rule_in_the_verifier_is_rejected(rule, models):
+    result = await run_case(replace(CONTROL_CASE, answers=SHORT["control"]), models, rule=rule)
+    assert result.sample.kinds["bonus"] and result.sample.kinds["corrected"], result.summary()
+    assert result.pvalue < short_alpha(), (f"the harness missed a wrong rule (does the verifier still judge "
+                                           f"rounds through {VERIFIER_ROUND_RULE}?): {result.summary()}")
