@@ -11,12 +11,12 @@ from specd.desktop.cli import main
 from specd.desktop.convert import prepare_draft
 from specd.desktop.drafters.openvino import OpenVINODrafter
 from tests.test_draft_precision import check_ortgenai_weights
-from tests.test_drafter_backends import save_tiny_model_for_ort
+from tests.tiny_models import save_tiny_ort_model
 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    return save_tiny_model_for_ort(tmp_path_factory.mktemp("tiny-convert") / "hf", seed=5)
+    return save_tiny_ort_model(tmp_path_factory.mktemp("tiny-convert") / "hf", seed=5)
 
 
 def run_draft(drafter) -> torch.Tensor:

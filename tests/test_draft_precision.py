@@ -18,14 +18,14 @@ from specd.desktop.drafters.openvino import OpenVINODrafter
 from specd.desktop.drafters.ortgenai import OrtGenAIDrafter
 from specd.desktop.drafters.torch_drafter import TorchDrafter
 from specd.shared.config import load_config
-from tests.test_drafter_backends import save_tiny_model_for_ort
+from tests.tiny_models import save_tiny_ort_model
 
 PROMPT = [1, 4, 9, 16, 25, 36]
 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    return save_tiny_model_for_ort(tmp_path_factory.mktemp("tiny-precision") / "hf", seed=6)
+    return save_tiny_ort_model(tmp_path_factory.mktemp("tiny-precision") / "hf", seed=6)
 
 
 @pytest.fixture(scope="module")
