@@ -1,6 +1,6 @@
 """One WebSocket connection: moves frames between the socket and a sans-I/O ``ServerSession``.
 
-The session (shared/session.py) decides everything protocol-shaped; this driver only receives,
+The session (shared/protocol/) decides everything protocol-shaped; this driver only receives,
 runs the model jobs the session asks for on the shared worker, and sends what the session says.
 Messages are handled one at a time, in order (docs/protocol.md §8); in cloud mode a generation task
 streams tokens while the reader keeps listening for ``cancel``.
@@ -20,8 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from specd.daemon.target import SessionCache, cloud_step_job, prefill_job, request_seed, verify_job
 from specd.shared import messages as m
 from specd.shared.errors import ErrorCode
-from specd.shared.sampling import SamplingParams
-from specd.shared.session import (
+from specd.shared.protocol.server import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_TRY_AGAIN_LATER,
@@ -34,6 +33,7 @@ from specd.shared.session import (
     ServerState,
     StartRequested,
 )
+from specd.shared.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from specd.daemon.server import Verifier

@@ -29,6 +29,7 @@ from specd.shared.config import Config
 from specd.shared.errors import ConfigError, ModelError
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.models import ensure_hf_folder, resolve_source
+from specd.shared.protocol.server import common_prefix
 from specd.shared.sampling import (
     CLOUD_STREAM,
     VERIFY_STREAM,
@@ -41,7 +42,6 @@ from specd.shared.sampling import (
     verify_greedy,
     verify_round,
 )
-from specd.shared.session import common_prefix
 
 log = logging.getLogger("specd.daemon.target")
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from specd.desktop.drafters.base import DraftProposal
+from specd.shared.protocol.server import ClientState, RoundDiscarded, RoundVerdict, common_prefix
 from specd.shared.sampling import ProposalDistribution
-from specd.shared.session import ClientState, RoundDiscarded, RoundVerdict, common_prefix
 
 if TYPE_CHECKING:
     from specd.desktop.edge_client import EdgeClient, Run

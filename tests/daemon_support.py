@@ -1,6 +1,6 @@
 """Helpers for the daemon tests: a config for a model folder, and a minimal protocol client.
 
-The client is ``shared.session.ClientSession`` over ``websockets.asyncio.client`` — what a third-party
+The client is ``shared.protocol.client.ClientSession`` over ``websockets.asyncio.client`` — what a third-party
 client written from docs/protocol.md would do — so the daemon is tested without the desktop code.
 """
 
@@ -14,6 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from specd.shared import messages as m
 from specd.shared.config import Config, load_config
+from specd.shared.protocol.server import ClientEvent, ClientSession, RoundVerdict, TokensStreamed
 from specd.shared.sampling import (
     VERIFY_STREAM,
     ProposalDistribution,
@@ -24,7 +25,6 @@ from specd.shared.sampling import (
     verify_greedy,
     verify_round,
 )
-from specd.shared.session import ClientEvent, ClientSession, RoundVerdict, TokensStreamed
 
 
 def daemon_config(model: Any, **limits: Any) -> Config:

@@ -29,8 +29,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from specd.shared import messages as m
-from specd.shared.sampling import ProposalDistribution
-from specd.shared.session import (
+from specd.shared.protocol.server import (
     ClientSession,
     RequestStarted,
     RoundDiscarded,
@@ -38,6 +37,7 @@ from specd.shared.session import (
     ServerFailed,
     TokensStreamed,
 )
+from specd.shared.sampling import ProposalDistribution
 
 VOCAB = 64
 FAULT_TESTS = ["tests/test_faults.py", "tests/test_daemon_abuse.py", "tests/test_daemon_tls.py",

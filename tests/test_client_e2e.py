@@ -20,8 +20,8 @@ from specd.desktop.edge_client import EdgeClient
 from specd.shared import messages as m
 from specd.shared.config import load_config
 from specd.shared.fingerprint import tokenizer_fingerprint
+from specd.shared.protocol.server import ClientState
 from specd.shared.sampling import SamplingParams
-from specd.shared.session import ClientState
 from tests.tiny_models import save_tiny_model
 
 GREEDY = Settings(sampling=SamplingParams(temperature=0.0), max_new_tokens=48, seed=0, gamma_max=8)

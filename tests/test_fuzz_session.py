@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from specd.shared import messages as m
-from specd.shared import session as s
 from specd.shared.errors import ErrorCode, ProtocolError
+from specd.shared.protocol import server as s
 from specd.shared.sampling import RoundResult
 from tests import fuzz_strategies as fz
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from specd.shared import messages as m
-from specd.shared import session as s
 from specd.shared.errors import ErrorCode, ProtocolError
+from specd.shared.protocol import server as s
 from specd.shared.sampling import RoundResult, SamplingParams, sample_proposal, sparse_proposal
 
 LIMITS = m.Limits(max_input_tokens=16, max_total_tokens=32, max_draft=4, max_support=8, max_frame_bytes=4096)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from specd.shared.errors import ModelError
+from specd.shared.protocol.server import common_prefix
 from specd.shared.sampling import (
     DRAFT_STREAM,
     ProposalDistribution,
@@ -24,7 +25,6 @@ from specd.shared.sampling import (
     sample_proposal,
     sparse_proposal,
 )
-from specd.shared.session import common_prefix
 
 BACKENDS = ("torch", "onnxruntime-genai", "openvino")
 
