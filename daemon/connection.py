@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from specd.daemon.target import SessionCache, cloud_step_job, prefill_job, request_seed, verify_job
+from specd.daemon.target import SessionCache, cloud_step_job, decode_round, prefill_job, request_seed, verify_job
 from specd.shared import messages as m
-from specd.shared.errors import ErrorCode
-from specd.shared.protocol.server import (
+from specd.shared.errors import ErrorCode, ProposalError
+from specd.shared.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_TRY_AGAIN_LATER,
@@ -197,11 +197,15 @@ class SessionDriver:
 
     async def _verify(self, action: DraftReceived) -> None:
         draft = action.draft
+        try:
+            drafts = decode_round(draft, action.greedy, self.session.vocab_size)
+        except ProposalError as exc:
+            await self._perform(self.session.error(ErrorCode.BAD_PROPOSAL, str(exc), request=draft.request))
+            return
         committed = self.session.committed
         try:
             result, queue_s, run_s = await self.verifier.worker.run(
-                self, verify_job, self.cache, committed, action.draft_ids, action.proposal, action.greedy,
-                self.params, self.seed)
+                self, verify_job, self.cache, committed, drafts, self.params, self.seed)
         except Exception as exc:
             await self._internal(exc, draft.request)
             return

@@ -25,22 +25,24 @@ from typing import Any
 
 import torch
 
+from specd.shared import messages as m
 from specd.shared.config import Config
 from specd.shared.errors import ConfigError, ModelError
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.models import ensure_hf_folder, resolve_source
-from specd.shared.protocol.server import common_prefix
+from specd.shared.protocol.codec import common_prefix
 from specd.shared.sampling import (
     CLOUD_STREAM,
     VERIFY_STREAM,
-    ProposalDistribution,
     RoundResult,
     SamplingParams,
+    decode_proposal,
     position_generator,
     sample,
     target_probs,
+    validate_proposal,
     verify_greedy,
-    verify_round,
+    verify_validated,
 )
 
 log = logging.getLogger("specd.daemon.target")
@@ -207,8 +209,25 @@ def prefill_job(cache: SessionCache, tokens: list[int], reusable: int) -> int:
     return cache.sync(target)
 
 
-def verify_job(cache: SessionCache, committed: list[int], draft_ids: torch.Tensor,
-               proposal: ProposalDistribution | None, greedy: bool, params: SamplingParams,
+@dataclass(frozen=True, slots=True)
+class RoundDrafts:
+    """One round's drafts as tensors; a sampled round adds its proposal, checked (once) on receipt."""
+
+    draft_ids: torch.Tensor  # [γ] int64
+    ids: torch.Tensor | None = None  # [γ, K] int64, the proposal's support
+    q: torch.Tensor | None = None  # [γ, K] float32, normalised by validate_proposal
+
+
+def decode_round(draft: m.Draft, greedy: bool, vocab_size: int) -> RoundDrafts:
+    """Decode and check a round the session accepted; raises ``ProposalError`` for a bad proposal."""
+    draft_ids = torch.tensor(draft.tokens, dtype=torch.int64)
+    if greedy:
+        return RoundDrafts(draft_ids)
+    proposal = decode_proposal(draft.q_ids, draft.q_probs, len(draft.tokens), draft.support)
+    return RoundDrafts(draft_ids, proposal.ids, validate_proposal(draft_ids, proposal, vocab_size))
+
+
+def verify_job(cache: SessionCache, committed: list[int], drafts: RoundDrafts, params: SamplingParams,
                seed: int) -> RoundResult:
     """One round (docs/protocol.md §4): one forward over ``[parent] + drafts``, then the core's rule.
 
@@ -217,12 +236,13 @@ def verify_job(cache: SessionCache, committed: list[int], draft_ids: torch.Tenso
     """
     cache.sync(committed[:-1])
     position = len(committed)
+    draft_ids = drafts.draft_ids
     logits = cache.extend([committed[-1], *draft_ids.tolist()])
-    if greedy:
+    if drafts.q is None:
         return verify_greedy(draft_ids.to(logits.device), logits)
     p = target_probs(logits.cpu(), params)
-    assert proposal is not None
-    return verify_round(draft_ids, proposal, p, position_generator(seed, position, VERIFY_STREAM))
+    assert drafts.ids is not None
+    return verify_validated(draft_ids, drafts.ids, drafts.q, p, position_generator(seed, position, VERIFY_STREAM))
 
 
 def cloud_step_job(cache: SessionCache, committed: list[int], params: SamplingParams, seed: int) -> int:

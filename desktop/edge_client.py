@@ -30,7 +30,7 @@ from specd.desktop.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.base import Drafter
 from specd.shared import messages as m
 from specd.shared.errors import ErrorCode, ProtocolError, SpecdError
-from specd.shared.protocol.server import (
+from specd.shared.protocol import (
     ClientEvent,
     ClientSession,
     RateLimiter,

@@ -16,7 +16,7 @@ from specd.desktop.answer import Answer, AnswerStats, Piece, Settings, Stopwatch
 from specd.desktop.connection import ConnectionFailed, backoff_delays
 from specd.desktop.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.base import Drafter
-from specd.shared.protocol.server import TokensStreamed
+from specd.shared.protocol import TokensStreamed
 from specd.shared.sampling import LOCAL_STREAM, SamplingParams, position_generator, sample, target_probs
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specd.desktop.drafters.base import DraftProposal
-from specd.shared.protocol.server import ClientState, RoundDiscarded, RoundVerdict, common_prefix
+from specd.shared.protocol import ClientState, RoundDiscarded, RoundVerdict, common_prefix
 from specd.shared.sampling import ProposalDistribution
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ async def _send_round(client: EdgeClient, run: Run) -> _Round | None:
     run.stats.edge_ms += draft_ms
     if client.session.state is not ClientState.ACTIVE:
         return None  # the request ended while drafting; its events are waiting in the inbox
-    number, frame = client.session.draft(proposal.tokens, proposal.proposal)
+    number, frame = client.session.draft(proposal.tokens, proposal.wire())
     await client.send(frame)
     return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
                   sent_at=time.perf_counter())
@@ -216,7 +216,7 @@ async def _finish_ahead(client: EdgeClient, run: Run, job: _AheadJob) -> _Round 
     known, start = client.session.committed, len(run.mirror) - len(proposal.tokens)
     if len(known) > start or run.mirror[len(run.committed): len(known)] != known[len(run.committed):]:
         return None  # that verdict already ruled this round out; handling it rolls the drafter back
-    number, frame = client.session.draft(proposal.tokens, proposal.proposal, assumed=run.mirror[len(known): start])
+    number, frame = client.session.draft(proposal.tokens, proposal.wire(), assumed=run.mirror[len(known): start])
     await client.send(frame)
     run.stats.ahead_rounds += 1
     run.controller.observe_draft_time(draft_ms / len(proposal.tokens))

@@ -14,12 +14,13 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from specd.shared import messages as m
 from specd.shared.config import Config, load_config
-from specd.shared.protocol.server import ClientEvent, ClientSession, RoundVerdict, TokensStreamed
+from specd.shared.protocol import ClientEvent, ClientSession, RoundVerdict, TokensStreamed
 from specd.shared.sampling import (
     VERIFY_STREAM,
     ProposalDistribution,
     RoundResult,
     SamplingParams,
+    encode_proposal,
     position_generator,
     target_probs,
     verify_greedy,
@@ -65,7 +66,7 @@ class Client:
         return await self.events()
 
     async def round(self, drafts: list[int], proposal: ProposalDistribution | None = None) -> RoundVerdict:
-        _rnd, frame = self.session.draft(drafts, proposal)
+        _rnd, frame = self.session.draft(drafts, None if proposal is None else encode_proposal(proposal))
         await self.ws.send(frame)
         (event,) = await self.events()
         assert isinstance(event, RoundVerdict), event

@@ -20,7 +20,7 @@ from specd.desktop.edge_client import EdgeClient
 from specd.shared import messages as m
 from specd.shared.config import load_config
 from specd.shared.fingerprint import tokenizer_fingerprint
-from specd.shared.protocol.server import ClientState
+from specd.shared.protocol import ClientState
 from specd.shared.sampling import SamplingParams
 from tests.tiny_models import save_tiny_model
 

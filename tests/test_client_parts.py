@@ -13,7 +13,7 @@ from specd.desktop.drafters.torch_drafter import TorchDrafter
 from specd.desktop.edge_client import client_pacer
 from specd.desktop.fallback import local_step
 from specd.shared.config import dump_toml, load_config, to_dict
-from specd.shared.protocol.server import RateLimiter
+from specd.shared.protocol import RateLimiter
 from specd.shared.sampling import SamplingParams
 from tests.tiny_models import save_tiny_model
 

@@ -15,7 +15,7 @@ import torch
 from specd.daemon.server import Verifier
 from specd.shared import messages as m
 from specd.shared.fingerprint import tokenizer_fingerprint
-from specd.shared.protocol.server import RequestStarted, RoundDiscarded, ServerFailed
+from specd.shared.protocol import RequestStarted, RoundDiscarded, ServerFailed
 from specd.shared.sampling import (
     DRAFT_STREAM,
     SamplingParams,

@@ -17,7 +17,7 @@ from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection
 from specd.shared import messages as m
 from specd.shared.errors import ConfigError
 from specd.shared.fingerprint import tokenizer_fingerprint
-from specd.shared.protocol.server import ClientSession, RoundVerdict, Welcomed
+from specd.shared.protocol import ClientSession, RoundVerdict, Welcomed
 from tests.daemon_support import daemon_config
 from tests.tiny_models import save_tiny_model, tiny_tokenizer
 

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from specd.shared.errors import ModelError
-from specd.shared.protocol.server import common_prefix
+from specd.shared.protocol.codec import WireProposal, common_prefix
 from specd.shared.sampling import (
     DRAFT_STREAM,
     ProposalDistribution,
     SamplingParams,
+    encode_proposal,
     position_generator,
     sample_proposal,
     sparse_proposal,
@@ -45,6 +46,10 @@ class DraftProposal:
 
     tokens: list[int]
     proposal: ProposalDistribution | None
+
+    def wire(self) -> WireProposal | None:
+        """The proposal as a ``draft`` message carries it."""
+        return None if self.proposal is None else encode_proposal(self.proposal)
 
 
 class Drafter(ABC):
