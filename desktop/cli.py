@@ -17,8 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in NOT_YET.items():
         sub.add_parser(name, help=text)
-    from specd.desktop import chat, convert, demo, devices
     from specd.desktop.bench import cli as bench
+    from specd.desktop.commands import chat, demo
+    from specd.desktop.drafters import convert, devices
 
     chat.add_parser(sub)
     bench.add_parser(sub)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specd.desktop.cli import main
-from specd.desktop.convert import prepare_draft
+from specd.desktop.drafters.convert import prepare_draft
 from specd.desktop.drafters.openvino import OpenVINODrafter
 from specd.desktop.drafters.ortgenai import OrtGenAIDrafter
 from tests.test_drafter_backends import save_tiny_model_for_ort

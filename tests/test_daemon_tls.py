@@ -13,7 +13,7 @@ import torch
 import trustme
 
 from specd.daemon.server import Verifier
-from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection
+from specd.desktop.client.connection import ConnectionFailed, Endpoint, open_connection
 from specd.shared import messages as m
 from specd.shared.errors import ConfigError
 from specd.shared.fingerprint import tokenizer_fingerprint

@@ -23,10 +23,10 @@ import msgspec
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from specd.desktop.adaptive import GammaController
-from specd.desktop.answer import Answer, AnswerStats, Piece, Settings, Source, Stopwatch
-from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection
-from specd.desktop.detokenize import IncrementalDetokenizer
+from specd.desktop.client.adaptive import GammaController
+from specd.desktop.client.answer import Answer, AnswerStats, Piece, Settings, Source, Stopwatch
+from specd.desktop.client.connection import ConnectionFailed, Endpoint, open_connection
+from specd.desktop.client.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.base import Drafter
 from specd.shared import messages as m
 from specd.shared.errors import ErrorCode, ProtocolError, SpecdError
@@ -267,7 +267,7 @@ class EdgeClient:
 
     def eos_ids(self) -> frozenset[int]:
         """End-of-sequence ids: the verifier's (remembered from the last handshake), else the tokenizer's."""
-        from specd.desktop.fallback import eos_of
+        from specd.desktop.client.cloud_local import eos_of
 
         return self._eos if self._eos is not None else eos_of(self.tokenizer)
 
@@ -295,8 +295,8 @@ class EdgeClient:
     async def generate(self, prompt_ids: list[int], settings: Settings,
                        on_piece: PieceCallback | None = None) -> Answer:
         """Generate one answer for ``prompt_ids``, streaming pieces to ``on_piece``."""
-        from specd.desktop.fallback import generate_cloud, generate_local, wait_for_verifier
-        from specd.desktop.speculation import speculate
+        from specd.desktop.client.cloud_local import generate_cloud, generate_local, wait_for_verifier
+        from specd.desktop.client.speculation import speculate
 
         if not prompt_ids:
             raise SpecdError("the prompt is empty")

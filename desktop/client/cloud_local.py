@@ -12,20 +12,20 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from specd.desktop.answer import Answer, AnswerStats, Piece, Settings, Stopwatch
-from specd.desktop.connection import ConnectionFailed, backoff_delays
-from specd.desktop.detokenize import IncrementalDetokenizer
+from specd.desktop.client.answer import Answer, AnswerStats, Piece, Settings, Stopwatch
+from specd.desktop.client.connection import ConnectionFailed, backoff_delays
+from specd.desktop.client.detokenize import IncrementalDetokenizer
 from specd.desktop.drafters.base import Drafter
 from specd.shared.protocol import TokensStreamed
 from specd.shared.sampling import LOCAL_STREAM, SamplingParams, position_generator, sample, target_probs
 
 if TYPE_CHECKING:
-    from specd.desktop.edge_client import EdgeClient, PieceCallback, Run
+    from specd.desktop.client.edge_client import EdgeClient, PieceCallback, Run
 
 
 async def generate_cloud(client: EdgeClient, run: Run) -> None:
     """The verifier generates alone and streams; connection loss raises ``Disconnected``."""
-    from specd.desktop.edge_client import common_event
+    from specd.desktop.client.edge_client import common_event
 
     session = client.session
     await client.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,

@@ -22,7 +22,7 @@ from specd.shared.protocol import ClientState, RoundDiscarded, RoundVerdict, com
 from specd.shared.sampling import ProposalDistribution
 
 if TYPE_CHECKING:
-    from specd.desktop.edge_client import EdgeClient, Run
+    from specd.desktop.client.edge_client import EdgeClient, Run
 
 
 @dataclass(slots=True)
@@ -47,7 +47,7 @@ class _AheadJob:
 
 async def speculate(client: EdgeClient, run: Run) -> None:
     """Run rounds until the request finishes or is cancelled; connection loss raises out of here."""
-    from specd.desktop.edge_client import common_event
+    from specd.desktop.client.edge_client import common_event
 
     session, settings = client.session, run.settings
     run.stop_ids = client.eos_ids() | frozenset(settings.stop)
