@@ -178,8 +178,7 @@ class SessionDriver:
     # -- model work -----------------------------------------------------------------------------
     async def _start(self, action: StartRequested) -> None:
         start = action.start
-        self.params = SamplingParams(temperature=start.sampling.temperature, top_k=start.sampling.top_k,
-                                     top_p=start.sampling.top_p)
+        self.params = SamplingParams.of(start.sampling)
         self.seed = request_seed(start.seed)
         worker, metrics = self.verifier.worker, self.verifier.metrics
         try:

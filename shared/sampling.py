@@ -1,13 +1,14 @@
 """The lossless speculative-sampling core (Leviathan et al. 2023, Alg. 1).
 
 Pure, vectorised float32 torch functions with no I/O. Names follow the paper: ``p`` is always the
-target's distribution and ``q`` always the draft's proposal. See docs/protocol.md and
-shared/guide/ALGORITHM.md for the rule these functions implement.
+target's distribution and ``q`` always the draft's proposal. docs/protocol.md §4 states the rule these
+functions implement.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +49,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @classmethod
+    def of(cls, settings: Any) -> SamplingParams:
+        """From anything holding the three settings: ``[sampling]`` of the config, a wire ``Sampling``."""
+        return cls(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from specd.shared.errors import ErrorCode, ProtocolError
 from specd.shared.protocol.codec import common_prefix, proposal_bytes
 from specd.shared.protocol.ratelimit import RateLimiter
 from specd.shared.protocol.states import ServerState, ServerTrigger, server_transition
+from specd.shared.protocol.stopping import stop_reason
 
 # WebSocket close codes the daemon uses for the actions below.
 CLOSE_NORMAL = 1000
@@ -97,10 +98,9 @@ class _Request:
 
 def _finish_reason(req: _Request, token: int, eos: frozenset[int], max_total: int) -> str | None:
     """Why generation ends after ``token`` was appended to ``req.tokens``, or None."""
-    if token in eos:
-        return "eos"
-    if token in req.start.stop:
-        return "stop"
+    reason = stop_reason(token, eos, req.start.stop)
+    if reason is not None:
+        return reason
     if req.generated >= req.start.max_new_tokens:
         return "length"
     if len(req.tokens) >= max_total:
