@@ -1,6 +1,6 @@
 """One WebSocket connection: moves frames between the socket and a sans-I/O ``ServerSession``.
 
-The session (shared/session.py) decides everything protocol-shaped; this driver only receives,
+The session (shared/protocol/) decides everything protocol-shaped; this driver only receives,
 runs the model jobs the session asks for on the shared worker, and sends what the session says.
 Messages are handled one at a time, in order (docs/protocol.md §8); in cloud mode a generation task
 streams tokens while the reader keeps listening for ``cancel``.
@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from specd.daemon.target import SessionCache, cloud_step_job, prefill_job, request_seed, verify_job
+from specd.daemon.target import SessionCache, cloud_step_job, decode_round, prefill_job, request_seed, verify_job
 from specd.shared import messages as m
-from specd.shared.errors import ErrorCode
-from specd.shared.sampling import SamplingParams
-from specd.shared.session import (
+from specd.shared.errors import ErrorCode, ProposalError
+from specd.shared.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_TRY_AGAIN_LATER,
@@ -34,6 +33,7 @@ from specd.shared.session import (
     ServerState,
     StartRequested,
 )
+from specd.shared.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from specd.daemon.server import Verifier
@@ -178,8 +178,7 @@ class SessionDriver:
     # -- model work -----------------------------------------------------------------------------
     async def _start(self, action: StartRequested) -> None:
         start = action.start
-        self.params = SamplingParams(temperature=start.sampling.temperature, top_k=start.sampling.top_k,
-                                     top_p=start.sampling.top_p)
+        self.params = SamplingParams.of(start.sampling)
         self.seed = request_seed(start.seed)
         worker, metrics = self.verifier.worker, self.verifier.metrics
         try:
@@ -197,11 +196,15 @@ class SessionDriver:
 
     async def _verify(self, action: DraftReceived) -> None:
         draft = action.draft
+        try:
+            drafts = decode_round(draft, action.greedy, self.session.vocab_size)
+        except ProposalError as exc:
+            await self._perform(self.session.error(ErrorCode.BAD_PROPOSAL, str(exc), request=draft.request))
+            return
         committed = self.session.committed
         try:
             result, queue_s, run_s = await self.verifier.worker.run(
-                self, verify_job, self.cache, committed, action.draft_ids, action.proposal, action.greedy,
-                self.params, self.seed)
+                self, verify_job, self.cache, committed, drafts, self.params, self.seed)
         except Exception as exc:
             await self._internal(exc, draft.request)
             return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import secrets
 import sys
@@ -25,23 +24,26 @@ from typing import Any
 
 import torch
 
+from specd.shared import messages as m
 from specd.shared.config import Config
 from specd.shared.errors import ConfigError, ModelError
 from specd.shared.fingerprint import tokenizer_fingerprint
+from specd.shared.hf_models import cache_kwarg, cuda_problem, drop_last, model_eos_ids
 from specd.shared.models import ensure_hf_folder, resolve_source
+from specd.shared.protocol.codec import common_prefix
 from specd.shared.sampling import (
     CLOUD_STREAM,
     VERIFY_STREAM,
-    ProposalDistribution,
     RoundResult,
     SamplingParams,
+    decode_proposal,
     position_generator,
     sample,
     target_probs,
+    validate_proposal,
     verify_greedy,
-    verify_round,
+    verify_validated,
 )
-from specd.shared.session import common_prefix
 
 log = logging.getLogger("specd.daemon.target")
 
@@ -53,12 +55,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: this torch has no CUDA (a CPU-only build, or no NVIDIA "
-                              "driver); use --device cpu")
-        if (dev.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    problem = cuda_problem(dev)
+    if problem is not None:
+        raise ConfigError(f"--device {device}: {problem}; use --device cpu")
     return dev
 
 
@@ -79,9 +78,9 @@ class TargetModel:
         self.dtype = dtype
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = model_eos_ids(model, tokenizer)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
         # Positions processed by each forward (most recent last), and running totals.
         self.forward_positions: deque[int] = deque(maxlen=4096)
         self.forwards_total = 0
@@ -136,19 +135,6 @@ class TargetModel:
             torch.cuda.empty_cache()
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """End-of-sequence ids as ``generate()`` sees them (generation config), plus the tokenizer's."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else list(value))
-            break
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
-
-
 @dataclass(slots=True)
 class SessionCache:
     """One session's KV cache and the tokens it holds, position for position."""
@@ -182,7 +168,7 @@ class SessionCache:
             return
         surplus = len(self.tokens) - length
         if surplus > 0:
-            self.kv.crop(-surplus)  # transformers 5 refuses an absolute length; a negative count works in 4 and 5
+            drop_last(self.kv, surplus)
             del self.tokens[length:]
 
     def free(self) -> None:
@@ -208,8 +194,25 @@ def prefill_job(cache: SessionCache, tokens: list[int], reusable: int) -> int:
     return cache.sync(target)
 
 
-def verify_job(cache: SessionCache, committed: list[int], draft_ids: torch.Tensor,
-               proposal: ProposalDistribution | None, greedy: bool, params: SamplingParams,
+@dataclass(frozen=True, slots=True)
+class RoundDrafts:
+    """One round's drafts as tensors; a sampled round adds its proposal, checked (once) on receipt."""
+
+    draft_ids: torch.Tensor  # [γ] int64
+    ids: torch.Tensor | None = None  # [γ, K] int64, the proposal's support
+    q: torch.Tensor | None = None  # [γ, K] float32, normalised by validate_proposal
+
+
+def decode_round(draft: m.Draft, greedy: bool, vocab_size: int) -> RoundDrafts:
+    """Decode and check a round the session accepted; raises ``ProposalError`` for a bad proposal."""
+    draft_ids = torch.tensor(draft.tokens, dtype=torch.int64)
+    if greedy:
+        return RoundDrafts(draft_ids)
+    proposal = decode_proposal(draft.q_ids, draft.q_probs, len(draft.tokens), draft.support)
+    return RoundDrafts(draft_ids, proposal.ids, validate_proposal(draft_ids, proposal, vocab_size))
+
+
+def verify_job(cache: SessionCache, committed: list[int], drafts: RoundDrafts, params: SamplingParams,
                seed: int) -> RoundResult:
     """One round (docs/protocol.md §4): one forward over ``[parent] + drafts``, then the core's rule.
 
@@ -218,12 +221,13 @@ def verify_job(cache: SessionCache, committed: list[int], draft_ids: torch.Tenso
     """
     cache.sync(committed[:-1])
     position = len(committed)
+    draft_ids = drafts.draft_ids
     logits = cache.extend([committed[-1], *draft_ids.tolist()])
-    if greedy:
+    if drafts.q is None:
         return verify_greedy(draft_ids.to(logits.device), logits)
     p = target_probs(logits.cpu(), params)
-    assert proposal is not None
-    return verify_round(draft_ids, proposal, p, position_generator(seed, position, VERIFY_STREAM))
+    assert drafts.ids is not None
+    return verify_validated(draft_ids, drafts.ids, drafts.q, p, position_generator(seed, position, VERIFY_STREAM))
 
 
 def cloud_step_job(cache: SessionCache, committed: list[int], params: SamplingParams, seed: int) -> int:

@@ -8,17 +8,14 @@ import sys
 from specd.shared import __version__
 from specd.shared.errors import SpecdError
 
-NOT_YET: dict[str, str] = {}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specd", description="specd: edge–cloud speculative decoding")
     parser.add_argument("--version", action="version", version=f"specd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, text in NOT_YET.items():
-        sub.add_parser(name, help=text)
-    from specd.desktop import chat, convert, demo, devices
     from specd.desktop.bench import cli as bench
+    from specd.desktop.commands import chat, demo
+    from specd.desktop.drafters import convert, devices
 
     chat.add_parser(sub)
     bench.add_parser(sub)
@@ -35,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        handler = getattr(args, "handler", None)
-        if handler is not None:
-            return handler(args)
-        print(f"specd {args.command}: not available yet", file=sys.stderr)
-        return 2
+        return args.handler(args)
     except SpecdError as exc:
         print(f"specd: {exc}", file=sys.stderr)
         return 1

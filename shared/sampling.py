@@ -1,17 +1,19 @@
 """The lossless speculative-sampling core (Leviathan et al. 2023, Alg. 1).
 
 Pure, vectorised float32 torch functions with no I/O. Names follow the paper: ``p`` is always the
-target's distribution and ``q`` always the draft's proposal. See docs/protocol.md and
-shared/guide/ALGORITHM.md for the rule these functions implement.
+target's distribution and ``q`` always the draft's proposal. docs/protocol.md §4 states the rule these
+functions implement.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from specd.shared.errors import ProposalError
+from specd.shared.protocol.codec import Q_IDS_DTYPE, Q_PROBS_DTYPE, WireProposal
 
 # Proposal probabilities must sum to 1 within this tolerance before the verifier normalises them.
 PROPOSAL_SUM_TOLERANCE = 1e-3
@@ -47,6 +49,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @classmethod
+    def of(cls, settings: Any) -> SamplingParams:
+        """From anything holding the three settings: ``[sampling]`` of the config, a wire ``Sampling``."""
+        return cls(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +226,19 @@ def verify_round(
     p: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> RoundResult:
-    """Verify γ drafts against target distributions ``p`` ``[γ+1, V]`` (float32, already transformed).
+    """Check ``proposal`` (:func:`validate_proposal`) and verify it (:func:`verify_validated`)."""
+    q = validate_proposal(draft_ids, proposal, p.shape[-1])
+    return verify_validated(draft_ids, proposal.ids, q, p, generator)
+
+
+def verify_validated(
+    draft_ids: torch.Tensor,  # [γ] int64
+    ids: torch.Tensor,  # [γ, K] int64, the proposal's support
+    q: torch.Tensor,  # [γ, K] float32, what validate_proposal returned for it
+    p: torch.Tensor,  # [γ+1, V] float32, already transformed
+    generator: torch.Generator | None = None,
+) -> RoundResult:
+    """Verify γ drafts against target distributions ``p`` (the verifier checked the proposal once).
 
     Accept draft i when ``u < p_i(d_i) / q_i(d_i)``; at the first rejection sample the correction from
     ``norm(max(0, p_i − q_i))`` over the whole vocabulary; when all are accepted sample the bonus token
@@ -228,8 +247,6 @@ def verify_round(
     gamma = int(draft_ids.shape[0])
     if p.dim() != 2 or p.shape[0] != gamma + 1:
         raise ProposalError(f"need {gamma + 1} target distributions for {gamma} drafts, got {p.shape[0]}")
-    q = validate_proposal(draft_ids, proposal, p.shape[-1])
-    ids = proposal.ids
     q_at_draft = (q * (ids == draft_ids.unsqueeze(-1))).sum(dim=-1)
     p_at_draft = p[:gamma].gather(-1, draft_ids.unsqueeze(-1)).squeeze(-1)
     u = torch.rand(gamma, generator=generator, dtype=torch.float32, device=p.device)
@@ -254,3 +271,17 @@ def verify_greedy(draft_ids: torch.Tensor, target_logits: torch.Tensor) -> Round
     mismatch = (best[:gamma] != draft_ids).nonzero()
     accepted = gamma if mismatch.numel() == 0 else int(mismatch[0, 0])
     return RoundResult(accepted=accepted, token=int(best[accepted]), bonus=accepted == gamma)
+
+
+def encode_proposal(proposal: ProposalDistribution) -> WireProposal:
+    """The bytes a ``draft`` message carries for ``proposal`` (layout in ``shared/protocol/codec.py``)."""
+    ids = proposal.ids.to(torch.int32).contiguous().cpu().numpy().astype(Q_IDS_DTYPE, copy=False)
+    probs = proposal.probs.to(torch.float32).contiguous().cpu().numpy().astype(Q_PROBS_DTYPE, copy=False)
+    return WireProposal(proposal.support_size, ids.tobytes(), probs.tobytes())
+
+
+def decode_proposal(q_ids: bytes, q_probs: bytes, gamma: int, support: int) -> ProposalDistribution:
+    """The proposal a ``draft`` carried, unchecked (the session checked only the byte sizes)."""
+    ids = torch.frombuffer(bytearray(q_ids), dtype=torch.int32).reshape(gamma, support)
+    probs = torch.frombuffer(bytearray(q_probs), dtype=torch.float32).reshape(gamma, support)
+    return ProposalDistribution(ids=ids.to(torch.int64), probs=probs.clone())

@@ -1,6 +1,6 @@
 """Helpers for the daemon tests: a config for a model folder, and a minimal protocol client.
 
-The client is ``shared.session.ClientSession`` over ``websockets.asyncio.client`` — what a third-party
+The client is ``shared.protocol.client.ClientSession`` over ``websockets.asyncio.client`` — what a third-party
 client written from docs/protocol.md would do — so the daemon is tested without the desktop code.
 """
 
@@ -15,17 +15,18 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from specd.shared import messages as m
 from specd.shared.config import Config, load_config
+from specd.shared.protocol import ClientEvent, ClientSession, RoundVerdict, TokensStreamed
 from specd.shared.sampling import (
     VERIFY_STREAM,
     ProposalDistribution,
     RoundResult,
     SamplingParams,
+    encode_proposal,
     position_generator,
     target_probs,
     verify_greedy,
     verify_round,
 )
-from specd.shared.session import ClientEvent, ClientSession, RoundVerdict, TokensStreamed
 
 
 def daemon_config(model: Any, **limits: Any) -> Config:
@@ -66,7 +67,7 @@ class Client:
         return await self.events()
 
     async def round(self, drafts: list[int], proposal: ProposalDistribution | None = None) -> RoundVerdict:
-        _rnd, frame = self.session.draft(drafts, proposal)
+        _rnd, frame = self.session.draft(drafts, None if proposal is None else encode_proposal(proposal))
         await self.ws.send(frame)
         (event,) = await self.events()
         assert isinstance(event, RoundVerdict), event

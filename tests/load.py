@@ -29,8 +29,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from specd.shared import messages as m
-from specd.shared.sampling import ProposalDistribution
-from specd.shared.session import (
+from specd.shared.protocol import (
     ClientSession,
     RequestStarted,
     RoundDiscarded,
@@ -38,6 +37,7 @@ from specd.shared.session import (
     ServerFailed,
     TokensStreamed,
 )
+from specd.shared.sampling import ProposalDistribution, encode_proposal
 
 VOCAB = 64
 FAULT_TESTS = ["tests/test_faults.py", "tests/test_daemon_abuse.py", "tests/test_daemon_tls.py",
@@ -112,7 +112,8 @@ async def _one_request(ws, session: ClientSession, kind: str, rng: random.Random
         if kind != "cloud" and sent_at is None:
             gamma = rng.randint(1, 6)
             drafts = [rng.randrange(3, VOCAB) for _ in range(gamma)]
-            _rnd, frame = session.draft(drafts, _proposal(rng, drafts) if kind == "sampled" else None)
+            proposal = encode_proposal(_proposal(rng, drafts)) if kind == "sampled" else None
+            _rnd, frame = session.draft(drafts, proposal)
             sent_at = time.perf_counter()
             await ws.send(frame)
         for event in session.receive(await asyncio.wait_for(ws.recv(), 60)):

@@ -47,13 +47,13 @@ from unittest import mock
 import torch
 
 from specd.daemon.server import Verifier
-from specd.desktop.answer import Answer, Settings
-from specd.desktop.connection import Endpoint
+from specd.desktop.client.answer import Answer, Settings
+from specd.desktop.client.connection import Endpoint
+from specd.desktop.client.edge_client import EdgeClient
 from specd.desktop.drafters.base import Drafter
-from specd.desktop.edge_client import EdgeClient
 from specd.shared.config import load_config
 from specd.shared.fingerprint import tokenizer_fingerprint
-from specd.shared.sampling import SamplingParams, sparse_proposal
+from specd.shared.sampling import ProposalDistribution, SamplingParams, sparse_proposal
 from tests.target_law import PositionTest, TargetLaw, bonferroni, conditional_tests, overlap
 from tests.tiny_models import perturbed_llama, save_with_tokenizer, tiny_llama, tiny_ort_config
 
@@ -65,9 +65,10 @@ BACKENDS = ("torch", "onnxruntime-genai")
 TARGET_SHARPNESS = 16.0
 DRAFT_NOISE = 0.5
 
-# The function the verifier calls to judge one round. A negative control swaps it for a wrong rule; if
-# the verifier's round path changes (a batched engine), this is the one name to update.
-VERIFIER_ROUND_RULE = "specd.daemon.target.verify_round"
+# The function the verifier calls to judge one sampled round, with the proposal it validated on receipt:
+# ``(draft_ids, ids, q, p, generator)``. A negative control swaps it for a wrong rule; if the verifier's
+# round path moves, this is the one name to update.
+VERIFIER_ROUND_RULE = "specd.daemon.target.verify_validated"
 
 VerifierFactory = Callable[[Path], contextlib.AbstractAsyncContextManager[str]]
 # One answer from a client: the answers it took (one, or several when it switches mode mid-answer);
@@ -98,7 +99,7 @@ def build_models(root: Path, *, ort: bool = True) -> Models:
         except ImportError:
             pass
         else:
-            from specd.desktop.convert import build_ortgenai
+            from specd.desktop.drafters.convert import build_ortgenai
 
             draft_ort = root / "draft-ort"
             draft_ort.mkdir(exist_ok=True)
@@ -152,11 +153,16 @@ async def subprocess_verifier(target: Path) -> AsyncIterator[str]:
 
 @contextlib.contextmanager
 def round_rule(rule: Callable[..., Any] | None) -> Iterator[None]:
-    """Make the in-process verifier judge rounds with ``rule`` (None: the shipped rule)."""
+    """Make the in-process verifier judge rounds with ``rule``, a function with the signature of
+    ``shared.sampling.verify_round`` (None: the shipped rule)."""
     if rule is None:
         yield
         return
-    with mock.patch(VERIFIER_ROUND_RULE, rule):
+    def judged_by_rule(draft_ids: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+                       generator: torch.Generator | None = None) -> Any:
+        return rule(draft_ids, ProposalDistribution(ids=ids, probs=q), p, generator)
+
+    with mock.patch(VERIFIER_ROUND_RULE, judged_by_rule):
         yield
 
 

@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-from specd.desktop.answer import AnswerStats
 from specd.desktop.bench.figures import (
     RunRecord,
     assessment,
@@ -16,6 +15,7 @@ from specd.desktop.bench.figures import (
     summarise,
 )
 from specd.desktop.bench.prompts import CATEGORIES, PROMPTS, select_prompts
+from specd.desktop.client.answer import AnswerStats
 
 
 def test_prompt_set_covers_four_categories_early():

@@ -13,16 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specd.daemon.server import Verifier
-from specd.desktop.adaptive import GammaController
-from specd.desktop.answer import Answer, Settings
-from specd.desktop.connection import Endpoint
+from specd.desktop.client.adaptive import GammaController
+from specd.desktop.client.answer import Answer, Settings
+from specd.desktop.client.connection import Endpoint
+from specd.desktop.client.edge_client import EdgeClient
 from specd.desktop.drafters.torch_drafter import TorchDrafter
-from specd.desktop.edge_client import EdgeClient
 from specd.shared import messages as m
 from specd.shared.config import load_config
 from specd.shared.fingerprint import tokenizer_fingerprint
+from specd.shared.protocol import ClientState
 from specd.shared.sampling import SamplingParams
-from specd.shared.session import ClientState
 from tests.tiny_models import save_tiny_model
 
 GREEDY = Settings(sampling=SamplingParams(temperature=0.0), max_new_tokens=48, seed=0, gamma_max=8)
@@ -212,7 +212,7 @@ async def test_cloud_only_when_no_drafter_can_run(folders, tmp_path):
     """A draft folder whose weights are missing: no device can run it, so answers are cloud-only."""
     import shutil
 
-    from specd.desktop.launch import build_client
+    from specd.desktop.commands.launch import build_client
 
     broken = tmp_path / "broken-draft"
     shutil.copytree(folders["draft"], broken)
@@ -252,7 +252,7 @@ async def test_cancel_stops_the_answer_cleanly(folders):
 
 
 async def test_tokenizer_mismatch_is_refused_with_a_clear_message(folders, tmp_path):
-    from specd.desktop.connection import ConnectionFailed
+    from specd.desktop.client.connection import ConnectionFailed
 
     other = save_tiny_model(tmp_path / "other", seed=1, vocab_size=300)
     async with Verifier(verifier_config(folders["target"])) as verifier:
@@ -263,7 +263,7 @@ async def test_tokenizer_mismatch_is_refused_with_a_clear_message(folders, tmp_p
 
 
 async def test_unreachable_verifier_says_so():
-    from specd.desktop.connection import ConnectionFailed
+    from specd.desktop.client.connection import ConnectionFailed
 
     tokenizer_folder = None
     client = EdgeClient(Endpoint(url="ws://127.0.0.1:9", open_timeout=2), tokenizer=tokenizer_folder,
@@ -276,7 +276,7 @@ async def test_unreachable_verifier_says_so():
 @pytest.mark.smollm2
 async def test_embedded_pair_greedy_equals_the_target(smollm2_folder):
     """The product's default pair: SmolLM2 target (torch fp32) and its ONNX Runtime GenAI draft."""
-    from specd.desktop.launch import build_client
+    from specd.desktop.commands.launch import build_client
 
     async with Verifier(verifier_config(smollm2_folder)) as verifier:
         cfg = load_config(None, overrides={"client": {"server_url": verifier.url}})

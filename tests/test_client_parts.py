@@ -6,15 +6,15 @@ import tomllib
 
 import pytest
 
-from specd.desktop.adaptive import GammaController, expected_tokens
-from specd.desktop.answer import AnswerStats
-from specd.desktop.detokenize import IncrementalDetokenizer
+from specd.desktop.client.adaptive import GammaController, expected_tokens
+from specd.desktop.client.answer import AnswerStats
+from specd.desktop.client.cloud_local import local_step
+from specd.desktop.client.detokenize import IncrementalDetokenizer
+from specd.desktop.client.edge_client import client_pacer
 from specd.desktop.drafters.torch_drafter import TorchDrafter
-from specd.desktop.edge_client import client_pacer
-from specd.desktop.fallback import local_step
 from specd.shared.config import dump_toml, load_config, to_dict
+from specd.shared.protocol import RateLimiter
 from specd.shared.sampling import SamplingParams
-from specd.shared.session import RateLimiter
 from tests.tiny_models import save_tiny_model
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specd.desktop.cli import main
-from specd.desktop.convert import prepare_draft
+from specd.desktop.drafters.convert import prepare_draft
 from specd.desktop.drafters.openvino import OpenVINODrafter
 from tests.test_draft_precision import check_ortgenai_weights
 from tests.tiny_models import save_tiny_ort_model
@@ -71,7 +71,7 @@ def test_convert_explains_a_folder_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_prepared_drafts_are_built_once_and_cached(tiny_hf, tmp_path, monkeypatch):
-    import specd.desktop.openvino_export as openvino_export
+    import specd.desktop.drafters.openvino_export as openvino_export
 
     builds: list[str] = []
     real_export = openvino_export.export_openvino

@@ -379,8 +379,8 @@ def load_public(folder) -> object:
 
 
 async def test_the_edge_client_says_the_verifier_is_full_and_may_retry(tiny_folder):
-    from specd.desktop.connection import ConnectionFailed, Endpoint
-    from specd.desktop.edge_client import EdgeClient
+    from specd.desktop.client.connection import ConnectionFailed, Endpoint
+    from specd.desktop.client.edge_client import EdgeClient
 
     async with Verifier(daemon_config(tiny_folder, max_sessions=1)) as v:
         holder = await Client.open(v.url, FINGERPRINT)

@@ -17,6 +17,7 @@ import torch
 from specd.daemon.server import Verifier
 from specd.shared import messages as m
 from specd.shared.fingerprint import tokenizer_fingerprint
+from specd.shared.protocol import RequestStarted, RoundDiscarded, ServerFailed
 from specd.shared.sampling import (
     DRAFT_STREAM,
     SamplingParams,
@@ -24,7 +25,6 @@ from specd.shared.sampling import (
     sample_proposal,
     sparse_proposal,
 )
-from specd.shared.session import RequestStarted, RoundDiscarded, ServerFailed
 from tests.daemon_support import Client, daemon_config, direct_verdict, greedy_reference
 from tests.tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
 

@@ -28,7 +28,7 @@ from specd.daemon.server import Verifier
 from specd.shared import messages as m
 from specd.shared.errors import ConfigError
 from specd.shared.fingerprint import tokenizer_fingerprint
-from specd.shared.session import ServerFailed
+from specd.shared.protocol import ServerFailed
 from tests.daemon_support import Client, daemon_config, eventually
 from tests.tiny_models import save_tiny_model, tiny_tokenizer
 

@@ -13,11 +13,11 @@ import torch
 import trustme
 
 from specd.daemon.server import Verifier
-from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection
+from specd.desktop.client.connection import ConnectionFailed, Endpoint, open_connection
 from specd.shared import messages as m
 from specd.shared.errors import ConfigError
 from specd.shared.fingerprint import tokenizer_fingerprint
-from specd.shared.session import ClientSession, RoundVerdict, Welcomed
+from specd.shared.protocol import ClientSession, RoundVerdict, Welcomed
 from tests.daemon_support import daemon_config
 from tests.tiny_models import save_tiny_model, tiny_tokenizer
 
@@ -144,7 +144,7 @@ async def test_build_client_takes_tls_verify_and_ca_file_from_the_config(tiny_fo
                                                                           client_section, connects):
     """``[client] tls_verify`` and ``ca_file`` reach the connection the launcher builds (``specd chat``,
     the tray app), checked by a real TLS handshake with the verifier's certificate."""
-    from specd.desktop.launch import build_client
+    from specd.desktop.commands.launch import build_client
     from specd.shared.config import load_config
 
     monkeypatch.setenv("SPECD_API_KEY", KEY)

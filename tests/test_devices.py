@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from specd.desktop import winml
 from specd.desktop.cli import main
-from specd.desktop.devices import DeviceRow, format_table, plan_devices, probe_devices
-from specd.desktop.drafters import load_drafter
+from specd.desktop.drafters import load_drafter, winml
+from specd.desktop.drafters.devices import DeviceRow, format_table, plan_devices, probe_devices
 from specd.shared.config import load_config
 from specd.shared.errors import DeviceError
 from tests.tiny_models import save_tiny_model
@@ -75,7 +74,7 @@ def test_ranking_prefers_npu_then_gpu_then_cpu():
 
 
 def test_config_disables_devices_with_a_reason(monkeypatch):
-    import specd.desktop.devices as devices
+    import specd.desktop.drafters.devices as devices
 
     fake = [DeviceRow("openvino:GPU.0", "openvino", "gpu", "Intel Arc", "GPU.0"),
             DeviceRow("openvino:GPU.1", "openvino", "gpu", "NVIDIA", "GPU.1"),

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from specd.desktop import convert
-from specd.desktop.convert import BUILDER_PRECISIONS, PRECISIONS, builder_precision, prepare_draft
-from specd.desktop.devices import DeviceRow
-from specd.desktop.drafters import load_drafter
+from specd.desktop.drafters import convert, load_drafter
+from specd.desktop.drafters.convert import BUILDER_PRECISIONS, PRECISIONS, builder_precision, prepare_draft
+from specd.desktop.drafters.devices import DeviceRow
 from specd.desktop.drafters.openvino import OpenVINODrafter
 from specd.desktop.drafters.ortgenai import OrtGenAIDrafter
 from specd.desktop.drafters.torch_drafter import TorchDrafter

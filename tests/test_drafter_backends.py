@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specd.desktop.convert import build_ortgenai, prepare_draft
+from specd.desktop.drafters.convert import build_ortgenai, prepare_draft
 from specd.desktop.drafters.openvino import OpenVINODrafter
+from specd.desktop.drafters.openvino_export import export_openvino
 from specd.desktop.drafters.ortgenai import OrtGenAIDrafter
 from specd.desktop.drafters.torch_drafter import TorchDrafter
-from specd.desktop.openvino_export import export_openvino
 from specd.shared.models import EMBEDDED_PRESET
 from specd.shared.sampling import SamplingParams, sparse_proposal, validate_proposal
 from tests.tiny_models import save_tiny_ort_model

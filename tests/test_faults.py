@@ -21,11 +21,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from specd.desktop.answer import Answer, Settings
 from specd.desktop.bench.netem import DelayProxy
-from specd.desktop.connection import Endpoint
+from specd.desktop.client.answer import Answer, Settings
+from specd.desktop.client.connection import Endpoint
+from specd.desktop.client.edge_client import EdgeClient
 from specd.desktop.drafters.torch_drafter import TorchDrafter
-from specd.desktop.edge_client import EdgeClient
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.sampling import SamplingParams
 from tests.daemon_process import DaemonProcess

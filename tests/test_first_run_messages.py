@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from specd.daemon.limits import effective_limits
-from specd.desktop.launch import load_tokenizer
+from specd.desktop.commands.launch import load_tokenizer
 from specd.desktop.ui.user_settings import UserSettings, effective_config
 from specd.shared.config import load_config, load_config_with_origins
 from specd.shared.config_origins import ConfigLayer

@@ -16,10 +16,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from specd.daemon.target import decode_round
 from specd.shared import messages as m
-from specd.shared import session as s
-from specd.shared.errors import ErrorCode, ProtocolError
-from specd.shared.sampling import RoundResult
+from specd.shared import protocol as s
+from specd.shared.errors import ErrorCode, ProposalError, ProtocolError
+from specd.shared.sampling import RoundResult, decode_proposal
 from tests import fuzz_strategies as fz
 
 VOCAB = fz.VOCAB
@@ -165,7 +166,9 @@ class FuzzDriver:
                 if self.server.state is s.ServerState.STREAMING:
                     self.stream_some()
             elif isinstance(action, s.DraftReceived):
-                self.check_draft(action)
+                if not self.check_draft(action):
+                    self.handle(self.server.error(ErrorCode.BAD_PROPOSAL, "refused", request=action.draft.request))
+                    continue
                 accepted = self.data.draw(st.integers(0, len(action.draft.tokens)))
                 self.handle(self.server.verdict(RoundResult(accepted=accepted, token=self.data.draw(fz.token))))
             elif isinstance(action, s.CancelRequested):
@@ -192,21 +195,28 @@ class FuzzDriver:
             self.verdicts += 1
             assert msg.position + msg.accepted + 1 <= LIMITS.max_total_tokens
 
-    def check_draft(self, action: s.DraftReceived) -> None:
+    def check_draft(self, action: s.DraftReceived) -> bool:
+        """Check what the session let through and decode it as the daemon does; False: the verifier refuses it."""
         draft, req = action.draft, self.server.request
         assert req is not None and req.start.mode == "speculative" and draft.request == req.start.request
         assert 1 <= len(draft.tokens) <= LIMITS.max_draft
         assert draft.position == len(req.tokens) and draft.parent == req.tokens[-1]
         assert draft.position + len(draft.tokens) <= LIMITS.max_total_tokens
-        assert bool((action.draft_ids < VOCAB).all()) and bool((action.draft_ids >= 0).all())
+        try:
+            drafts = decode_round(draft, action.greedy, VOCAB)
+        except ProposalError:
+            assert not action.greedy
+            return False
+        assert bool((drafts.draft_ids < VOCAB).all()) and bool((drafts.draft_ids >= 0).all())
         if action.greedy:
-            assert action.proposal is None
+            assert drafts.q is None
         else:
-            q = action.proposal
+            q = decode_proposal(draft.q_ids, draft.q_probs, len(draft.tokens), draft.support)
             assert q is not None and 1 <= q.support_size <= LIMITS.max_support
             assert bool(torch.isfinite(q.probs).all()) and bool((q.probs >= 0).all())
             assert bool(((q.ids >= 0) & (q.ids < VOCAB)).all())
             assert bool(((q.probs.double().sum(-1) - 1).abs() <= 1e-3).all())
+        return True
 
     def check_state(self) -> None:
         srv = self.server

@@ -178,7 +178,7 @@ class GatedClient:
 
 
 def test_pausing_lets_a_handshake_in_flight_finish_and_gives_up_on_a_refusal(qloop):
-    from specd.desktop.connection import ConnectionFailed
+    from specd.desktop.client.connection import ConnectionFailed
     from specd.desktop.ui.idle_reconnect import IdleReconnector
 
     async def scenario():

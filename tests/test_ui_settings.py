@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from specd.desktop.devices import DeviceRow
+from specd.desktop.drafters.devices import DeviceRow
 from specd.desktop.ui.settings_dialog import SettingsDialog
 from specd.desktop.ui.user_settings import (
     SecretStore,

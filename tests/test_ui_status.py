@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QApplication
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
-from specd.desktop.connection import plain_close_reason
+from specd.desktop.client.connection import plain_close_reason
 from specd.desktop.ui.app_runtime import LOG_FILE
 from specd.desktop.ui.chat_view import legend_html, stats_line
 from specd.desktop.ui.chat_window import ChatWindow

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from PySide6.QtGui import QImage
 
-from specd.desktop.devices import DeviceRow, probe_devices
+from specd.desktop.drafters.devices import DeviceRow, probe_devices
 from specd.desktop.ui.app import main
 from specd.desktop.ui.app_runtime import SingleInstance, install_exception_hooks
 from specd.desktop.ui.controller import DesktopApp
@@ -191,7 +191,7 @@ def test_screenshot_of_the_reconnecting_window(qapp, tmp_path):
 
 
 def test_model_preparation_progress_reaches_the_window(qtbot, qloop, tmp_path, draft_folder):
-    from specd.desktop.launch import build_client
+    from specd.desktop.commands.launch import build_client
 
     def build(config, *, device=None, progress=None):  # the real builder, announcing one more step first
         progress("Preparing the draft model of the test")

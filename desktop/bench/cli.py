@@ -20,9 +20,9 @@ from urllib.parse import urlparse, urlunparse
 
 import msgspec
 
-from specd.desktop.answer import Settings
 from specd.desktop.bench.figures import MODES
 from specd.desktop.bench.prompts import PROMPTS, select_prompts
+from specd.desktop.client.answer import Settings
 from specd.shared.config import Config, default_config_path, load_config, to_dict
 from specd.shared.config_origins import flag_layer
 from specd.shared.errors import ConfigError, SpecdError
@@ -110,7 +110,7 @@ def pin_this_process(cpus: set[int]) -> None:
 
 
 def machine() -> str:
-    from specd.desktop.devices import cpu_name
+    from specd.desktop.drafters.devices import cpu_name
 
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -131,8 +131,8 @@ async def bench_async(args: argparse.Namespace) -> int:
     from specd.desktop.bench.plots import write_plots
     from specd.desktop.bench.report import build_report, markdown, write_json
     from specd.desktop.bench.runner import BenchPlan, BenchRunner
-    from specd.desktop.demo import split_cores
-    from specd.desktop.local_verifier import LocalVerifier
+    from specd.desktop.commands.demo import split_cores
+    from specd.desktop.commands.local_verifier import LocalVerifier
 
     cfg, remote = bench_config(args)
     started = dt.datetime.now().astimezone()

@@ -1,6 +1,6 @@
 """From the statistics of single answers to the figures of a mode: speedup, acceptance, time breakdown.
 
-An answer's statistics are :meth:`specd.desktop.answer.AnswerStats.to_json` dicts, so everything here is
+An answer's statistics are :meth:`specd.desktop.client.answer.AnswerStats.to_json` dicts, so everything here is
 plain data and testable without models.
 """
 

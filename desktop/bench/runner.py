@@ -23,11 +23,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
 
-from specd.desktop.answer import Answer, Settings
+from specd.desktop.bench.edge_only import generate_edge_only
 from specd.desktop.bench.figures import BASELINE, MODES, RunRecord, SessionsRecord
 from specd.desktop.bench.netem import ThreadedProxy
 from specd.desktop.bench.prompts import BenchPrompt
-from specd.desktop.launch import ClientSetup, build_client
+from specd.desktop.client.answer import Answer, Settings
+from specd.desktop.commands.launch import ClientSetup, build_client
 from specd.shared.config import Config
 from specd.shared.errors import SpecdError
 
@@ -208,8 +209,6 @@ class BenchRunner:
                 self._record(run.label, rtt, mode, prompt, iteration, seed, answer)
 
     async def _edge_only(self, setup: ClientSetup, prompt: BenchPrompt, settings: Settings) -> Answer:
-        from specd.desktop.fallback import generate_edge_only
-
         client = setup.client
         ids = client.prompt_ids(_conversation(prompt))
         return await generate_edge_only(client.drafter, setup.tokenizer, ids, settings,

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from specd.desktop.devices import DEFAULT_CATALOG, DeviceChoice, DeviceRow, Fallback, plan_devices, probe_devices
 from specd.desktop.drafters.base import BACKENDS, Drafter, DraftProposal
+from specd.desktop.drafters.devices import (
+    DEFAULT_CATALOG,
+    DeviceChoice,
+    DeviceRow,
+    Fallback,
+    plan_devices,
+    probe_devices,
+)
 from specd.shared.config import Config
 from specd.shared.errors import DeviceError, SpecdError
 from specd.shared.models import Progress
@@ -29,7 +36,7 @@ def load_drafter(config: Config | None = None, device: str | None = None, progre
     config = config or Config()
     say = progress or (lambda _msg: None)
     if catalog is DEFAULT_CATALOG:
-        from specd.desktop.winml import default_catalog
+        from specd.desktop.drafters.winml import default_catalog
 
         catalog, _why = default_catalog()
     rows = rows if rows is not None else probe_devices(config, catalog=catalog)
@@ -64,7 +71,7 @@ def _smoke_test(drafter: Drafter) -> None:
 def open_drafter(row: DeviceRow, config: Config, progress: Progress | None = None, *,
                  catalog: Any = None) -> Drafter:
     """Prepare the draft model for ``row``'s backend (built and cached on first use) and open it there."""
-    from specd.desktop.convert import prepare_draft
+    from specd.desktop.drafters.convert import prepare_draft
 
     say = progress or (lambda _msg: None)
     models = config.models
@@ -81,7 +88,7 @@ def open_drafter(row: DeviceRow, config: Config, progress: Progress | None = Non
 
         provider, options, builder_ep = "cpu", {}, "cpu"
         if row.device != "cpu":
-            from specd.desktop.winml import KNOWN_PROVIDERS, register_provider
+            from specd.desktop.drafters.winml import KNOWN_PROVIDERS, register_provider
 
             known = KNOWN_PROVIDERS[row.device]
             if known.builder_ep is None and not is_genai_folder(spec):

@@ -17,15 +17,16 @@ import torch
 
 from specd.shared.errors import ModelError
 from specd.shared.models import load_tokenizer_from
+from specd.shared.protocol.codec import WireProposal, common_prefix
 from specd.shared.sampling import (
     DRAFT_STREAM,
     ProposalDistribution,
     SamplingParams,
+    encode_proposal,
     position_generator,
     sample_proposal,
     sparse_proposal,
 )
-from specd.shared.session import common_prefix
 
 BACKENDS = ("torch", "onnxruntime-genai", "openvino")
 
@@ -46,6 +47,10 @@ class DraftProposal:
 
     tokens: list[int]
     proposal: ProposalDistribution | None
+
+    def wire(self) -> WireProposal | None:
+        """The proposal as a ``draft`` message carries it."""
+        return None if self.proposal is None else encode_proposal(self.proposal)
 
 
 class Drafter(ABC):

@@ -1,7 +1,7 @@
 """The ``openvino`` drafter: a stateful OpenVINO IR on an Intel CPU, GPU or NPU.
 
 The model keeps its KV cache as OpenVINO *state* (ReadValue/Assign pairs), as both specd's own export
-(:mod:`specd.desktop.openvino_export`) and ``optimum-cli export openvino`` produce. Rollback is exact:
+(:mod:`specd.desktop.drafters.openvino_export`) and ``optimum-cli export openvino`` produce. Rollback is exact:
 each state tensor is cut back to the kept length (its sequence axis), so the next pass sees exactly
 the cache a fresh run would have built.
 

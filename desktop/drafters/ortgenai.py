@@ -1,7 +1,7 @@
 """The ``onnxruntime-genai`` drafter: a model built by the ORT GenAI builder, driven token by token.
 
 The Windows-first backend: on Windows the Windows ML catalog supplies NPU and GPU execution providers
-(registered through :mod:`specd.desktop.winml`); everywhere it runs on the CPU provider, where the int4
+(registered through :mod:`specd.desktop.drafters.winml`); everywhere it runs on the CPU provider, where the int4
 build of the embedded draft is the fastest drafter specd has (~5 ms/token on a laptop core).
 The generator's own ``append_tokens`` / ``get_logits`` / ``rewind_to`` give the logits and an exact
 rollback; specd samples the proposal itself.

@@ -7,31 +7,23 @@ GPU path on machines with CUDA.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
 
 from specd.desktop.drafters.base import CachedDrafter
 from specd.shared.errors import DeviceError, ModelError
+from specd.shared.hf_models import cache_kwarg, cuda_problem, drop_last
 
 
 def _check_device(device: str) -> torch.device:
     dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"{device}: this torch has no CUDA (a CPU-only build, or no NVIDIA driver)")
-        index = dev.index or 0
-        if index >= torch.cuda.device_count():
-            raise DeviceError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type != "cpu":
+    problem = cuda_problem(dev)
+    if problem is not None:
+        raise DeviceError(f"{device}: {problem}")
+    if dev.type not in ("cpu", "cuda"):
         raise DeviceError(f"the torch drafter runs on cpu or cuda:N, not {device!r}")
     return dev
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward argument that takes the KV cache: ``cache`` in recent transformers, else ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class TorchDrafter(CachedDrafter):
@@ -78,11 +70,7 @@ class TorchDrafter(CachedDrafter):
         if length == 0:
             self._cache = self._cache_type(config=self._model.config)
             return
-        # A negative count removes that many tokens under both transformers 4 and 5 (5 refuses an
-        # absolute length).
-        surplus = self._cache.get_seq_length() - length
-        if surplus > 0:
-            self._cache.crop(-surplus)
+        drop_last(self._cache, self._cache.get_seq_length() - length)
 
     def close(self) -> None:
         self._model = None

@@ -19,8 +19,8 @@ from PySide6.QtCore import QObject, Qt, QUrl
 from PySide6.QtGui import QDesktopServices, QIcon
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
-from specd.desktop.connection import ConnectionFailed
-from specd.desktop.devices import DeviceRow, probe_devices
+from specd.desktop.client.connection import ConnectionFailed
+from specd.desktop.drafters.devices import DeviceRow, probe_devices
 from specd.desktop.ui.app_runtime import LOG_FILE
 from specd.desktop.ui.chat_view import stats_line
 from specd.desktop.ui.chat_window import ChatWindow
@@ -183,7 +183,7 @@ class DesktopApp(QObject):
     def _build_client(self, progress: Callable[[str], None]) -> Any:
         build = self._build
         if build is None:
-            from specd.desktop.launch import build_client as build
+            from specd.desktop.commands.launch import build_client as build
         device = self.settings.desktop.device or None
         return build(self.config, device=device, progress=progress)
 

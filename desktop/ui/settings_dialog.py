@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from specd.desktop.devices import KINDS, DeviceRow
+from specd.desktop.drafters.devices import KINDS, DeviceRow
 from specd.desktop.ui.user_settings import UserSettings, effective_config
 from specd.shared.config import Config, to_dict
 from specd.shared.errors import ConfigError, ModelError

@@ -11,7 +11,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtGui import QAction, QActionGroup
 from PySide6.QtWidgets import QMenu, QWidget
 
-from specd.desktop.devices import DeviceRow, format_memory
+from specd.desktop.drafters.devices import DeviceRow, format_memory
 
 AUTO = "auto"
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from specd.desktop.drafters.openvino import EXPORT_INFO, OV_MODEL, import_openvino
-from specd.desktop.drafters.torch_drafter import cache_kwarg
 from specd.shared.errors import ModelError
+from specd.shared.hf_models import cache_kwarg
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 _GROUPS = (128, 64, 32)

@@ -2,7 +2,7 @@
 
 Probing returns plain :class:`DeviceRow` data from four sources — torch CUDA (with the NVIDIA
 management library for names, memory and driver), OpenVINO's ``available_devices``, the Windows ML
-execution-provider catalog (Windows only, through :mod:`specd.desktop.winml`) and the CPU, which is
+execution-provider catalog (Windows only, through :mod:`specd.desktop.drafters.winml`) and the CPU, which is
 always there (one row per installed backend). Ranking is NPU > GPU > CPU, changed by the config's
 ``[devices]`` section; :func:`plan_devices` turns the rows into the ordered list the loader tries, and
 :class:`DeviceChoice` records where the draft ended up and why better devices were passed over.
@@ -15,7 +15,7 @@ import platform
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from specd.desktop.winml import KNOWN_PROVIDERS, ProviderCatalog, default_catalog
+from specd.desktop.drafters.winml import KNOWN_PROVIDERS, ProviderCatalog, default_catalog
 from specd.shared.config import Config
 
 KINDS = ("npu", "gpu", "cpu")

@@ -14,10 +14,10 @@ import sys
 import time
 from dataclasses import replace
 
-from specd.desktop.answer import Answer
-from specd.desktop.chat import Printer, add_client_options, config_from_args, say, stats_line
-from specd.desktop.launch import build_client
-from specd.desktop.local_verifier import LocalVerifier
+from specd.desktop.client.answer import Answer
+from specd.desktop.commands.chat import Printer, add_client_options, config_from_args, say, stats_line
+from specd.desktop.commands.launch import build_client
+from specd.desktop.commands.local_verifier import LocalVerifier
 from specd.shared.config import to_dict
 from specd.shared.models import ensure_hf_folder
 

@@ -5,7 +5,7 @@ Every source (preset, hub id, folder, GGUF) first becomes a Hugging Face folder
 
 - ``onnxruntime-genai``: the ORT GenAI model builder (``python -m onnxruntime_genai.models.builder``),
   run as a child process so its very verbose logging stays out of the way and turns into progress lines;
-- ``openvino``: :mod:`specd.desktop.openvino_export` (no optimum-intel needed).
+- ``openvino``: :mod:`specd.desktop.drafters.openvino_export` (no optimum-intel needed).
 
 The embedded default draft (SmolLM2-135M-Instruct) is built on first use and cached per user under
 ``<cache>/drafts``, atomically (a temporary folder renamed into place), so later starts load it directly.
@@ -135,7 +135,7 @@ def prepare_draft(spec: str, backend: str, precision: str, *, cache_override: st
                                                           execution_provider=execution_provider),
                        say, f"Preparing the {backend} draft of {source.name} (once, ~10 s)")
     if backend == "openvino":
-        from specd.desktop.openvino_export import export_openvino
+        from specd.desktop.drafters.openvino_export import export_openvino
 
         target = drafts_cache(cache_override) / f"openvino-{tag}-{precision}"
         return _cached(target, lambda out: export_openvino(hf_folder, out, precision, say), say,
@@ -174,7 +174,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.backend == "onnxruntime-genai":
             build_ortgenai(hf_folder, scratch, args.precision, say, execution_provider=args.execution_provider)
         else:
-            from specd.desktop.openvino_export import export_openvino
+            from specd.desktop.drafters.openvino_export import export_openvino
 
             export_openvino(hf_folder, scratch, args.precision, say)
         if out.exists():

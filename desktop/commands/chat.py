@@ -17,8 +17,8 @@ from urllib.parse import urlparse, urlunparse
 
 import msgspec
 
-from specd.desktop.answer import Answer, Piece, Settings
-from specd.desktop.launch import ClientSetup, build_client, check_draft_model
+from specd.desktop.client.answer import Answer, Piece, Settings
+from specd.desktop.commands.launch import ClientSetup, build_client, check_draft_model
 from specd.shared.config import Config, default_config_path, load_config_with_origins
 from specd.shared.config_origins import flag_layer
 from specd.shared.errors import ConfigError

@@ -1,6 +1,7 @@
 """The edge client: drives the sans-I/O ``ClientSession`` over websockets and runs the drafter.
 
-One ``EdgeClient`` holds one connection to a verifier and answers one request at a time. An
+One ``EdgeClient`` holds one connection to a verifier and answers one request at a time; it is the
+:class:`~specd.desktop.client.link.Link` the answer modes run over, and it chooses the mode. An
 answer is speculative when a drafter is loaded, cloud-only otherwise. If the verifier disappears
 mid-answer the client continues with the draft model alone (``on_disconnect = "local"``, marked
 ``local``) or stops cleanly (``"stop"``), reconnects with backoff, and resumes speculation on the same
@@ -16,101 +17,34 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from specd.desktop.adaptive import GammaController
-from specd.desktop.answer import Answer, AnswerStats, Piece, Settings, Source, Stopwatch
-from specd.desktop.connection import ConnectionFailed, Endpoint, open_connection, plain_close_reason
-from specd.desktop.detokenize import IncrementalDetokenizer
+from specd.desktop.client.answer import Answer, PieceCallback, Run, Settings
+from specd.desktop.client.cloud_local import generate_cloud, generate_local
+from specd.desktop.client.connection import (
+    ConnectionFailed,
+    Disconnected,
+    Endpoint,
+    open_connection,
+    plain_close_reason,
+    reconnect,
+)
+from specd.desktop.client.speculation import speculate
 from specd.desktop.drafters.base import Drafter
+from specd.shared import __version__
 from specd.shared import messages as m
 from specd.shared.errors import ErrorCode, ProtocolError, SpecdError
-from specd.shared.session import (
-    ClientEvent,
-    ClientSession,
-    RateLimiter,
-    RequestCancelled,
-    RequestStarted,
-    ServerFailed,
-    TokensStreamed,
-    Welcomed,
-)
+from specd.shared.hf_models import eos_ids
+from specd.shared.protocol import ClientEvent, ClientSession, RateLimiter, ServerFailed, Welcomed
 
 log = logging.getLogger("specd.client")
 
-PieceCallback = Callable[[Piece], Any]
 # Errors that end the connection, not the request: the answer continues elsewhere or after reconnecting.
 GOING_AWAY = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.IDLE_TIMEOUT})
 StatusCallback = Callable[[str, str], Any]  # (state, human message)
-
-
-class Disconnected(SpecdError):
-    """The connection to the verifier was lost."""
-
-
-@dataclass(slots=True)
-class Run:
-    """The state of one answer, shared by the speculative, cloud and local loops."""
-
-    settings: Settings
-    seed: int
-    prompt_len: int
-    committed: list[int]
-    detok: IncrementalDetokenizer
-    controller: GammaController
-    on_piece: PieceCallback | None
-    stats: AnswerStats = field(default_factory=AnswerStats)
-    pieces: list[Piece] = field(default_factory=list)
-    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
-    finish_reason: str | None = None
-    mirror: list[int] = field(default_factory=list)
-    clock: Stopwatch = field(default_factory=Stopwatch)
-    stop_ids: frozenset[int] = frozenset()  # end-of-sequence and stop ids: drafting past them is wasted
-
-    @property
-    def remaining(self) -> int:
-        return self.settings.max_new_tokens - (len(self.committed) - self.prompt_len)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel_event.is_set()
-
-    @property
-    def wire_sampling(self) -> m.Sampling:
-        s = self.settings.sampling
-        return m.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-
-    def emit(self, tokens: list[int], source: Source) -> None:
-        if not tokens:
-            return
-        if self.stats.generated == 0:
-            self.stats.ttft_ms = self.clock.ms()
-        self.committed.extend(tokens)
-        self.stats.generated += len(tokens)
-        if source == "local":
-            self.stats.local_tokens += len(tokens)
-        piece = Piece(token_ids=list(tokens), text=self.detok.push(list(tokens)), source=source)
-        self.pieces.append(piece)
-        if self.on_piece is not None:
-            self.on_piece(piece)
-
-
-def common_event(run: Run, event: ClientEvent) -> bool:
-    """Handle the events every kind of answer treats alike; True when the request is over."""
-    if isinstance(event, RequestStarted):
-        run.stats.cached_prompt_tokens = event.started.cached_tokens
-        return False
-    if isinstance(event, RequestCancelled):
-        run.finish_reason = "cancelled"
-        return True
-    if isinstance(event, ServerFailed):
-        raise event.error
-    return False
 
 
 class EdgeClient:
@@ -154,7 +88,7 @@ class EdgeClient:
         """Open the connection and shake hands; raises ConnectionFailed or RemoteError."""
         await self._drop_connection()
         ws = await open_connection(self.endpoint)
-        session = ClientSession(tokenizer=self.fingerprint, client=f"specd/{_version()}",
+        session = ClientSession(tokenizer=self.fingerprint, client=f"specd/{__version__}",
                                 draft_model=self.drafter.model_name if self.drafter else "")
         try:
             with contextlib.suppress(ConnectionClosed):  # refused at once (e.g. full): its error is still readable
@@ -267,9 +201,7 @@ class EdgeClient:
 
     def eos_ids(self) -> frozenset[int]:
         """End-of-sequence ids: the verifier's (remembered from the last handshake), else the tokenizer's."""
-        from specd.desktop.fallback import eos_of
-
-        return self._eos if self._eos is not None else eos_of(self.tokenizer)
+        return self._eos if self._eos is not None else frozenset(eos_ids(self.tokenizer))
 
     def max_gamma(self, position: int) -> int:
         limits = self.welcome.limits if self.welcome else None
@@ -295,15 +227,10 @@ class EdgeClient:
     async def generate(self, prompt_ids: list[int], settings: Settings,
                        on_piece: PieceCallback | None = None) -> Answer:
         """Generate one answer for ``prompt_ids``, streaming pieces to ``on_piece``."""
-        from specd.desktop.fallback import generate_cloud, generate_local, wait_for_verifier
-        from specd.desktop.speculation import speculate
-
         if not prompt_ids:
             raise SpecdError("the prompt is empty")
-        run = Run(settings=settings, seed=settings.seed if settings.seed is not None else secrets.randbits(63),
-                  prompt_len=len(prompt_ids), committed=list(prompt_ids),
-                  detok=IncrementalDetokenizer(self.tokenizer),
-                  controller=GammaController(settings.gamma_max, settings.gamma), on_piece=on_piece)
+        seed = settings.seed if settings.seed is not None else secrets.randbits(63)
+        run = Run.begin(prompt_ids, settings, seed, self.tokenizer, on_piece)
         stats = run.stats
         if self.drafter is not None:
             stats.device, stats.backend = self.drafter.device, self.drafter.backend
@@ -319,8 +246,8 @@ class EdgeClient:
                 try:
                     if not self.connected:
                         if self.drafter is not None and self.on_disconnect == "local":
-                            await generate_local(self, run)
-                        elif self.drafter is not None or not await wait_for_verifier(self, run):
+                            await self._answer_locally(run)
+                        elif self.drafter is not None or not await self._wait_for_verifier(run):
                             run.finish_reason = "cancelled" if run.cancelled else "disconnected"
                         continue
                     if self.drafter is not None:
@@ -336,15 +263,43 @@ class EdgeClient:
             self._run = None
             stats.total_ms = run.clock.ms()
             stats.bytes_sent, stats.bytes_received = self._bytes_sent - sent0, self._bytes_received - received0
-        tail = run.detok.flush()
-        if tail:
-            run.pieces.append(Piece(token_ids=[], text=tail, source=run.pieces[-1].source if run.pieces else "target"))
-            if on_piece is not None:
-                on_piece(run.pieces[-1])
         stats.mode = ("cloud-only" if self.drafter is None else
                       "local" if stats.local_tokens else "speculative")
-        return Answer(text=run.detok.text, prompt_token_ids=list(prompt_ids), token_ids=run.committed[run.prompt_len:],
-                      finish_reason=run.finish_reason, stats=stats, pieces=run.pieces)
+        return run.answer()
+
+    async def _answer_locally(self, run: Run) -> None:
+        """The verifier is unreachable: the draft model answers alone while a reconnection is tried."""
+        assert self.drafter is not None
+        self.set_state("local", f"the verifier at {self.endpoint.display} is unreachable; continuing on the "
+                                f"{self.drafter.device} draft model (marked local)")
+        reconnector = asyncio.create_task(self._reconnect())
+        try:
+            await generate_local(self, run, reconnector)
+        finally:
+            if not reconnector.done():
+                reconnector.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reconnector
+
+    async def _reconnect(self, deadline_s: float | None = None) -> bool:
+        return await reconnect(self.connect, self.reconnect_max_s, deadline_s=deadline_s,
+                               on_refused=lambda exc: self.set_state("offline", str(exc)))
+
+    async def _wait_for_verifier(self, run: Run) -> bool:
+        """Cloud-only answers cannot continue offline: wait (bounded, cancellable) for the verifier."""
+        self.set_state("offline", f"lost the verifier at {self.endpoint.display}; reconnecting")
+        waiter = asyncio.create_task(self._reconnect(deadline_s=max(5.0, self.reconnect_max_s)))
+        cancel = asyncio.create_task(run.cancel_event.wait())
+        try:
+            await asyncio.wait({waiter, cancel}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancel.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            return False
+        return waiter.result()
 
     async def _connect_first(self) -> None:
         """Connect before an answer. Speculative clients that may continue locally tolerate a verifier
@@ -362,11 +317,3 @@ def client_pacer(server_rate: int) -> RateLimiter:
     90 % of its rate and half its burst, so arrival jitter does not trip it."""
     return RateLimiter(0.9 * server_rate, burst=float(server_rate))
 
-
-def _version() -> str:
-    from specd.shared import __version__
-
-    return __version__
-
-
-__all__ = ["Disconnected", "EdgeClient", "Run", "TokensStreamed", "msgspec"]

@@ -13,16 +13,14 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
+from specd.desktop.client.answer import Run, common_event
+from specd.desktop.client.link import Link
 from specd.desktop.drafters.base import DraftProposal
+from specd.shared.protocol import ClientState, RoundDiscarded, RoundVerdict, common_prefix
 from specd.shared.sampling import ProposalDistribution
-from specd.shared.session import ClientState, RoundDiscarded, RoundVerdict, common_prefix
-
-if TYPE_CHECKING:
-    from specd.desktop.edge_client import EdgeClient, Run
 
 
 @dataclass(slots=True)
@@ -45,15 +43,13 @@ class _AheadJob:
     guess_in_mirror: bool = False
 
 
-async def speculate(client: EdgeClient, run: Run) -> None:
+async def speculate(link: Link, run: Run) -> None:
     """Run rounds until the request finishes or is cancelled; connection loss raises out of here."""
-    from specd.desktop.edge_client import common_event
-
-    session, settings = client.session, run.settings
-    run.stop_ids = client.eos_ids() | frozenset(settings.stop)
-    await client.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
+    session, settings = link.session, run.settings
+    run.stop_ids = link.eos_ids() | frozenset(settings.stop)
+    await link.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
                                     seed=run.seed, stop=list(settings.stop), mode="speculative"))
-    await client.in_drafter(lambda: client.drafter.prefill(run.committed))
+    await link.in_drafter(lambda: link.drafter.prefill(run.committed))
     run.mirror = list(run.committed)
     in_flight: list[_Round] = []
     ahead: _AheadJob | None = None
@@ -61,21 +57,21 @@ async def speculate(client: EdgeClient, run: Run) -> None:
     try:
         while True:
             if run.cancelled and not cancel_sent:
-                await client.send(session.cancel())
+                await link.send(session.cancel())
                 cancel_sent = True
             active = session.state is ClientState.ACTIVE  # the reader may have seen the request end
             if active and not cancel_sent and not in_flight and ahead is None:
-                sent = await _send_round(client, run)
+                sent = await _send_round(link, run)
                 if sent is not None:
                     in_flight.append(sent)
             room = run.remaining - len(in_flight[0].tokens) - 1 if len(in_flight) == 1 else 0
             if (active and settings.pipeline and not cancel_sent and ahead is None and room >= 1
                     and run.controller.worth_drafting_ahead(len(in_flight[0].tokens), run.controller.choose(room))):
-                ahead = _start_ahead(client, run, room)
-            event = await client.next_event(ahead.task if ahead else None, run.cancel_event)
+                ahead = _start_ahead(link, run, room)
+            event = await link.next_event(ahead.task if ahead else None, run.cancel_event)
             if event is None:  # the ahead round is drafted, or the user asked to cancel
                 if ahead is not None and ahead.task.done():
-                    sent = await _finish_ahead(client, run, ahead)
+                    sent = await _finish_ahead(link, run, ahead)
                     ahead = None
                     if sent is not None:
                         in_flight.append(sent)
@@ -91,16 +87,16 @@ async def speculate(client: EdgeClient, run: Run) -> None:
                 if event.finished:
                     run.finish_reason = event.verdict.reason
                     return
-                if not await _consistent_after_verdict(client, run, ahead):
+                if not await _consistent_after_verdict(link, run, ahead):
                     # Rounds already sent ahead come back as 'discarded'.
-                    await _restart_from_committed(client, run, in_flight, ahead)
+                    await _restart_from_committed(link, run, in_flight, ahead)
                     ahead = None
             elif isinstance(event, RoundDiscarded):
                 run.stats.discarded_rounds += 1
                 if any(r.number == event.discarded.round for r in in_flight):
                     # The server did not build on what this round assumed, so neither can anything
                     # drafted after it: forget those drafts and draft again from the committed tokens.
-                    await _restart_from_committed(client, run, in_flight, ahead)
+                    await _restart_from_committed(link, run, in_flight, ahead)
                     ahead = None
             elif common_event(run, event):
                 return
@@ -109,14 +105,14 @@ async def speculate(client: EdgeClient, run: Run) -> None:
             await _drop_ahead(run, ahead)
 
 
-async def _restart_from_committed(client: EdgeClient, run: Run, in_flight: list[_Round],
+async def _restart_from_committed(link: Link, run: Run, in_flight: list[_Round],
                                   ahead: _AheadJob | None) -> None:
     """Forget the rounds in flight and the one being drafted ahead; roll the drafter back to the
     committed tokens."""
     if ahead is not None:
         await _drop_ahead(run, ahead)
     in_flight.clear()
-    await client.in_drafter(lambda: _resync(client, run))
+    await link.in_drafter(lambda: _resync(link, run))
 
 
 def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
@@ -145,33 +141,33 @@ def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
         verify_ms=verify_ms)
 
 
-async def _send_round(client: EdgeClient, run: Run) -> _Round | None:
-    if len(client.session.committed) != len(run.committed):
+async def _send_round(link: Link, run: Run) -> _Round | None:
+    if len(link.session.committed) != len(run.committed):
         return None  # a verdict is waiting in the inbox: draft after it is handled
-    gamma = min(run.controller.choose(run.remaining), client.max_gamma(len(run.committed)))
-    proposal, draft_ms = await client.in_drafter(lambda: _propose(client, run, gamma))
+    gamma = min(run.controller.choose(run.remaining), link.max_gamma(len(run.committed)))
+    proposal, draft_ms = await link.in_drafter(lambda: _propose(link, run, gamma))
     run.mirror.extend(proposal.tokens)
     run.stats.edge_ms += draft_ms
-    if client.session.state is not ClientState.ACTIVE:
+    if link.session.state is not ClientState.ACTIVE:
         return None  # the request ended while drafting; its events are waiting in the inbox
-    number, frame = client.session.draft(proposal.tokens, proposal.proposal)
-    await client.send(frame)
+    number, frame = link.session.draft(proposal.tokens, proposal.wire())
+    await link.send(frame)
     return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
                   sent_at=time.perf_counter())
 
 
-def _propose(client: EdgeClient, run: Run, gamma: int) -> tuple[DraftProposal, float]:
+def _propose(link: Link, run: Run, gamma: int) -> tuple[DraftProposal, float]:
     start = time.perf_counter()
-    proposal = client.drafter.propose(gamma, run.settings.sampling, run.settings.support_k, run.seed, run.stop_ids)
+    proposal = link.drafter.propose(gamma, run.settings.sampling, run.settings.support_k, run.seed, run.stop_ids)
     return proposal, (time.perf_counter() - start) * 1000.0
 
 
-def _start_ahead(client: EdgeClient, run: Run, room: int) -> _AheadJob:
-    gamma = max(1, min(run.controller.choose(room), client.max_gamma(len(run.mirror) + 1)))
+def _start_ahead(link: Link, run: Run, room: int) -> _AheadJob:
+    gamma = max(1, min(run.controller.choose(room), link.max_gamma(len(run.mirror) + 1)))
     job = _AheadJob(gamma=gamma)
     loop = asyncio.get_running_loop()
     job.guess = loop.create_future()
-    drafter, settings, seed, stop = client.drafter, run.settings, run.seed, run.stop_ids
+    drafter, settings, seed, stop = link.drafter, run.settings, run.seed, run.stop_ids
 
     def work() -> tuple[int, list[DraftProposal], float]:
         # Assume every draft in flight is accepted and the bonus token is the draft's own best guess.
@@ -186,7 +182,7 @@ def _start_ahead(client: EdgeClient, run: Run, room: int) -> _AheadJob:
             pieces.append(drafter.propose(1, settings.sampling, settings.support_k, seed, stop))
         return guess, pieces, (time.perf_counter() - start) * 1000.0
 
-    job.task = asyncio.ensure_future(client.in_drafter(work))
+    job.task = asyncio.ensure_future(link.in_drafter(work))
     return job
 
 
@@ -205,19 +201,19 @@ async def _collect(run: Run, job: _AheadJob) -> tuple[list[DraftProposal], float
     return pieces, draft_ms
 
 
-async def _finish_ahead(client: EdgeClient, run: Run, job: _AheadJob) -> _Round | None:
+async def _finish_ahead(link: Link, run: Run, job: _AheadJob) -> _Round | None:
     """The ahead round is drafted: send it; the server verifies it only if the guess came true."""
     pieces, draft_ms = await _collect(run, job)
-    if not pieces or client.session.state is not ClientState.ACTIVE:
+    if not pieces or link.session.state is not ClientState.ACTIVE:
         return None
     proposal = _merge(pieces)
     # The session frames the round after *its* committed tokens, which already include any verdict
     # the reader received but this loop has not handled yet: assume only what comes after those.
-    known, start = client.session.committed, len(run.mirror) - len(proposal.tokens)
+    known, start = link.session.committed, len(run.mirror) - len(proposal.tokens)
     if len(known) > start or run.mirror[len(run.committed): len(known)] != known[len(run.committed):]:
         return None  # that verdict already ruled this round out; handling it rolls the drafter back
-    number, frame = client.session.draft(proposal.tokens, proposal.proposal, assumed=run.mirror[len(known): start])
-    await client.send(frame)
+    number, frame = link.session.draft(proposal.tokens, proposal.wire(), assumed=run.mirror[len(known): start])
+    await link.send(frame)
     run.stats.ahead_rounds += 1
     run.controller.observe_draft_time(draft_ms / len(proposal.tokens))
     return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=True, sent_at=time.perf_counter())
@@ -228,7 +224,7 @@ async def _drop_ahead(run: Run, job: _AheadJob) -> None:
     await _collect(run, job)
 
 
-async def _consistent_after_verdict(client: EdgeClient, run: Run, job: _AheadJob | None) -> bool:
+async def _consistent_after_verdict(link: Link, run: Run, job: _AheadJob | None) -> bool:
     """True when the drafter's sequence still continues the committed one (nothing to roll back)."""
     if job is not None:
         await _record_guess(run, job)
@@ -238,13 +234,13 @@ async def _consistent_after_verdict(client: EdgeClient, run: Run, job: _AheadJob
     return False  # the verifier's token is not in the drafter yet
 
 
-def _resync(client: EdgeClient, run: Run) -> None:
+def _resync(link: Link, run: Run) -> None:
     """Roll the drafter back to its common prefix with the committed sequence and feed the rest."""
     # Re-feed at least one token so the logits are fresh.
     committed = run.committed
     keep = min(common_prefix(run.mirror, committed), len(committed) - 1)
-    client.drafter.rollback(keep)
-    client.drafter.append(committed[keep:])
+    link.drafter.rollback(keep)
+    link.drafter.append(committed[keep:])
     run.mirror = list(committed)
 
 

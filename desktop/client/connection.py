@@ -6,14 +6,20 @@ import asyncio
 import os
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from specd.shared import __version__
 from specd.shared.config import ClientConfig, read_secret
 from specd.shared.errors import SpecdError
+
+
+class Disconnected(SpecdError):
+    """The connection to the verifier was lost."""
 
 
 class ConnectionFailed(SpecdError):
@@ -62,7 +68,7 @@ async def open_connection(endpoint: Endpoint) -> ClientConnection:
         return await connect(endpoint.url, additional_headers=headers, ssl=_ssl_context(endpoint),
                              compression=None, open_timeout=endpoint.open_timeout,
                              max_size=endpoint.max_frame_bytes, proxy=None,
-                             user_agent_header=f"specd/{_version()}")
+                             user_agent_header=f"specd/{__version__}")
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status == 401:
@@ -128,7 +134,23 @@ def backoff_delays(maximum: float, first: float = 0.25):
         delay = min(maximum, delay * 2)
 
 
-def _version() -> str:
-    from specd.shared import __version__
-
-    return __version__
+async def reconnect(connect: Callable[[], Awaitable[object]], max_delay_s: float, *,
+                    deadline_s: float | None = None,
+                    on_refused: Callable[[ConnectionFailed], object] = lambda _exc: None) -> bool:
+    """Retry ``connect`` with exponential backoff; False when refused for good or out of time."""
+    loop = asyncio.get_running_loop()
+    end = None if deadline_s is None else loop.time() + deadline_s
+    for delay in backoff_delays(max_delay_s):
+        if end is not None:
+            if loop.time() >= end:
+                return False
+            delay = min(delay, max(0.0, end - loop.time()))
+        await asyncio.sleep(delay)
+        try:
+            await connect()
+            return True
+        except ConnectionFailed as exc:
+            if not exc.retry:
+                on_refused(exc)
+                return False
+    return False  # pragma: no cover - backoff_delays never ends

@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 
-from specd.desktop.answer import Settings
-from specd.desktop.connection import Endpoint
-from specd.desktop.devices import DeviceChoice
-from specd.desktop.edge_client import EdgeClient, StatusCallback
+from specd.desktop.client.answer import Settings
+from specd.desktop.client.connection import Endpoint
+from specd.desktop.client.edge_client import EdgeClient, StatusCallback
+from specd.desktop.drafters.devices import DeviceChoice
 from specd.shared.config import Config
 from specd.shared.config_origins import Origins
 from specd.shared.errors import DeviceError, ModelError

@@ -1,12 +1,19 @@
-"""What the edge client takes and gives: generation settings, streamed pieces, answers and stats."""
+"""The answer's vocabulary, below every answer mode: settings, streamed pieces, the state of one answer
+(:class:`Run`), the events every mode handles alike, and the finished :class:`Answer` with its stats."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from specd.desktop.client.adaptive import GammaController
+from specd.desktop.client.detokenize import IncrementalDetokenizer
+from specd.shared import messages as m
 from specd.shared.config import Config
+from specd.shared.protocol import ClientEvent, RequestCancelled, RequestStarted, ServerFailed
 from specd.shared.sampling import SamplingParams
 
 Source = Literal["draft", "target", "local", "cloud"]
@@ -29,7 +36,7 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
         s, spec = cfg.sampling, cfg.speculation
-        return cls(sampling=SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
+        return cls(sampling=SamplingParams.of(s),
                    max_new_tokens=s.max_new_tokens, seed=None if s.seed < 0 else s.seed,
                    gamma=None if spec.gamma == "auto" else int(spec.gamma), gamma_max=spec.gamma_max,
                    support_k=spec.proposal_top_k, pipeline=spec.pipeline)
@@ -143,3 +150,88 @@ class Stopwatch:
 
     def ms(self) -> float:
         return (time.perf_counter() - self.start) * 1000.0
+
+
+PieceCallback = Callable[[Piece], Any]
+
+
+@dataclass(slots=True)
+class Run:
+    """The state of one answer, shared by the speculative, cloud-only and local modes.
+
+    ``committed`` (prompt + answer) is the one committed sequence on the edge; every mode extends it
+    through :meth:`emit` only.
+    """
+
+    settings: Settings
+    seed: int
+    prompt_len: int
+    committed: list[int]
+    detok: IncrementalDetokenizer
+    controller: GammaController
+    on_piece: PieceCallback | None
+    stats: AnswerStats = field(default_factory=AnswerStats)
+    pieces: list[Piece] = field(default_factory=list)
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
+    finish_reason: str | None = None
+    mirror: list[int] = field(default_factory=list)
+    clock: Stopwatch = field(default_factory=Stopwatch)
+    stop_ids: frozenset[int] = frozenset()  # end-of-sequence and stop ids: drafting past them is wasted
+
+    @classmethod
+    def begin(cls, prompt_ids: list[int], settings: Settings, seed: int, tokenizer: Any,
+              on_piece: PieceCallback | None) -> Run:
+        return cls(settings=settings, seed=seed, prompt_len=len(prompt_ids), committed=list(prompt_ids),
+                   detok=IncrementalDetokenizer(tokenizer),
+                   controller=GammaController(settings.gamma_max, settings.gamma), on_piece=on_piece)
+
+    @property
+    def remaining(self) -> int:
+        return self.settings.max_new_tokens - (len(self.committed) - self.prompt_len)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    @property
+    def wire_sampling(self) -> m.Sampling:
+        s = self.settings.sampling
+        return m.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+    def emit(self, tokens: list[int], source: Source) -> None:
+        if not tokens:
+            return
+        if self.stats.generated == 0:
+            self.stats.ttft_ms = self.clock.ms()
+        self.committed.extend(tokens)
+        self.stats.generated += len(tokens)
+        if source == "local":
+            self.stats.local_tokens += len(tokens)
+        self._piece(Piece(token_ids=list(tokens), text=self.detok.push(list(tokens)), source=source))
+
+    def answer(self) -> Answer:
+        """The finished answer: the detokenizer's held-back text comes out as a last piece."""
+        tail = self.detok.flush()
+        if tail:
+            self._piece(Piece(token_ids=[], text=tail, source=self.pieces[-1].source if self.pieces else "target"))
+        return Answer(text=self.detok.text, prompt_token_ids=self.committed[: self.prompt_len],
+                      token_ids=self.committed[self.prompt_len:], finish_reason=self.finish_reason,
+                      stats=self.stats, pieces=self.pieces)
+
+    def _piece(self, piece: Piece) -> None:
+        self.pieces.append(piece)
+        if self.on_piece is not None:
+            self.on_piece(piece)
+
+
+def common_event(run: Run, event: ClientEvent) -> bool:
+    """Handle the events every kind of answer treats alike; True when the request is over."""
+    if isinstance(event, RequestStarted):
+        run.stats.cached_prompt_tokens = event.started.cached_tokens
+        return False
+    if isinstance(event, RequestCancelled):
+        run.finish_reason = "cancelled"
+        return True
+    if isinstance(event, ServerFailed):
+        raise event.error
+    return False

@@ -1,21 +1,23 @@
-"""The speculative session as sans-I/O state machines (in the spirit of h11).
+"""The verifier's half of the session, sans-I/O (in the spirit of h11).
 
-:class:`ServerSession` and :class:`ClientSession` consume frames and return actions and events; they
-never touch a socket, a clock they were not given, or a model. ``daemon/`` and ``desktop/`` move the
-bytes and run the models. docs/protocol.md describes the same machine in prose.
+:class:`ServerSession` consumes client frames and returns actions for its driver; it never touches a
+socket or a model, and reads the clock only for the rate limit unless given ``now``. ``daemon/`` moves
+the bytes and runs the target. Proposals stay bytes here: the verifier decodes and checks their
+content once (``shared/sampling.py``). docs/protocol.md describes the same machine in prose.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from enum import Enum
-
-import torch
+from dataclasses import dataclass
+from typing import Protocol
 
 from specd.shared import messages as m
-from specd.shared.errors import ErrorCode, ProposalError, ProtocolError, RemoteError
-from specd.shared.sampling import ProposalDistribution, RoundResult, validate_proposal
+from specd.shared.errors import ErrorCode, ProtocolError
+from specd.shared.protocol.codec import common_prefix, proposal_bytes
+from specd.shared.protocol.ratelimit import RateLimiter
+from specd.shared.protocol.states import ServerState, ServerTrigger, server_transition
+from specd.shared.protocol.stopping import stop_reason
 
 # WebSocket close codes the daemon uses for the actions below.
 CLOSE_NORMAL = 1000
@@ -23,6 +25,16 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class VerifiedRound(Protocol):
+    """What :meth:`ServerSession.verdict` needs of a verified round (``sampling.RoundResult`` is one)."""
+
+    @property
+    def accepted(self) -> int: ...
+
+    @property
+    def token(self) -> int: ...
 
 
 # --- actions for the driver -------------------------------------------------------------------
@@ -53,11 +65,13 @@ class StartRequested:
 
 @dataclass(frozen=True, slots=True)
 class DraftReceived:
-    """Verify this round in one forward over ``[parent] + drafts``, then call ``ServerSession.verdict``."""
+    """Verify this round in one forward over ``[parent] + drafts``, then call ``ServerSession.verdict``.
+
+    A sampled round's ``draft.q_ids``/``q_probs`` have the right size for its support; their content
+    is unchecked until the verifier decodes them (a bad one: ``error(BAD_PROPOSAL, ...)``).
+    """
 
     draft: m.Draft
-    draft_ids: torch.Tensor
-    proposal: ProposalDistribution | None
     greedy: bool
 
 
@@ -67,14 +81,6 @@ class CancelRequested:
 
 
 ServerAction = Send | Close | StartRequested | DraftReceived | CancelRequested
-
-
-class ServerState(Enum):
-    AWAIT_HELLO = "await_hello"
-    READY = "ready"
-    SPECULATING = "speculating"
-    STREAMING = "streaming"
-    CLOSED = "closed"
 
 
 @dataclass(slots=True)
@@ -92,52 +98,14 @@ class _Request:
 
 def _finish_reason(req: _Request, token: int, eos: frozenset[int], max_total: int) -> str | None:
     """Why generation ends after ``token`` was appended to ``req.tokens``, or None."""
-    if token in eos:
-        return "eos"
-    if token in req.start.stop:
-        return "stop"
+    reason = stop_reason(token, eos, req.start.stop)
+    if reason is not None:
+        return reason
     if req.generated >= req.start.max_new_tokens:
         return "length"
     if len(req.tokens) >= max_total:
         return "context"
     return None
-
-
-class RateLimiter:
-    """Token bucket: ``rate`` messages per second, bursts up to ``burst`` (default twice the rate).
-
-    The server refuses a message with :meth:`allow`; a client paces itself with :meth:`delay` so it
-    never trips the limit the server advertised (``Limits.max_messages_per_second``).
-    """
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        self.rate = float(rate)
-        self.burst = float(2 * rate if burst is None else burst)
-        self.allowance = self.burst
-        self.last: float | None = None
-
-    def _refill(self, now: float) -> None:
-        if self.last is not None:
-            self.allowance = min(self.burst, self.allowance + max(0.0, now - self.last) * self.rate)
-        self.last = now
-
-    def allow(self, now: float) -> bool:
-        """Take one message's allowance; False (taking nothing) when there is none left."""
-        if self.rate <= 0:
-            return True
-        self._refill(now)
-        if self.allowance < 1.0:
-            return False
-        self.allowance -= 1.0
-        return True
-
-    def delay(self, now: float) -> float:
-        """Reserve one message; the seconds to wait before sending it (0 when it may go now)."""
-        if self.rate <= 0:
-            return 0.0
-        self._refill(now)
-        self.allowance -= 1.0
-        return 0.0 if self.allowance >= 0.0 else -self.allowance / self.rate
 
 
 class ServerSession:
@@ -200,7 +168,7 @@ class ServerSession:
                                 f"the draft model's tokenizer ({hello.tokenizer[:16]}…) differs from the "
                                 f"target {self.model}'s ({self.tokenizer[:16]}…); use a draft model from the "
                                 "same family", fatal=True)
-        self.state = ServerState.READY
+        self._move(ServerTrigger.HELLO)
         welcome = m.Welcome(protocol=m.PROTOCOL_VERSION, session=self.session_id, model=self.model,
                             tokenizer=self.tokenizer, vocab_size=self.vocab_size,
                             eos=sorted(self.eos), limits=self.limits, server=self.server)
@@ -233,7 +201,7 @@ class ServerSession:
         tokens = list(start.prompt)
         reusable = common_prefix(self.history, tokens)
         self.request = _Request(start=start, tokens=tokens, prompt_len=len(tokens))
-        self.state = ServerState.SPECULATING if start.mode == "speculative" else ServerState.STREAMING
+        self._move(ServerTrigger.START_SPECULATIVE if start.mode == "speculative" else ServerTrigger.START_CLOUD)
         return [StartRequested(start=start, tokens=list(tokens), reusable=reusable)]
 
     def _draft(self, draft: m.Draft) -> list[ServerAction]:
@@ -244,7 +212,7 @@ class ServerSession:
                                                   position=draft.position)))]
             raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"no active request {draft.request}",
                                 request_id=draft.request)
-        if req.start.mode != "speculative":
+        if self.state is not ServerState.SPECULATING:
             # Only this frame is refused; the stream goes on, so the error names no request.
             raise ProtocolError(ErrorCode.WRONG_MODE, "drafts are not accepted in cloud mode")
         if draft.round <= req.last_round:
@@ -267,28 +235,22 @@ class ServerSession:
             raise ProtocolError(ErrorCode.BAD_TOKEN, f"draft token outside the vocabulary [0, {self.vocab_size})",
                                 request_id=draft.request)
         greedy = req.start.sampling.temperature == 0.0
-        draft_ids = torch.tensor(draft.tokens, dtype=torch.int64)
-        proposal = None if greedy else self._proposal(draft, draft_ids)
+        if not greedy:
+            self._check_proposal_size(draft)
         self._pending = draft
-        return [DraftReceived(draft=draft, draft_ids=draft_ids, proposal=proposal, greedy=greedy)]
+        return [DraftReceived(draft=draft, greedy=greedy)]
 
-    def _proposal(self, draft: m.Draft, draft_ids: torch.Tensor) -> ProposalDistribution:
+    def _check_proposal_size(self, draft: m.Draft) -> None:
         gamma, k = len(draft.tokens), draft.support
         if not 1 <= k <= self.limits.max_support:
             raise ProtocolError(ErrorCode.BAD_PROPOSAL,
                                 f"support {k}; sampled requests need 1..{self.limits.max_support}",
                                 request_id=draft.request)
-        size = gamma * k * 4
+        size = proposal_bytes(gamma, k)
         if len(draft.q_ids) != size or len(draft.q_probs) != size:
             raise ProtocolError(ErrorCode.BAD_PROPOSAL,
                                 f"q_ids/q_probs must each be {size} bytes for {gamma}×{k}",
                                 request_id=draft.request)
-        proposal = decode_proposal(draft.q_ids, draft.q_probs, gamma, k)
-        try:
-            validate_proposal(draft_ids, proposal, self.vocab_size)
-        except ProposalError as exc:
-            raise ProtocolError(ErrorCode.BAD_PROPOSAL, str(exc), request_id=draft.request) from None
-        return proposal
 
     def _cancel(self, cancel: m.Cancel) -> list[ServerAction]:
         req = self.request
@@ -317,7 +279,7 @@ class ServerSession:
         return [Send(m.encode(m.Started(request=req.start.request, prompt_tokens=req.prompt_len,
                                         cached_tokens=cached_tokens)))]
 
-    def verdict(self, result: RoundResult, *, queue_ms: float = 0.0,
+    def verdict(self, result: VerifiedRound, *, queue_ms: float = 0.0,
                 forward_ms: float = 0.0) -> list[ServerAction]:
         """Commit a verified round, applying the stop rules, and build the ``verdict``."""
         draft, self._pending = self._pending, None
@@ -372,9 +334,12 @@ class ServerSession:
         return self._fail(code, message, request=request, fatal=fatal)
 
     def close(self) -> None:
-        self.state = ServerState.CLOSED
+        self._move(ServerTrigger.CLOSE)
 
     # -- internals ----------------------------------------------------------------------------
+    def _move(self, event: ServerTrigger) -> None:
+        self.state = server_transition(self.state, event)
+
     def _active(self) -> _Request:
         if self.request is None:
             raise RuntimeError("no active request")
@@ -385,7 +350,7 @@ class ServerSession:
         self.history = req.tokens
         self._finished_requests.add(req.start.request)
         self.request = None
-        self.state = ServerState.READY
+        self._move(ServerTrigger.END)
         if cancelled:
             return [Send(m.encode(m.Cancelled(request=req.start.request, position=len(req.tokens))))]
         return []
@@ -396,233 +361,10 @@ class ServerSession:
             Send(m.encode(m.Error(code=code.value, message=message, request=request, fatal=fatal)))
         ]
         if fatal:
-            self.state = ServerState.CLOSED
+            self._move(ServerTrigger.FATAL)
             close_code = CLOSE_POLICY_VIOLATION if code in _POLICY_CODES else CLOSE_PROTOCOL_ERROR
             actions.append(Close(close_code, code.value))
         return actions
 
 
 _POLICY_CODES = {ErrorCode.RATE_LIMITED, ErrorCode.TOKENIZER_MISMATCH, ErrorCode.UNSUPPORTED_VERSION}
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def encode_proposal(proposal: ProposalDistribution) -> tuple[int, bytes, bytes]:
-    """``(support, q_ids, q_probs)`` for a ``draft`` message: int32 and float32, little-endian."""
-    ids = proposal.ids.to(torch.int32).contiguous().cpu().numpy().astype("<i4", copy=False)
-    probs = proposal.probs.to(torch.float32).contiguous().cpu().numpy().astype("<f4", copy=False)
-    return proposal.support_size, ids.tobytes(), probs.tobytes()
-
-
-def decode_proposal(q_ids: bytes, q_probs: bytes, gamma: int, support: int) -> ProposalDistribution:
-    ids = torch.frombuffer(bytearray(q_ids), dtype=torch.int32).reshape(gamma, support)
-    probs = torch.frombuffer(bytearray(q_probs), dtype=torch.float32).reshape(gamma, support)
-    return ProposalDistribution(ids=ids.to(torch.int64), probs=probs.clone())
-
-
-# --- client side ------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Welcomed:
-    welcome: m.Welcome
-
-
-@dataclass(frozen=True, slots=True)
-class RequestStarted:
-    started: m.Started
-
-
-@dataclass(frozen=True, slots=True)
-class RoundVerdict:
-    """A verified round: ``new_tokens`` were committed (accepted drafts + one target token)."""
-
-    verdict: m.Verdict
-    drafted: int
-    new_tokens: list[int]
-
-    @property
-    def accepted(self) -> int:
-        return self.verdict.accepted
-
-    @property
-    def finished(self) -> bool:
-        return self.verdict.finished
-
-
-@dataclass(frozen=True, slots=True)
-class RoundDiscarded:
-    discarded: m.Discarded
-
-
-@dataclass(frozen=True, slots=True)
-class TokensStreamed:
-    tokens: m.Tokens
-
-
-@dataclass(frozen=True, slots=True)
-class RequestCancelled:
-    cancelled: m.Cancelled
-
-
-@dataclass(frozen=True, slots=True)
-class ServerFailed:
-    error: RemoteError
-
-
-ClientEvent = (Welcomed | RequestStarted | RoundVerdict | RoundDiscarded | TokensStreamed | RequestCancelled
-               | ServerFailed)
-
-
-class ClientState(Enum):
-    NEW = "new"
-    HELLO_SENT = "hello_sent"
-    READY = "ready"
-    ACTIVE = "active"
-    CLOSED = "closed"
-
-
-@dataclass(slots=True)
-class _Sent:
-    position: int
-    parent: int
-    tokens: list[int]
-
-
-@dataclass(slots=True)
-class ClientSession:
-    """The edge's half: numbers requests and rounds, tracks the committed sequence and rollbacks."""
-
-    tokenizer: str
-    client: str = "specd"
-    draft_model: str = ""
-    state: ClientState = ClientState.NEW
-    welcome: m.Welcome | None = None
-    request: int = -1
-    mode: str = "speculative"
-    prompt_len: int = 0
-    committed: list[int] = field(default_factory=list)
-    finished: bool = False
-    reason: str | None = None
-    _next_request: int = 0
-    _next_round: int = 0
-    _in_flight: dict[int, _Sent] = field(default_factory=dict)
-
-    @property
-    def generated(self) -> list[int]:
-        return self.committed[self.prompt_len:]
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
-    def hello(self) -> bytes:
-        if self.state is not ClientState.NEW:
-            raise RuntimeError("hello() was already sent")
-        self.state = ClientState.HELLO_SENT
-        return m.encode(m.Hello(protocol=m.PROTOCOL_VERSION, tokenizer=self.tokenizer,
-                                client=self.client, draft_model=self.draft_model))
-
-    def start(self, prompt: list[int], *, max_new_tokens: int, sampling: m.Sampling | None = None,
-              seed: int | None = None, stop: list[int] | None = None,
-              mode: str = "speculative") -> bytes:
-        if self.state is not ClientState.READY:
-            raise RuntimeError(f"cannot start a request in state {self.state.value}")
-        self.request = self._next_request
-        self._next_request += 1
-        self._next_round = 0
-        self._in_flight.clear()
-        self.mode = mode
-        self.prompt_len = len(prompt)
-        self.committed = list(prompt)
-        self.finished, self.reason = False, None
-        self.state = ClientState.ACTIVE
-        return m.encode(m.Start(request=self.request, prompt=list(prompt), max_new_tokens=max_new_tokens,
-                                sampling=sampling or m.Sampling(), seed=seed, stop=list(stop or []), mode=mode))  # type: ignore[arg-type]
-
-    def draft(self, tokens: list[int], proposal: ProposalDistribution | None = None, *,
-              assumed: list[int] | None = None) -> tuple[int, bytes]:
-        """Frame a round of drafts; returns ``(round, frame)``.
-
-        ``assumed`` are tokens the client expects to be committed first (a round drafted ahead while
-        the previous one is verified); the server discards the round if they are not.
-        """
-        if self.state is not ClientState.ACTIVE or self.mode != "speculative":
-            raise RuntimeError("draft() needs an active speculative request")
-        base = self.committed + list(assumed or [])
-        support, q_ids, q_probs = encode_proposal(proposal) if proposal is not None else (0, b"", b"")
-        rnd = self._next_round
-        self._next_round += 1
-        self._in_flight[rnd] = _Sent(position=len(base), parent=base[-1], tokens=list(tokens))
-        return rnd, m.encode(m.Draft(request=self.request, round=rnd, position=len(base), parent=base[-1],
-                                     tokens=list(tokens), support=support, q_ids=q_ids, q_probs=q_probs))
-
-    def cancel(self) -> bytes:
-        return m.encode(m.Cancel(request=self.request))
-
-    def receive(self, frame: bytes | str) -> list[ClientEvent]:
-        """Consume one server frame. Raises :class:`ProtocolError` if the server breaks the protocol."""
-        msg = m.decode_server(frame)
-        if isinstance(msg, m.Error):
-            error = RemoteError(msg.code, msg.message, fatal=msg.fatal, request_id=msg.request)
-            if msg.fatal:
-                self.state = ClientState.CLOSED
-            elif msg.request is not None and msg.request == self.request and self.state is ClientState.ACTIVE:
-                self._end(None)
-            return [ServerFailed(error)]
-        if isinstance(msg, m.Welcome):
-            if self.state is not ClientState.HELLO_SENT:
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "unexpected 'welcome'")
-            if msg.tokenizer != self.tokenizer:
-                raise ProtocolError(ErrorCode.TOKENIZER_MISMATCH,
-                                    f"the server's target model {msg.model} uses a different tokenizer "
-                                    "than the draft model; choose a draft from the same family")
-            self.welcome = msg
-            self.state = ClientState.READY
-            return [Welcomed(msg)]
-        if getattr(msg, "request", None) != self.request:
-            return []  # about a request this client already gave up on
-        if isinstance(msg, m.Started):
-            return [RequestStarted(msg)]
-        if isinstance(msg, m.Verdict):
-            return [self._verdict(msg)]
-        if isinstance(msg, m.Discarded):
-            self._in_flight.pop(msg.round, None)
-            return [RoundDiscarded(msg)]
-        if isinstance(msg, m.Tokens):
-            if msg.position != len(self.committed):
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
-                                    f"tokens for position {msg.position}, expected {len(self.committed)}")
-            self.committed.extend(msg.tokens)
-            if msg.finished:
-                self._end(msg.reason)
-            return [TokensStreamed(msg)]
-        assert isinstance(msg, m.Cancelled)
-        self._end("cancelled")
-        return [RequestCancelled(msg)]
-
-    def _verdict(self, v: m.Verdict) -> RoundVerdict:
-        sent = self._in_flight.pop(v.round, None)
-        if sent is None or v.position != sent.position or v.position != len(self.committed):
-            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
-                                f"verdict for round {v.round} at position {v.position} does not match "
-                                f"what was sent (committed length {len(self.committed)})")
-        if v.accepted > len(sent.tokens):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                f"verdict accepts {v.accepted} of {len(sent.tokens)} drafts")
-        new_tokens = [*sent.tokens[: v.accepted], v.token]
-        self.committed.extend(new_tokens)
-        if v.finished:
-            self._end(v.reason)
-        return RoundVerdict(verdict=v, drafted=len(sent.tokens), new_tokens=new_tokens)
-
-    def _end(self, reason: str | None) -> None:
-        self.finished, self.reason = True, reason
-        self._in_flight.clear()
-        self.state = ClientState.READY

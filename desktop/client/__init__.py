@@ -1,0 +1,1 @@
+"""The edge client: the answer modes (speculative, cloud-only, local), the connection, detokenizing."""

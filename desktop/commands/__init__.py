@@ -1,0 +1,1 @@
+"""The `specd` subcommands (chat, demo), building a client from the config, the local verifier."""
