@@ -208,7 +208,8 @@ class Verifier:
         return m.Limits(max_input_tokens=min(lim.max_input_tokens, total - 1), max_total_tokens=total,
                         max_draft=lim.max_draft, max_support=min(lim.max_support, target.vocab_size),
                         max_frame_bytes=lim.max_frame_bytes,
-                        max_messages_per_second=lim.max_messages_per_second)
+                        max_messages_per_second=lim.max_messages_per_second,
+                        idle_timeout_s=lim.idle_timeout_s)
 
     # -- HTTP -----------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
