@@ -15,15 +15,12 @@ import secrets
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConcurrencyError, ConnectionClosed
 
 from specd.daemon.target import SessionCache, cloud_step_job, decode_round, prefill_job, request_seed, verify_job
 from specd.shared import messages as m
-from specd.shared.errors import ErrorCode, ProposalError
+from specd.shared.errors import ERROR_RULES, ErrorCode, ProposalError
 from specd.shared.protocol import (
-    CLOSE_GOING_AWAY,
-    CLOSE_NORMAL,
-    CLOSE_TRY_AGAIN_LATER,
     CancelRequested,
     Close,
     DraftReceived,
@@ -43,9 +40,9 @@ log = logging.getLogger("specd.daemon.session")
 # A client whose connection accepts no data for this long is dropped: websockets' own keepalive cannot
 # notice (its ping waits behind the full buffer), and the idle timeout only watches what it sends.
 SEND_TIMEOUT_S = 30.0
-
-_CLOSE_CODES = {ErrorCode.SHUTTING_DOWN: CLOSE_GOING_AWAY, ErrorCode.IDLE_TIMEOUT: CLOSE_NORMAL,
-                ErrorCode.TOO_MANY_SESSIONS: CLOSE_TRY_AGAIN_LATER}
+# After a fatal error the client's closing frame may sit behind frames it already sent (reading pauses
+# once websockets' queue is full): discard those, and give up on the handshake after this long.
+FATAL_CLOSE_TIMEOUT_S = 1.0
 
 
 class SessionDriver:
@@ -96,7 +93,7 @@ class SessionDriver:
         self.verifier.metrics.refusals[code.value] += 1
         with contextlib.suppress(ConnectionClosed):
             await self.ws.send(m.encode(m.Error(code=code.value, message=message, fatal=True)))
-            await self.ws.close(_CLOSE_CODES.get(code, 1011), code.value)
+            await self.ws.close(int(ERROR_RULES[code].close), code.value)
 
     async def fail(self, code: ErrorCode, message: str) -> None:
         """A fatal error from the driver's side: tell the peer (naming the active request) and close."""
@@ -137,11 +134,7 @@ class SessionDriver:
                 await self._send(action.data)
             elif isinstance(action, Close):
                 self._closing = True
-                code = action.code
-                reason = action.reason
-                if reason in {c.value for c in _CLOSE_CODES}:
-                    code = _CLOSE_CODES[ErrorCode(reason)]
-                await self._send(None, (code, reason))
+                await self._close_now(action.code, action.reason)
             elif isinstance(action, StartRequested):
                 await self._start(action)
             elif isinstance(action, DraftReceived):
@@ -164,6 +157,21 @@ class SessionDriver:
             self._closing = True
             self.ws.transport.abort()  # frees the slot and, in run(), the KV cache
             raise ConnectionClosed(None, None) from None
+
+    async def _close_now(self, code: int, reason: str) -> None:
+        """Close after a fatal error without waiting behind what the client sent before it."""
+        self.ws.close_timeout = FATAL_CLOSE_TIMEOUT_S
+        drain = asyncio.get_running_loop().create_task(self._discard_incoming())
+        try:
+            await self._send(None, (code, reason))
+        finally:
+            drain.cancel()
+
+    async def _discard_incoming(self) -> None:
+        # ConcurrencyError: the read loop is already receiving (a fatal error raised from another task).
+        with contextlib.suppress(ConnectionClosed, ConcurrencyError):
+            while True:
+                await self.ws.recv()
 
     def _count(self, data: bytes) -> None:
         metrics = self.verifier.metrics

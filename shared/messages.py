@@ -38,6 +38,7 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_support: NonNegative
     max_frame_bytes: NonNegative
     max_messages_per_second: NonNegative = 0  # 0: no rate limit
+    idle_timeout_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # a session without a message is closed; 0: never
 
 
 # --- client → server --------------------------------------------------------------------------

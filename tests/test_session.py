@@ -11,7 +11,7 @@ import torch
 from specd.daemon.target import decode_round
 from specd.shared import messages as m
 from specd.shared import protocol as s
-from specd.shared.errors import ErrorCode, ProposalError, ProtocolError
+from specd.shared.errors import CloseCode, ErrorCode, ProposalError, ProtocolError
 from specd.shared.sampling import (
     RoundResult,
     SamplingParams,
@@ -360,7 +360,7 @@ def test_rate_limit_closes_a_flooding_connection():
         if any(isinstance(a, s.Close) for a in actions):
             break
     assert _errors(actions)[0]["code"] == "rate_limited" and isinstance(actions[-1], s.Close)
-    assert actions[-1].code == s.CLOSE_POLICY_VIOLATION
+    assert actions[-1].code == CloseCode.POLICY_VIOLATION
 
 
 def test_a_limiter_without_a_rate_never_waits():

@@ -20,11 +20,6 @@ from specd.shared.protocol.client import (
 from specd.shared.protocol.codec import NO_PROPOSAL, WireProposal, common_prefix, proposal_bytes
 from specd.shared.protocol.ratelimit import RateLimiter
 from specd.shared.protocol.server import (
-    CLOSE_GOING_AWAY,
-    CLOSE_NORMAL,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_TRY_AGAIN_LATER,
     CancelRequested,
     Close,
     DraftReceived,
@@ -36,7 +31,6 @@ from specd.shared.protocol.server import (
 from specd.shared.protocol.states import ClientState, InvalidTransition, ServerState
 
 __all__ = [
-    "CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY_VIOLATION", "CLOSE_PROTOCOL_ERROR", "CLOSE_TRY_AGAIN_LATER",
     "NO_PROPOSAL", "CancelRequested", "ClientEvent", "ClientSession", "ClientState", "Close", "DraftReceived",
     "InvalidTransition", "RateLimiter", "RequestCancelled", "RequestStarted", "RoundDiscarded", "RoundVerdict",
     "Send", "ServerAction", "ServerFailed", "ServerSession", "ServerState", "StartRequested", "TokensStreamed",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from specd.shared import messages as m
-from specd.shared.errors import ErrorCode, ProtocolError, RemoteError
+from specd.shared.errors import ERROR_RULES, ErrorCode, ProtocolError, RemoteError
 from specd.shared.protocol.codec import NO_PROPOSAL, WireProposal
 from specd.shared.protocol.states import ClientState, ClientTrigger, InvalidTransition, client_transition
 
@@ -151,7 +151,8 @@ class ClientSession:
             error = RemoteError(msg.code, msg.message, fatal=msg.fatal, request_id=msg.request)
             if msg.fatal:
                 self._move(ClientTrigger.FATAL)
-            elif msg.request is not None and msg.request == self.request and self.state is ClientState.ACTIVE:
+            elif msg.request is not None and msg.request == self.request and self.state is ClientState.ACTIVE \
+                    and _ends_request(msg.code):
                 self._end(None)
             return [ServerFailed(error)]
         if isinstance(msg, m.Welcome):
@@ -212,3 +213,10 @@ class ClientSession:
 
     def _move(self, event: ClientTrigger) -> None:
         self.state = client_transition(self.state, event)
+
+
+def _ends_request(code: str) -> bool:
+    """Whether an error with ``code`` naming the active request ends it (a code this client does not
+    know is taken to end it: the safe reading)."""
+    known = {c.value: c for c in ErrorCode}
+    return code not in known or ERROR_RULES[known[code]].ends_request

@@ -13,18 +13,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from specd.shared import messages as m
-from specd.shared.errors import ErrorCode, ProtocolError
+from specd.shared.errors import ERROR_RULES, ErrorCode, ProtocolError
 from specd.shared.protocol.codec import common_prefix, proposal_bytes
 from specd.shared.protocol.ratelimit import RateLimiter
 from specd.shared.protocol.states import ServerState, ServerTrigger, server_transition
 from specd.shared.protocol.stopping import stop_reason
-
-# WebSocket close codes the daemon uses for the actions below.
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class VerifiedRound(Protocol):
@@ -140,9 +133,10 @@ class ServerSession:
             msg = m.decode_client(frame, self.limits.max_frame_bytes)
             return self._dispatch(msg)
         except ProtocolError as exc:
-            fatal = exc.fatal or self.state is ServerState.AWAIT_HELLO
-            if self.request is not None and exc.request_id == self.request.start.request:
-                self._end_request(cancelled=False)  # an error naming a request always ends it
+            rule = ERROR_RULES[exc.code]
+            fatal = exc.fatal or rule.is_fatal(handshake_done=self.state is not ServerState.AWAIT_HELLO)
+            if rule.ends_request and self.request is not None and exc.request_id == self.request.start.request:
+                self._end_request(cancelled=False)
             return self._fail(exc.code, exc.message, request=exc.request_id, fatal=fatal)
 
     def _dispatch(self, msg: m.ClientMessage) -> list[ServerAction]:
@@ -235,6 +229,10 @@ class ServerSession:
             raise ProtocolError(ErrorCode.BAD_TOKEN, f"draft token outside the vocabulary [0, {self.vocab_size})",
                                 request_id=draft.request)
         greedy = req.start.sampling.temperature == 0.0
+        if greedy and (draft.support or draft.q_ids or draft.q_probs):
+            raise ProtocolError(ErrorCode.BAD_PROPOSAL,
+                                "a greedy request (temperature 0) takes no proposal: send support 0 and empty "
+                                "q_ids/q_probs", request_id=draft.request)
         if not greedy:
             self._check_proposal_size(draft)
         self._pending = draft
@@ -327,8 +325,10 @@ class ServerSession:
 
     def error(self, code: ErrorCode, message: str, *, request: int | None = None,
               fatal: bool = False) -> list[ServerAction]:
-        """An error found by the driver (e.g. the model failed); ends the active request."""
-        if self.request is not None and (request is None or request == self.request.start.request):
+        """An error found by the driver (a bad proposal, the model failed, shutdown, idleness): see
+        ``ERROR_RULES`` for whether it ends the active request."""
+        if ERROR_RULES[code].ends_request and self.request is not None \
+                and (request is None or request == self.request.start.request):
             self._pending = None
             self._end_request(cancelled=False)
         return self._fail(code, message, request=request, fatal=fatal)
@@ -362,9 +362,5 @@ class ServerSession:
         ]
         if fatal:
             self._move(ServerTrigger.FATAL)
-            close_code = CLOSE_POLICY_VIOLATION if code in _POLICY_CODES else CLOSE_PROTOCOL_ERROR
-            actions.append(Close(close_code, code.value))
+            actions.append(Close(int(ERROR_RULES[code].close), code.value))
         return actions
-
-
-_POLICY_CODES = {ErrorCode.RATE_LIMITED, ErrorCode.TOKENIZER_MISMATCH, ErrorCode.UNSUPPORTED_VERSION}
