@@ -26,7 +26,8 @@ log = logging.getLogger("specd.daemon")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="The specd verifier: serves a target model to specd edge clients over WebSocket "
-        "(docs/protocol.md), with GET /healthz and GET /metrics on the same port.",
+        "(docs/protocol.md), with GET /healthz and GET /metrics on the same port. "
+        "`specd-verifier capacity --help`: how many sessions this target serves on this device.",
         epilog="Each flag overrides the config file's key named in brackets. The API key comes from the "
         "environment variable named by [server] api_key_env (default SPECD_API_KEY) or from --api-key-file.")
     add = parser.add_argument
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-frame-bytes", type=int, metavar="N", help="largest WebSocket frame [limits] max_frame_bytes")
     add("--idle-timeout", type=float, metavar="SECONDS",
         help="close sessions idle this long [limits] idle_timeout_s")
+    add("--max-batch-tokens", type=int, metavar="N",
+        help="most tokens one target forward runs, prefill chunks included [limits] max_batch_tokens")
+    add("--kv-cache-gib", type=float, metavar="GIB",
+        help="KV memory for all sessions (0: max_sessions x max_total_tokens) [limits] kv_cache_gib")
+    add("--no-batching", dest="batching", action="store_false", default=None,
+        help="one session per target forward, for comparisons [server] batching = false")
     add("--api-key-file", metavar="PATH", help="file whose first line is the API key [server] api_key_file")
     add("--tls-cert", metavar="PEM", help="certificate chain to serve wss:// [server] tls_cert")
     add("--tls-key", metavar="PEM", help="private key for --tls-cert [server] tls_key")
@@ -64,17 +71,24 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "server": {"host": args.host, "port": args.port, "device": args.device, "dtype": args.dtype,
                    "api_key_file": args.api_key_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                   "insecure_no_auth": args.insecure_no_auth, "log_level": args.log_level},
+                   "insecure_no_auth": args.insecure_no_auth, "log_level": args.log_level,
+                   "batching": args.batching},
         "models": {"target": args.model},
         "limits": {"max_sessions": args.max_sessions, "max_input_tokens": args.max_input_tokens,
                    "max_total_tokens": args.max_total_tokens, "max_draft": args.max_draft,
-                   "max_frame_bytes": args.max_frame_bytes, "idle_timeout_s": args.idle_timeout},
+                   "max_frame_bytes": args.max_frame_bytes, "idle_timeout_s": args.idle_timeout,
+                   "max_batch_tokens": args.max_batch_tokens, "kv_cache_gib": args.kv_cache_gib},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     # Until the event loop takes over the signals, a SIGTERM (a stop during start-up) is a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["capacity"]:
+        from specd.daemon.capacity_cli import capacity_main
+
+        return capacity_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         path = args.config or default_config_path()

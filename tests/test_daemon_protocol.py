@@ -228,8 +228,8 @@ async def test_a_second_session_keeps_working_while_the_first_sends_garbage(veri
 
 
 async def test_pings_and_other_sessions_are_served_during_a_slow_forward(verifier):
-    target = verifier.target
-    original = target.forward
+    backend = verifier.engine.backend
+    original = backend.forward
 
     def slow_forward(*args, **kwargs):
         import time
@@ -237,7 +237,7 @@ async def test_pings_and_other_sessions_are_served_during_a_slow_forward(verifie
         time.sleep(1.0)
         return original(*args, **kwargs)
 
-    target.forward = slow_forward
+    backend.forward = slow_forward
     try:
         streaming = await Client.open(verifier.url, FINGERPRINT)
         other = await Client.open(verifier.url, FINGERPRINT)
@@ -249,10 +249,10 @@ async def test_pings_and_other_sessions_are_served_during_a_slow_forward(verifie
         assert loop.time() - began < 0.5  # answered while the next step's 1 s forward is running
         await other.start([1, 9, 9], 5, sampling=m.Sampling(temperature=0.0))
         verdict = await other.round([5, 6])
-        # Round-robin: the round waited at most for the forward in progress and one queued step.
+        # Batched: the round waited at most for the forward in progress, then shared the next one.
         assert verdict.verdict.queue_ms < 2 * 1000 + 500
     finally:
-        target.forward = original
+        backend.forward = original
     await streaming.close()
     await other.close()
 

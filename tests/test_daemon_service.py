@@ -213,7 +213,7 @@ async def test_idle_sessions_are_closed_and_freed(tiny_folder):
         client = await Client.open(v.url, FINGERPRINT)
         await client.start([1, 5, 6, 7], 2, sampling=m.Sampling(temperature=0.0))
         driver = next(iter(v.drivers))
-        assert driver.cache.kv is not None
+        assert driver.kv.tokens and v.engine.open_sessions == 1
         (event,) = await client.events(timeout=5)
         assert isinstance(event, ServerFailed) and event.error.code == "idle_timeout"
         await client.ws.wait_closed()
@@ -222,14 +222,15 @@ async def test_idle_sessions_are_closed_and_freed(tiny_folder):
             if not v.drivers:
                 break
             await asyncio.sleep(0.02)
-        assert v.sessions == 0 and driver.cache.kv is None and driver.cache.tokens == []
+        assert v.sessions == 0 and driver.kv.closed and v.engine.open_sessions == 0  # its KV slot is free
 
 
 async def test_stop_finishes_the_round_in_flight_then_closes_with_1001(tiny_folder):
     v = Verifier(daemon_config(tiny_folder))
     await v.start()
-    original = v.target.forward
-    v.target.forward = lambda *a, **k: (time.sleep(0.5), original(*a, **k))[1]
+    backend = v.engine.backend
+    original = backend.forward
+    backend.forward = lambda *a, **k: (time.sleep(0.5), original(*a, **k))[1]
     client = await Client.open(v.url, FINGERPRINT)
     idle = await Client.open(v.url, FINGERPRINT)
     await client.start([1, 5, 6], 10, sampling=m.Sampling(temperature=0.0))
