@@ -53,7 +53,8 @@ class TargetModel:
         self.name = name
         self.device = device
         self.dtype = dtype
-        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        # No tokenizer: a randomly initialised model for capacity planning, which no client talks to.
+        self.fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else ""
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.eos = _eos_ids(model, tokenizer)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -107,6 +108,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
         if value is not None:
             ids.update([value] if isinstance(value, int) else list(value))
             break
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return sorted(ids)
