@@ -1,6 +1,6 @@
 """Record the draft rounds `specd-verifier capacity` replays: the real edge draft against the real target.
 
-    .venv/bin/python benchmarks/record_draft_rounds.py [--out daemon/draft_rounds.json] [--gamma 8]
+    .venv/bin/python benchmarks/record_draft_rounds.py [--out daemon/draft_rounds.json] [--gamma 8] [--prompts N]
 
 The draft is the configured edge draft exactly as `specd chat` opens it on the CPU (the embedded
 default: SmolLM2-135M-Instruct int4 through ONNX Runtime GenAI); the target is [models] target through
@@ -30,8 +30,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="daemon/draft_rounds.json")
     parser.add_argument("--gamma", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the bench prompts")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = load_config(None)
@@ -41,7 +44,7 @@ def main() -> int:
     target = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     greedy = SamplingParams(temperature=0.0)
     sessions = []
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[: args.prompts]:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -82,9 +82,8 @@ def random_target(shape: str, device: torch.device, dtype: torch.dtype) -> Targe
 
     spec = dict(SHAPES[shape])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
     return TargetModel(model, None, name=f"{shape} (random weights)", device=device, dtype=dtype)
 
 

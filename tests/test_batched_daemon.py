@@ -116,6 +116,26 @@ def test_capacity_writes_its_table_json_and_markdown(tiny_folder, tmp_path, caps
     assert "tok/s all" in capsys.readouterr().out
 
 
+def test_capacity_builds_a_random_model_of_a_shape(tmp_path, monkeypatch):
+    from specd.daemon import capacity
+
+    # the real shapes need gigabytes; a tiny Qwen2 takes the same path
+    monkeypatch.setitem(capacity.SHAPES, "tiny-qwen2", dict(
+        model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    recording = {"sessions": [{"prompt": [1, 5, 6], "rounds": [{"drafts": [7, 8], "accepted": 1}]}]}
+    path = tmp_path / "rounds.json"
+    path.write_text(json.dumps(recording))
+    code = capacity_main(["--random-weights", "--shape", "tiny-qwen2", "--device", "cpu", "--sessions", "2",
+                          "--gamma", "2", "--tokens", "4", "--modes", "speculative", "--recording", str(path),
+                          "--out", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "capacity.json").read_text())
+    assert report["meta"]["target"] == "tiny-qwen2 (random weights)"
+    (cell,) = report["cells"]
+    assert cell["acceptance"] == 0.5 and cell["mean_batch"] > 1  # two sessions shared forwards
+
+
 def test_capacity_names_a_bad_recording(tmp_path, capsys):
     path = tmp_path / "rounds.json"
     path.write_text("{}")
