@@ -89,8 +89,9 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if max(max(r.drafts) for s in recording for r in s.rounds) >= target.vocab_size:
         raise ConfigError(f"--recording {args.recording}: its token ids exceed {target.name}'s vocabulary")
     cells = []
+    # Batched and unbatched take turns at each N, so a change in the machine's load hits both alike.
     plan = [(mode, batched, n, g) for mode in args.modes for g in (args.gamma if mode == "speculative" else [0])
-            for batched in ((True, False) if args.one_session_per_forward else (True,)) for n in args.sessions]
+            for n in args.sessions for batched in ((True, False) if args.one_session_per_forward else (True,))]
     for i, (mode, batched, n, gamma) in enumerate(plan, 1):
         what = f"{mode}{'' if batched else ' (one session per forward)'}, {n} session(s)" + \
                (f", γ={gamma}" if gamma else "")
