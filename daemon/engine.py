@@ -184,6 +184,9 @@ class Engine:
         """
         if session.closed:
             raise RuntimeError("the session is closed")
+        if len(prefix) + len(query) > self.limits.slot_len:  # the protocol's limits keep this from happening
+            raise ValueError(f"{len(prefix) + len(query)} positions exceed the session's KV slot of "
+                             f"{self.limits.slot_len} (max_total_tokens)")
         self._truncate(session, common_prefix(session.tokens, prefix))
         pending = prefix[len(session.tokens):] + list(query)
         loop = asyncio.get_running_loop()

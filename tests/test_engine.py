@@ -157,6 +157,16 @@ async def test_a_cancelled_job_and_a_closed_session_are_dropped_before_the_next_
     await engine.close_all()
 
 
+async def test_a_job_beyond_the_kv_slot_is_refused_before_it_touches_another_slot():
+    engine = _engine(_model("llama"), slot_len=16)
+    session, neighbour = engine.open(), engine.open()
+    await engine.prefill(neighbour, [1, 5, 6, 7], 0)
+    with pytest.raises(ValueError, match="KV slot of 16"):
+        await engine.run(session, [1, *range(3, 15)], [20, 21, 22, 23], lambda x: x)
+    assert neighbour.tokens == [1, 5, 6] and session.tokens == []
+    await engine.close_all()
+
+
 def test_capacity_follows_the_kv_budget():
     model = _model("llama")
     per_position = 2 * 2 * 2 * 8 * 4  # k and v, 2 layers, 2 kv heads, head_dim 8, float32
