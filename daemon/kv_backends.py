@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from specd.daemon.kv_slots import BatchRow, KVShape, SlotCache, batch_inputs
+from specd.daemon.kv_slots import BatchRow, KVShape, batch_inputs
 
 
 class KVBackend(Protocol):
@@ -36,6 +36,8 @@ class SlotBackend:
 
     def __init__(self, model: Any, *, dtype: torch.dtype, device: torch.device, slots: int, slot_len: int,
                  max_rows: int) -> None:
+        from specd.daemon.slot_cache import SlotCache  # transformers: only once a model is loaded
+
         self.model, self.device, self.dtype = model, device, dtype
         self.capacity, self.max_rows = slots, max_rows
         self.cache = SlotCache(KVShape.of(model, dtype), slots, slot_len, device)
