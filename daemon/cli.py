@@ -27,7 +27,8 @@ log = logging.getLogger("specd.daemon")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="The specd verifier: serves a target model to specd edge clients over WebSocket "
-        "(docs/protocol.md), with GET /healthz and GET /metrics on the same port.",
+        "(docs/protocol.md), with GET /healthz and GET /metrics on the same port. "
+        "`specd-verifier capacity --help`: how many sessions this target serves on this device.",
         epilog="Each flag overrides the config file's key named in brackets. The API key comes from the "
         "environment variable named by [server] api_key_env (default SPECD_API_KEY) or from --api-key-file.")
     add = parser.add_argument
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-frame-bytes", type=int, metavar="N", help="largest WebSocket frame [limits] max_frame_bytes")
     add("--idle-timeout", type=float, metavar="SECONDS",
         help="close sessions idle this long [limits] idle_timeout_s")
+    add("--max-batch-tokens", type=int, metavar="N",
+        help="most tokens one target forward runs, prefill chunks included [limits] max_batch_tokens")
+    add("--kv-cache-gib", type=float, metavar="GIB",
+        help="KV memory for all sessions (0: max_sessions x max_total_tokens) [limits] kv_cache_gib")
+    add("--no-batching", dest="batching", action="store_false", default=None,
+        help="one session per target forward, for comparisons [server] batching = false")
     add("--api-key-file", metavar="PATH", help="file whose first line is the API key [server] api_key_file")
     add("--tls-cert", metavar="PEM", help="certificate chain to serve wss:// [server] tls_cert")
     add("--tls-key", metavar="PEM", help="private key for --tls-cert [server] tls_key")
@@ -65,20 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_KEYS = {
     "--host": "server.host", "--port": "server.port", "--device": "server.device", "--dtype": "server.dtype",
     "--api-key-file": "server.api_key_file", "--tls-cert": "server.tls_cert", "--tls-key": "server.tls_key",
-    "--insecure-no-auth": "server.insecure_no_auth", "--log-level": "server.log_level", "--model": "models.target",
+    "--insecure-no-auth": "server.insecure_no_auth", "--log-level": "server.log_level",
+    "--no-batching": "server.batching", "--model": "models.target",
     "--max-sessions": "limits.max_sessions", "--max-input-tokens": "limits.max_input_tokens",
     "--max-total-tokens": "limits.max_total_tokens", "--max-draft": "limits.max_draft",
     "--max-frame-bytes": "limits.max_frame_bytes", "--idle-timeout": "limits.idle_timeout_s",
+    "--max-batch-tokens": "limits.max_batch_tokens", "--kv-cache-gib": "limits.kv_cache_gib",
 }
 
 
 def overrides_from(args: argparse.Namespace) -> ConfigLayer:
-    return flag_layer(args, FLAG_KEYS)
+    return flag_layer(args, FLAG_KEYS, converted={"--no-batching": args.batching})
 
 
 def main(argv: list[str] | None = None) -> int:
     # Until the event loop takes over the signals, a SIGTERM (a stop during start-up) is a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["capacity"]:
+        from specd.daemon.capacity_cli import capacity_main
+
+        return capacity_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         path = args.config or default_config_path()

@@ -1,7 +1,8 @@
 """One WebSocket connection: moves frames between the socket and a sans-I/O ``ServerSession``.
 
-The session (shared/protocol/) decides everything protocol-shaped; this driver only receives,
-runs the model jobs the session asks for on the shared worker, and sends what the session says.
+The session (shared/protocol/server.py) decides everything protocol-shaped; this driver only receives,
+hands the model work the session asks for to the batched engine, and sends what the session says.
+It sees the verifier through a narrow :class:`SessionContext`, not the server itself.
 Messages are handled one at a time, in order (docs/protocol.md §8); in cloud mode a generation task
 streams tokens while the reader keeps listening for ``cancel``.
 """
@@ -12,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConcurrencyError, ConnectionClosed
 
-from specd.daemon.target import SessionCache, cloud_step_job, decode_round, prefill_job, request_seed, verify_job
+from specd.daemon.engine import Engine
+from specd.daemon.metrics import Metrics
+from specd.daemon.rounds import cloud_token, decode_round, request_seed, round_verdict
 from specd.shared import messages as m
 from specd.shared.errors import ERROR_RULES, ErrorCode, ProposalError
 from specd.shared.protocol import (
@@ -32,9 +35,6 @@ from specd.shared.protocol import (
 )
 from specd.shared.sampling import SamplingParams
 
-if TYPE_CHECKING:
-    from specd.daemon.server import Verifier
-
 log = logging.getLogger("specd.daemon.session")
 
 # A client whose connection accepts no data for this long is dropped: websockets' own keepalive cannot
@@ -45,19 +45,34 @@ SEND_TIMEOUT_S = 30.0
 FATAL_CLOSE_TIMEOUT_S = 1.0
 
 
-class SessionDriver:
-    """Runs one connection's session until the peer leaves, a fatal error, idleness or shutdown."""
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """What a session driver needs of the verifier: the engine (and its target), metrics, limits."""
 
-    def __init__(self, verifier: Verifier, ws: ServerConnection) -> None:
-        self.verifier = verifier
+    engine: Engine
+    metrics: Metrics
+    limits: m.Limits
+    idle_timeout_s: float
+    server_name: str
+
+
+class SessionDriver:
+    """Runs one connection's session until the peer leaves, a fatal error, idleness or shutdown.
+
+    Construct it only when the engine has a free slot (``engine.open()`` raises otherwise).
+    """
+
+    def __init__(self, context: SessionContext, ws: ServerConnection) -> None:
+        self.context = context
+        self.metrics = context.metrics
+        self.engine = context.engine
         self.ws = ws
         self.id = secrets.token_hex(6)
-        target = verifier.target
-        assert target is not None and verifier.limits is not None
+        target = context.engine.target
         self.session = ServerSession(session_id=self.id, model=target.name, tokenizer=target.fingerprint,
-                                     vocab_size=target.vocab_size, eos=target.eos, limits=verifier.limits,
-                                     server=verifier.server_name)
-        self.cache = SessionCache(target)
+                                     vocab_size=target.vocab_size, eos=target.eos, limits=context.limits,
+                                     server=context.server_name)
+        self.kv = context.engine.open()
         self.params = SamplingParams()
         self.seed = 0
         self.busy = False  # handling a message (a round in flight)
@@ -78,9 +93,9 @@ class SessionDriver:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._generation
             self.session.close()
-            self.cache.free()  # the KV memory goes with the session
+            self.engine.close(self.kv)  # the KV slot goes with the session
             if self.ws.close_code == 1009:
-                self.verifier.metrics.refusals["frame_too_large"] += 1
+                self.metrics.refusals["frame_too_large"] += 1
 
     def shutdown(self) -> None:
         """The server is stopping: finish what is in flight, then close with 1001."""
@@ -88,12 +103,6 @@ class SessionDriver:
         if not self.busy and (self._generation is None or self._generation.done()):
             asyncio.get_running_loop().create_task(self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down"))
 
-    async def refuse(self, code: ErrorCode, message: str) -> None:
-        """Refuse the connection before any handshake (too many sessions, shutting down)."""
-        self.verifier.metrics.refusals[code.value] += 1
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(m.encode(m.Error(code=code.value, message=message, fatal=True)))
-            await self.ws.close(int(ERROR_RULES[code].close), code.value)
 
     async def fail(self, code: ErrorCode, message: str) -> None:
         """A fatal error from the driver's side: tell the peer (naming the active request) and close."""
@@ -107,7 +116,7 @@ class SessionDriver:
 
     # -- reading --------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        idle = self.verifier.config.limits.idle_timeout_s
+        idle = self.context.idle_timeout_s
         while not self._closing:
             if self.stopping:
                 await self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
@@ -118,7 +127,7 @@ class SessionDriver:
                 if self._generation is not None and not self._generation.done():
                     continue
                 log.info("session %s: idle for %.0f s, closing", self.id, idle)
-                self.verifier.metrics.refusals[ErrorCode.IDLE_TIMEOUT.value] += 1
+                self.metrics.refusals[ErrorCode.IDLE_TIMEOUT.value] += 1
                 await self.fail(ErrorCode.IDLE_TIMEOUT, f"no message for {idle:g} s; reconnect when needed")
                 return
             self.busy = True
@@ -153,7 +162,7 @@ class SessionDriver:
         except TimeoutError:
             log.warning("session %s (%s): the client read nothing for %.0f s; dropping it", self.id, self.peer,
                         SEND_TIMEOUT_S)
-            self.verifier.metrics.refusals["send_timeout"] += 1
+            self.metrics.refusals["send_timeout"] += 1
             self._closing = True
             self.ws.transport.abort()  # frees the slot and, in run(), the KV cache
             raise ConnectionClosed(None, None) from None
@@ -174,7 +183,7 @@ class SessionDriver:
                 await self.ws.recv()
 
     def _count(self, data: bytes) -> None:
-        metrics = self.verifier.metrics
+        metrics = self.metrics
         if b"error" in data or b"discarded" in data:  # cheap pre-check before decoding
             msg = m.decode_server(data)
             if isinstance(msg, m.Error):
@@ -186,12 +195,12 @@ class SessionDriver:
     # -- model work -----------------------------------------------------------------------------
     async def _start(self, action: StartRequested) -> None:
         start = action.start
-        self.params = SamplingParams.of(start.sampling)
+        self.params = SamplingParams(temperature=start.sampling.temperature, top_k=start.sampling.top_k,
+                                     top_p=start.sampling.top_p)
         self.seed = request_seed(start.seed)
-        worker, metrics = self.verifier.worker, self.verifier.metrics
+        metrics = self.metrics
         try:
-            cached, _queue_s, _run_s = await worker.run(self, prefill_job, self.cache, action.tokens,
-                                                        action.reusable)
+            cached = await self.engine.prefill(self.kv, action.tokens, action.reusable)
         except Exception as exc:
             await self._internal(exc, start.request)
             return
@@ -210,21 +219,21 @@ class SessionDriver:
             await self._perform(self.session.error(ErrorCode.BAD_PROPOSAL, str(exc), request=draft.request))
             return
         committed = self.session.committed
+        verdict = round_verdict(drafts, self.params, self.seed, len(committed))
         try:
-            result, queue_s, run_s = await self.verifier.worker.run(
-                self, verify_job, self.cache, committed, drafts, self.params, self.seed)
+            result, queue_s, run_s = await self.engine.run(self.kv, committed[:-1],
+                                                           [committed[-1], *draft.tokens], verdict)
         except Exception as exc:
             await self._internal(exc, draft.request)
             return
+        # The rejected drafts stay in the KV until the next job rolls them back (O(1)).
         actions = self.session.verdict(result, queue_ms=queue_s * 1000.0, forward_ms=run_s * 1000.0)
-        # Roll back: keep the KV of the committed sequence minus its last token (the next parent).
-        self.cache.crop(len(self.session.committed) - 1)
-        self.verifier.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s)
+        self.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s)
         await self._perform(actions)
 
     async def _generate(self, request: int) -> None:
         """Cloud-only mode: sample one token per step and stream it, until a stop rule or cancel."""
-        session, worker = self.session, self.verifier.worker
+        session = self.session
         try:
             while True:
                 if session.state is not ServerState.STREAMING or session.request is None \
@@ -237,14 +246,16 @@ class SessionDriver:
                     await self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
                     return
                 try:
-                    token, _queue_s, run_s = await worker.run(self, cloud_step_job, self.cache,
-                                                              session.committed, self.params, self.seed)
+                    committed = session.committed
+                    token, _queue_s, run_s = await self.engine.run(
+                        self.kv, committed[:-1], [committed[-1]],
+                        cloud_token(self.params, self.seed, len(committed)))
                 except Exception as exc:
                     await self._internal(exc, request)
                     return
                 if session.cancel_requested or session.state is not ServerState.STREAMING:
                     continue  # cancelled (or ended) during the step: its token is not sent
-                self.verifier.metrics.streamed += 1
+                self.metrics.streamed += 1
                 actions, ended = session.stream([token], forward_ms=run_s * 1000.0)
                 await self._perform(actions)
                 if ended:
@@ -258,7 +269,7 @@ class SessionDriver:
 
     async def _internal(self, exc: Exception, request: int) -> None:
         log.error("session %s: the model failed on request %d: %s", self.id, request, exc, exc_info=exc)
-        self.cache.free()  # its content is unknown now; the next request recomputes
+        self.engine.reset(self.kv)  # its content is unknown now; the next request recomputes
         await self._perform(self.session.error(ErrorCode.INTERNAL, f"the target model failed: {exc}",
                                                request=request))
 
@@ -270,3 +281,11 @@ def peer_address(ws: ServerConnection) -> str:
     except (TypeError, ValueError):
         return "?"
     return f"{host}:{port}"
+
+
+async def refuse(ws: ServerConnection, metrics: Metrics, code: ErrorCode, message: str) -> None:
+    """Refuse a connection before any handshake (too many sessions, shutting down)."""
+    metrics.refusals[code.value] += 1
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(m.encode(m.Error(code=code.value, message=message, fatal=True)))
+        await ws.close(int(ERROR_RULES[code].close), code.value)

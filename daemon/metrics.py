@@ -8,17 +8,27 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specd.daemon.engine import ForwardStats
 
 # Seconds; forward passes range from ~1 ms (tiny model) to seconds (an 8B prefill on a CPU).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Sessions served by one forward, and the tokens it ran (max_batch_tokens is 512 by default).
+SESSION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass(slots=True)
 class Histogram:
     buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    counts: list[int] = field(default_factory=list)
     total: float = 0.0
     count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * len(self.buckets)
 
     def observe(self, value: float) -> None:
         self.total += value
@@ -54,6 +64,8 @@ class Metrics:
     refusals: Counter = field(default_factory=Counter)  # by error code / HTTP reason
     forward: Histogram = field(default_factory=Histogram)
     queue: Histogram = field(default_factory=Histogram)
+    batch_sessions: Histogram = field(default_factory=lambda: Histogram(SESSION_BUCKETS))
+    batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
 
     def round(self, drafted: int, accepted: int, forward_s: float, queue_s: float) -> None:
         self.rounds += 1
@@ -61,6 +73,11 @@ class Metrics:
         self.accepted += accepted
         self.forward.observe(forward_s)
         self.queue.observe(queue_s)
+
+    def batch(self, stats: ForwardStats) -> None:
+        """One engine forward: how many sessions it served and how many tokens it ran."""
+        self.batch_sessions.observe(stats.sessions)
+        self.batch_tokens.observe(stats.tokens)
 
     @property
     def acceptance_rate(self) -> float:
@@ -103,7 +120,9 @@ class Metrics:
         for reason, count in sorted(self.refusals.items()):
             lines.append(f'specd_refusals_total{{reason="{_label(reason)}"}} {count}')
         lines += self.forward.render("specd_forward_seconds", "Target forward pass and verification time.")
-        lines += self.queue.render("specd_queue_seconds", "Time a round waited for the model worker.")
+        lines += self.queue.render("specd_queue_seconds", "Time a round waited for its first forward.")
+        lines += self.batch_sessions.render("specd_batch_sessions", "Sessions served by one target forward.")
+        lines += self.batch_tokens.render("specd_batch_tokens", "Tokens run by one target forward.")
         return "\n".join(lines) + "\n"
 
 

@@ -18,17 +18,19 @@ import json
 import logging
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from specd.daemon.connection import SessionDriver, peer_address
+from specd.daemon.connection import SessionContext, SessionDriver, peer_address, refuse
+from specd.daemon.engine import Engine, EngineLimits
 from specd.daemon.limits import effective_limits
 from specd.daemon.metrics import Metrics
 from specd.daemon.notify import Notifier, cancel_quietly, extend_start_timeout, run_watchdog, watchdog_interval
-from specd.daemon.target import ModelWorker, TargetModel
+from specd.daemon.target import TargetModel
 from specd.shared import __version__
 from specd.shared import messages as m
 from specd.shared.config import Config, read_secret
@@ -63,9 +65,12 @@ class Verifier:
         self.notifier = notifier or Notifier()
         self.drain_timeout_s = drain_timeout_s
         self.metrics = Metrics()
-        self.worker = ModelWorker()
+        # One thread runs all model work, so the event loop keeps answering while a forward runs.
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specd-model")
         self.target: TargetModel | None = None
+        self.engine: Engine | None = None
         self.limits: m.Limits | None = None
+        self._context: SessionContext | None = None
         self.server_name = f"specd-verifier {__version__}"
         self.drivers: set[SessionDriver] = set()
         self.ready = False
@@ -132,19 +137,29 @@ class Verifier:
             raise ConfigError(f"cannot listen on {srv.host}:{srv.port}: {exc.strerror or exc}") from None
         self._port = int(next(iter(self._server.sockets)).getsockname()[1])
         log.info("listening on %s; loading %s", self.url, self.config.models.target)
+        loop = asyncio.get_running_loop()
         try:
-            self.target = await self.worker.call(TargetModel.load, self.config, lambda msg: log.info("%s", msg))
+            self.target = await loop.run_in_executor(self._model_thread, TargetModel.load, self.config,
+                                                     lambda msg: log.info("%s", msg))
+            self.limits = self._effective_limits(self.target)
+            engine_limits = EngineLimits(max_sessions=lim.max_sessions, slot_len=self.limits.max_total_tokens,
+                                         max_batch_tokens=lim.max_batch_tokens, kv_cache_gib=lim.kv_cache_gib,
+                                         one_session_per_forward=not srv.batching)
+            self.engine = await loop.run_in_executor(self._model_thread, Engine.create, self.target, engine_limits,
+                                                     self._model_thread)
         except BaseException:
             await self._cancel_tasks(watchdog)
             self._server.close()
             await self._server.wait_closed()
-            await self.worker.close()
+            self._model_thread.shutdown(wait=False)
             raise
         await self._cancel_tasks()
         if watchdog is not None:
             self._tasks.append(watchdog)
-        self.limits = self._effective_limits(self.target)
         self.metrics = Metrics()
+        self.engine.on_forward = self.metrics.batch
+        self._context = SessionContext(engine=self.engine, metrics=self.metrics, limits=self.limits,
+                                       idle_timeout_s=lim.idle_timeout_s, server_name=self.server_name)
         self.ready = True
         self.notifier.notify("READY=1", f"STATUS=serving {self.target.name} on {self.url}: 0 sessions")
         log.info("serving %s on %s (%s, %s), %d-token vocabulary", self.target.name, self.url, self.target.device,
@@ -173,11 +188,15 @@ class Verifier:
         except TimeoutError:
             log.warning("some connections did not close in time")
         await self._cancel_tasks()
+        if self.engine is not None:
+            await self.engine.close_all()
         try:
-            await asyncio.wait_for(self.worker.close(), 10.0)
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                None, self._model_thread.shutdown, True), 10.0)
         except TimeoutError:
-            log.warning("the model worker is still busy; exiting anyway")
+            log.warning("the model thread is still busy; exiting anyway")
         self.target = None
+        self.engine = None
         self.ready = False
         self.notifier.close()
         log.info("stopped")
@@ -206,11 +225,18 @@ class Verifier:
                                 vocab_size=target.vocab_size, warn=log.warning)
 
     # -- HTTP -----------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Sessions served at once: ``max_sessions``, or fewer when the KV budget holds fewer."""
+        return self.engine.capacity if self.engine is not None else self.config.limits.max_sessions
+
     def health(self) -> dict[str, Any]:
-        target = self.target
+        target, engine = self.target, self.engine
         return {"model": target.name if target else self.config.models.target,
                 "device": str(target.device) if target else self.config.server.device,
-                "sessions": self.sessions, "uptime": round(time.monotonic() - self.metrics.started_at, 3),
+                "sessions": self.sessions, "capacity": self.capacity,
+                "batched": engine.batched if engine is not None else None,
+                "uptime": round(time.monotonic() - self.metrics.started_at, 3),
                 "ready": self.ready and not self.stopping}
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -247,16 +273,18 @@ class Verifier:
 
     # -- WebSocket ------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
-        driver = SessionDriver(self, ws)
-        if self.stopping:
-            await driver.refuse(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
+        if self.stopping or self._context is None:
+            await refuse(ws, self.metrics, ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
             return
-        if len(self.drivers) >= self.config.limits.max_sessions:
-            log.warning("refused %s: %d sessions already open", driver.peer, len(self.drivers))
-            await driver.refuse(ErrorCode.TOO_MANY_SESSIONS,
-                                f"the verifier is at max_sessions = {self.config.limits.max_sessions}; "
-                                "try again later")
+        if len(self.drivers) >= self.capacity:
+            log.warning("refused %s: %d sessions already open", peer_address(ws), len(self.drivers))
+            lim = self.config.limits
+            why = (f"max_sessions = {lim.max_sessions}" if self.capacity >= lim.max_sessions else
+                   f"the KV memory for {self.capacity} sessions ([limits] kv_cache_gib)")
+            await refuse(ws, self.metrics, ErrorCode.TOO_MANY_SESSIONS,
+                         f"the verifier is at {why}; try again later")
             return
+        driver = SessionDriver(self._context, ws)
         self.drivers.add(driver)
         self._drained.clear()
         self.metrics.sessions = len(self.drivers)

@@ -47,6 +47,7 @@ class ServerConfig(_Section):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    batching: bool = True
 
 
 class ClientConfig(_Section):
@@ -108,6 +109,8 @@ class LimitsConfig(_Section):
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
     idle_timeout_s: Seconds = 300.0
     max_messages_per_second: Annotated[int, msgspec.Meta(ge=0)] = 200
+    max_batch_tokens: Positive = 512
+    kv_cache_gib: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
 
 
 class Config(_Section):

@@ -68,7 +68,7 @@ DRAFT_NOISE = 0.5
 # The function the verifier calls to judge one sampled round, with the proposal it validated on receipt:
 # ``(draft_ids, ids, q, p, generator)``. A negative control swaps it for a wrong rule; if the verifier's
 # round path moves, this is the one name to update.
-VERIFIER_ROUND_RULE = "specd.daemon.target.verify_validated"
+VERIFIER_ROUND_RULE = "specd.daemon.rounds.verify_validated"
 
 VerifierFactory = Callable[[Path], contextlib.AbstractAsyncContextManager[str]]
 # One answer from a client: the answers it took (one, or several when it switches mode mid-answer);

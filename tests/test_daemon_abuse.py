@@ -304,7 +304,7 @@ async def test_a_client_that_stops_reading_stalls_only_itself_and_is_dropped(tin
         while driver in v.drivers and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert driver not in v.drivers and v.sessions == 1
-        assert driver.cache.kv is None, "its KV cache was freed"
+        assert driver.kv.closed and v.engine.open_sessions == 1, "its KV slot was freed"
         assert v.metrics.refusals["send_timeout"] == 1
         await good.close()
         stuck.transport.abort()
@@ -340,11 +340,10 @@ async def test_kv_cache_stays_within_max_total_tokens(tiny_folder):
             while not client.session.finished:
                 room = 24 - len(client.session.committed)
                 await client.round([3] * max(1, min(4, room)))
-                sizes.append(len(driver.cache.tokens))
+                sizes.append(len(driver.kv.tokens))
             assert client.session.reason == "context" and len(client.session.committed) == 24
         assert max(sizes) <= 24
-        kv = driver.cache.kv
-        assert kv is not None and kv.get_seq_length() <= 24
+        assert v.engine.backend.cache.slot_len == 24  # each session's KV slot holds max_total_tokens positions
         await client.close()
 
 

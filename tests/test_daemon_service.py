@@ -219,19 +219,20 @@ async def test_idle_sessions_are_closed_and_freed(tiny_folder):
         client = await Client.open(v.url, FINGERPRINT)
         await client.start([1, 5, 6, 7], 2, sampling=m.Sampling(temperature=0.0))
         driver = next(iter(v.drivers))
-        assert driver.cache.kv is not None
+        assert driver.kv.tokens and v.engine.open_sessions == 1
         (event,) = await client.events(timeout=5)
         assert isinstance(event, ServerFailed) and event.error.code == "idle_timeout"
         await client.ws.wait_closed()
         assert client.ws.close_code == 1000
         await eventually(lambda: not v.drivers, "the idle connection is dropped")
-        assert v.sessions == 0 and driver.cache.kv is None and driver.cache.tokens == []
+        assert v.sessions == 0 and driver.kv.closed and v.engine.open_sessions == 0  # its KV slot is free
 
 
 async def test_stop_finishes_the_round_in_flight_then_closes_with_1001(tiny_folder):
     v = Verifier(daemon_config(tiny_folder))
     await v.start()
-    original = v.target.forward
+    backend = v.engine.backend
+    original = backend.forward
     entered, release = threading.Event(), threading.Event()
 
     def held_forward(*args, **kwargs):  # the round's forward stays in flight until the stop has begun
@@ -244,7 +245,7 @@ async def test_stop_finishes_the_round_in_flight_then_closes_with_1001(tiny_fold
     idle = await Client.open(v.url, FINGERPRINT)
     await client.start([1, 5, 6], 10, sampling=m.Sampling(temperature=0.0))
     forwards = len(target.forward_positions)
-    target.forward = held_forward
+    backend.forward = held_forward
     _rnd, frame = client.session.draft([7, 8])
     await client.ws.send(frame)
     assert await asyncio.to_thread(entered.wait, 30), "the round's forward did not start"

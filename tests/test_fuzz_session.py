@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specd.daemon.target import decode_round
+from specd.daemon.rounds import decode_round
 from specd.shared import messages as m
 from specd.shared import protocol as s
 from specd.shared.errors import ErrorCode, ProposalError, ProtocolError

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 import torch
 
-from specd.daemon.target import decode_round
+from specd.daemon.rounds import decode_round
 from specd.shared import messages as m
 from specd.shared import protocol as s
 from specd.shared.errors import CloseCode, ErrorCode, ProposalError, ProtocolError

@@ -1,0 +1,202 @@
+"""Capacity planning: verified tokens/s and round latency against concurrent sessions, on the engine itself.
+
+Each simulated session replays draft rounds recorded from the real draft model (daemon/draft_rounds.json,
+made by benchmarks/record_draft_rounds.py): the drafts a laptop sent and how many of them the target
+accepted. A replay at γ sends the first γ drafts of each recorded round and counts ``min(accepted, γ) + 1``
+new tokens, so acceptance is the real draft's and the edge costs nothing. Cloud-only sessions run one
+target step per token. Both go through the same batched :class:`~specd.daemon.engine.Engine` the daemon
+serves with (no sockets: the figures are the verifier's own); ``one_session_per_forward`` measures the
+unbatched engine beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specd.daemon.engine import Engine, EngineLimits, ForwardStats
+from specd.daemon.rounds import RoundDrafts, cloud_token, round_verdict
+from specd.daemon.target import TargetModel
+from specd.shared.errors import ConfigError
+from specd.shared.sampling import SamplingParams
+
+DEFAULT_RECORDING = Path(__file__).with_name("draft_rounds.json")
+GREEDY = SamplingParams(temperature=0.0)
+
+# Architectures an operator can plan for without downloading weights (their published configs).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRound:
+    drafts: list[int]
+    accepted: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedSession:
+    prompt: list[int]
+    rounds: list[RecordedRound]
+
+
+def load_recording(path: Path) -> tuple[dict[str, Any], list[RecordedSession]]:
+    """The recording's description and its sessions; a missing or malformed file is a ConfigError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        sessions = [RecordedSession(prompt=list(s["prompt"]),
+                                    rounds=[RecordedRound(list(r["drafts"]), int(r["accepted"])) for r in s["rounds"]])
+                    for s in data["sessions"]]
+    except OSError as exc:
+        raise ConfigError(f"--recording {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--recording {path}: not a draft-round recording ({exc})") from None
+    if not sessions or not all(s.rounds for s in sessions):
+        raise ConfigError(f"--recording {path}: no recorded rounds")
+    meta = {k: v for k, v in data.items() if k != "sessions"}
+    return meta, sessions
+
+
+def random_target(shape: str, device: torch.device, dtype: torch.dtype) -> TargetModel:
+    """A randomly initialised model of a published architecture, built directly on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    return TargetModel(model, None, name=f"{shape} (random weights)", device=device, dtype=dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """The figures of one mode at one number of sessions and one γ."""
+
+    mode: str
+    batched: bool
+    sessions: int
+    gamma: int
+    tokens: int
+    wall_s: float
+    aggregate_tps: float  # generated tokens per second, all sessions together
+    per_user_tps: float  # the mean session's tokens per second
+    p50_ms: float  # round latency: one verify (speculative) or one step (cloud)
+    p99_ms: float
+    device_s_per_1k: float  # seconds of target forwards per 1000 generated tokens
+    acceptance: float | None
+    forwards: int
+    mean_batch: float  # sessions per forward
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def _speculative(engine: Engine, rec: RecordedSession, gamma: int, tokens: int,
+                       latencies: list[float], start: asyncio.Event) -> tuple[int, int, int, float]:
+    session = engine.open()
+    committed = list(rec.prompt)
+    await engine.prefill(session, committed, 0)
+    await start.wait()
+    began = time.monotonic()
+    generated = drafted = accepted = 0
+    index = 0
+    while generated < tokens:
+        recorded = rec.rounds[index % len(rec.rounds)]
+        index += 1
+        drafts = (recorded.drafts * gamma)[:gamma]  # a short recorded round (end of answer) is repeated
+        keep = min(recorded.accepted, gamma)
+        t0 = time.monotonic()
+        await engine.run(session, committed[:-1], [committed[-1], *drafts],
+                         round_verdict(RoundDrafts(torch.tensor(drafts)), GREEDY, 0, len(committed)))
+        latencies.append(time.monotonic() - t0)
+        committed += [*drafts[:keep], drafts[keep] if keep < gamma else drafts[-1]]
+        generated += keep + 1
+        drafted += gamma
+        accepted += keep
+    wall = time.monotonic() - began
+    engine.close(session)
+    return generated, drafted, accepted, wall
+
+
+async def _cloud(engine: Engine, rec: RecordedSession, tokens: int, latencies: list[float],
+                 start: asyncio.Event) -> tuple[int, int, int, float]:
+    session = engine.open()
+    committed = list(rec.prompt)
+    await engine.prefill(session, committed, 0)
+    await start.wait()
+    began = time.monotonic()
+    for _ in range(tokens):
+        t0 = time.monotonic()
+        token, _q, _r = await engine.run(session, committed[:-1], [committed[-1]],
+                                         cloud_token(GREEDY, 0, len(committed)))
+        latencies.append(time.monotonic() - t0)
+        committed.append(token)
+    wall = time.monotonic() - began
+    engine.close(session)
+    return tokens, 0, 0, wall
+
+
+async def measure(target: TargetModel, recording: list[RecordedSession], *, mode: str, batched: bool,
+                  sessions: int, gamma: int, tokens: int, max_batch_tokens: int,
+                  executor: ThreadPoolExecutor) -> Cell:
+    """``sessions`` concurrent sessions of ``mode`` (speculative or cloud), ``tokens`` new tokens each."""
+    longest = max(len(r.prompt) for r in recording)
+    limits = EngineLimits(max_sessions=sessions, slot_len=longest + tokens + 2 * gamma + 2,
+                          max_batch_tokens=max_batch_tokens, one_session_per_forward=not batched)
+    engine = await asyncio.get_running_loop().run_in_executor(executor, Engine.create, target, limits, executor)
+    if engine.capacity < sessions:
+        raise ConfigError(f"the KV memory holds {engine.capacity} of {sessions} sessions on {target.device}")
+    stats: list[ForwardStats] = []
+    latencies: list[float] = []
+    start = asyncio.Event()
+    picks = [recording[i % len(recording)] for i in range(sessions)]
+    runs = [_speculative(engine, rec, gamma, tokens, latencies, start) if mode == "speculative"
+            else _cloud(engine, rec, tokens, latencies, start) for rec in picks]
+    tasks = [asyncio.create_task(run) for run in runs]
+    while engine.open_sessions < sessions or engine.pending or engine.busy:  # every prefill done
+        await asyncio.sleep(0.01)
+    engine.on_forward = stats.append
+    began = time.monotonic()
+    start.set()
+    results = await asyncio.gather(*tasks)
+    wall = time.monotonic() - began
+    await engine.close_all()
+    del engine
+    gc.collect()
+    if target.device.type == "cuda":
+        torch.cuda.empty_cache()
+    generated = sum(r[0] for r in results)
+    drafted, accepted = sum(r[1] for r in results), sum(r[2] for r in results)
+    ordered = sorted(latencies)
+    return Cell(mode=mode, batched=batched, sessions=sessions, gamma=gamma if mode == "speculative" else 0,
+                tokens=generated, wall_s=round(wall, 4), aggregate_tps=round(generated / wall, 3),
+                per_user_tps=round(statistics.fmean(r[0] / r[3] for r in results), 3),
+                p50_ms=round(_quantile(ordered, 0.50) * 1000, 3), p99_ms=round(_quantile(ordered, 0.99) * 1000, 3),
+                device_s_per_1k=round(sum(s.seconds for s in stats) / generated * 1000, 4),
+                acceptance=round(accepted / drafted, 4) if drafted else None, forwards=len(stats),
+                mean_batch=round(statistics.fmean(s.sessions for s in stats), 3) if stats else 0.0)
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -1,0 +1,114 @@
+"""``specd-verifier capacity``: how many laptops one verifier serves, measured on this device."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from specd.shared.config import default_config_path, load_config
+from specd.shared.errors import ConfigError, SpecdError
+
+PROG = "specd-verifier capacity"
+log = logging.getLogger("specd.daemon.capacity")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from specd.daemon.capacity import DEFAULT_RECORDING, SHAPES
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Measure verified tokens/s and p50/p99 round latency against concurrent sessions "
+        "and γ for the configured target on its device: speculative sessions replaying recorded draft rounds, "
+        "and cloud-only sessions, both batched. Writes a table, capacity.json, capacity.md and capacity.png.")
+    add = parser.add_argument
+    add("--config", metavar="PATH", help="config file (as for specd-verifier)")
+    add("--model", help="target model [models] target")
+    add("--device", help="auto | cpu | cuda | cuda:N  [server] device")
+    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="[server] dtype")
+    add("--random-weights", action="store_true",
+        help="build a randomly initialised model of --shape on the device instead of loading weights")
+    add("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="architecture for --random-weights")
+    add("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], metavar="N",
+        help="concurrent sessions to measure (default 1 2 4 8 16 32)")
+    add("--gamma", type=int, nargs="+", default=[4, 8], metavar="G", help="draft tokens per round (default 4 8)")
+    add("--tokens", type=int, default=64, metavar="N", help="new tokens per session (default 64)")
+    add("--modes", nargs="+", choices=("speculative", "cloud"), default=["speculative", "cloud"])
+    add("--one-session-per-forward", action="store_true",
+        help="also measure every mode unbatched (one session per forward), for the batching speedup")
+    add("--max-batch-tokens", type=int, metavar="N", help="[limits] max_batch_tokens")
+    add("--recording", type=Path, default=DEFAULT_RECORDING, metavar="PATH",
+        help="recorded draft rounds (default: the SmolLM2 edge draft's, shipped with specd)")
+    add("--threads", type=int, metavar="N", help="torch intra-op CPU threads")
+    add("--out", type=Path, default=Path("capacity"), metavar="DIR", help="output folder (default ./capacity)")
+    return parser
+
+
+def capacity_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return asyncio.run(_run(args, argv))
+    except (ConfigError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except SpecdError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from specd.daemon.capacity import load_recording, measure, random_target
+    from specd.daemon.capacity_report import table, write_outputs
+    from specd.daemon.target import TargetModel, resolve_device, resolve_dtype
+
+    if min(args.sessions) < 1 or min(args.gamma) < 1 or args.tokens < 1:
+        raise ConfigError("--sessions, --gamma and --tokens must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    overrides = {"server": {"device": args.device, "dtype": args.dtype}, "models": {"target": args.model},
+                 "limits": {"max_batch_tokens": args.max_batch_tokens}}
+    config = load_config(args.config or default_config_path(), overrides)
+    meta_rec, recording = load_recording(args.recording)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specd-model")
+    loop = asyncio.get_running_loop()
+    if args.random_weights:
+        device = resolve_device(config.server.device)
+        dtype = resolve_dtype(config.server.dtype, device)
+        log.info("building a randomly initialised %s on %s (%s)", args.shape, device, dtype)
+        target = await loop.run_in_executor(executor, random_target, args.shape, device, dtype)
+    else:
+        target = await loop.run_in_executor(executor, TargetModel.load, config, log.info)
+    if max(max(r.drafts) for s in recording for r in s.rounds) >= target.vocab_size:
+        raise ConfigError(f"--recording {args.recording}: its token ids exceed {target.name}'s vocabulary")
+    cells = []
+    # Batched and unbatched take turns at each N, so a change in the machine's load hits both alike.
+    plan = [(mode, batched, n, g) for mode in args.modes for g in (args.gamma if mode == "speculative" else [0])
+            for n in args.sessions for batched in ((True, False) if args.one_session_per_forward else (True,))]
+    for i, (mode, batched, n, gamma) in enumerate(plan, 1):
+        what = f"{mode}{'' if batched else ' (one session per forward)'}, {n} session(s)" + \
+               (f", γ={gamma}" if gamma else "")
+        log.info("[%d/%d] %s", i, len(plan), what)
+        began = time.monotonic()
+        cell = await measure(target, recording, mode=mode, batched=batched, sessions=n, gamma=gamma or 1,
+                             tokens=args.tokens, max_batch_tokens=config.limits.max_batch_tokens, executor=executor)
+        cells.append(cell)
+        log.info("      %.1f tokens/s in all, p99 %.0f ms (%.1f s)", cell.aggregate_tps, cell.p99_ms,
+                 time.monotonic() - began)
+    meta = {"target": target.name, "device": str(target.device), "dtype": str(target.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "tokens": args.tokens, "recording": str(args.recording.name),
+            "recorded_draft": meta_rec.get("draft", "?"), "recorded_gamma": meta_rec.get("gamma", "?"),
+            "max_batch_tokens": config.limits.max_batch_tokens,
+            "command": "specd-verifier capacity " + " ".join(argv)}
+    print(table(cells))
+    for path in write_outputs(cells, meta, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    executor.shutdown(wait=False)
+    return 0

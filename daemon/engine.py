@@ -1,0 +1,298 @@
+"""The batched engine: one target forward serves every session that has work ready.
+
+Sessions submit *jobs*: make the KV hold a prefix, then run ``query`` tokens and hand their logits to
+a ``finish`` function (a round's verdict, a cloud step's sample). The scheduler, an asyncio task,
+repeatedly picks the work of one forward and runs it on the one model thread:
+
+- *Rounds* (jobs whose remaining tokens are just their query: draft rounds, cloud steps) from every
+  session with one ready go into one forward, oldest first, under ``max_batch_tokens``.
+- *Prefill* (a prompt, or positions a session must recompute) is cut into chunks so a forward stays
+  under ``max_batch_tokens``; a prefill forward and a rounds forward alternate, so a long prompt
+  delays the others' rounds by one chunk at most.
+- A session has one job at a time (its driver awaits each), so it never waits behind another
+  session's second round. A job whose caller went away (cancelled future, closed session) is dropped
+  before the next forward.
+
+The engine knows nothing of websockets: the daemon's session driver and a capacity benchmark drive it
+alike. Each session's KV lives in a backend (kv_backends.py): preallocated slots for the model types
+:func:`~specd.daemon.kv_slots.batched_support` accepts, else transformers' ``DynamicCache`` with one
+session per forward (logged once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from specd.daemon.kv_backends import KVBackend, SessionBackend, SlotBackend
+from specd.daemon.kv_slots import BatchRow, KVShape, batched_support, slot_count
+from specd.daemon.target import TargetModel
+from specd.shared.errors import ConfigError
+from specd.shared.protocol.codec import common_prefix
+
+log = logging.getLogger("specd.daemon.engine")
+
+Finish = Callable[[torch.Tensor], Any]  # float32 logits [len(query), V] -> the job's result
+
+
+class EngineFull(Exception):
+    """Every KV slot is taken: the caller refuses the session (``too_many_sessions``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    max_sessions: int
+    slot_len: int  # positions a session can hold: the effective max_total_tokens
+    max_batch_tokens: int = 512
+    kv_cache_gib: float = 0.0  # 0: max_sessions x slot_len positions
+    one_session_per_forward: bool = False  # for comparisons; batched otherwise where the model allows
+
+
+@dataclass(eq=False, slots=True)
+class EngineSession:
+    """One session's place in the engine: its slot and the tokens its KV holds, position for position."""
+
+    slot: int
+    tokens: list[int] = field(default_factory=list)
+    closed: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    session: EngineSession
+    pending: list[int]  # tokens still to run, the query last
+    query: int  # how many of the last pending tokens need logits
+    finish: Finish | None
+    future: asyncio.Future
+    queued: float
+    started: float = 0.0
+
+    @property
+    def is_round(self) -> bool:
+        return len(self.pending) <= self.query
+
+    def chunk(self, width: int) -> int:
+        """How many pending tokens fit ``width``; the query is never split across forwards."""
+        size = min(len(self.pending), width)
+        if size < len(self.pending) and size > len(self.pending) - self.query:
+            size = len(self.pending) - self.query or len(self.pending)
+        return size
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardStats:
+    sessions: int
+    tokens: int
+    seconds: float
+
+
+class Engine:
+    """Batched verification over one :class:`TargetModel`; create with :meth:`create` on any thread."""
+
+    def __init__(self, target: TargetModel, backend: KVBackend, limits: EngineLimits,
+                 executor: ThreadPoolExecutor) -> None:
+        self.target, self.backend, self.limits = target, backend, limits
+        self.batched = isinstance(backend, SlotBackend) and backend.max_rows > 1
+        self.on_forward: Callable[[ForwardStats], None] | None = None
+        self._executor = executor
+        self._free = list(range(backend.capacity))
+        self._jobs: list[_Job] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._last_was_prefill = False
+        self.busy = False
+
+    @classmethod
+    def create(cls, target: TargetModel, limits: EngineLimits, executor: ThreadPoolExecutor) -> Engine:
+        """Size the KV memory (logged), pick the batched or the one-session backend (logged)."""
+        if limits.max_batch_tokens < 1:
+            raise ConfigError("[limits] max_batch_tokens must be at least 1")
+        reason = batched_support(target.model)
+        if reason is None:
+            shape = KVShape.of(target.model, target.dtype)
+            slots = slot_count(shape, slot_len=limits.slot_len, max_sessions=limits.max_sessions,
+                               kv_cache_gib=limits.kv_cache_gib, device=target.device)
+            if slots < 1:
+                raise ConfigError(f"[limits] kv_cache_gib = {limits.kv_cache_gib:g} holds no session of "
+                                  f"max_total_tokens = {limits.slot_len} ({shape.bytes_per_token} bytes per "
+                                  "position); raise it or lower max_total_tokens")
+            rows = 1 if limits.one_session_per_forward else slots
+            if limits.one_session_per_forward:
+                log.info("batching off: one session per forward (one_session_per_forward)")
+            backend: KVBackend = SlotBackend(target.model, dtype=target.dtype, device=target.device, slots=slots,
+                                             slot_len=limits.slot_len, max_rows=rows)
+        else:
+            log.warning("batching off for %s: %s; one session per forward", target.name, reason)
+            backend = SessionBackend(target.model, capacity=limits.max_sessions)
+        return cls(target, backend, limits, executor)
+
+    # -- sessions ---------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.backend.capacity
+
+    @property
+    def open_sessions(self) -> int:
+        return self.backend.capacity - len(self._free)
+
+    @property
+    def pending(self) -> int:
+        return len(self._jobs)
+
+    def open(self) -> EngineSession:
+        if not self._free:
+            raise EngineFull(f"all {self.capacity} KV slots are in use")
+        return EngineSession(slot=self._free.pop(0))
+
+    def close(self, session: EngineSession) -> None:
+        """Free the session's slot; a job of it still queued is dropped before the next forward."""
+        if session.closed:
+            return
+        session.closed = True
+        self.backend.release(session.slot)
+        self._free.append(session.slot)
+        self._free.sort()  # low slots first, so the busy ones stay a contiguous run
+
+    def reset(self, session: EngineSession) -> None:
+        """Forget what the session's KV holds (after a failed forward its content is unknown)."""
+        session.tokens = []
+        self.backend.truncate(session.slot, 0)
+
+    # -- jobs -------------------------------------------------------------------------------------
+    async def prefill(self, session: EngineSession, tokens: list[int], reusable: int) -> int:
+        """Hold ``tokens[:-1]``, reusing at most ``reusable`` positions; returns how many were reused."""
+        prefix = tokens[:-1]
+        self._truncate(session, min(reusable, common_prefix(session.tokens, prefix)))
+        kept = len(session.tokens)
+        await self.run(session, prefix, [], None)
+        return kept
+
+    async def run(self, session: EngineSession, prefix: list[int], query: list[int],
+                  finish: Finish | None) -> tuple[Any, float, float]:
+        """Hold ``prefix``, run ``query`` and return ``(finish(logits), queue_s, run_s)``.
+
+        Positions the KV already holds are kept (the common part with ``prefix``); whatever the KV
+        holds beyond it, such as last round's rejected drafts, is rolled back first.
+        """
+        if session.closed:
+            raise RuntimeError("the session is closed")
+        if len(prefix) + len(query) > self.limits.slot_len:  # the protocol's limits keep this from happening
+            raise ValueError(f"{len(prefix) + len(query)} positions exceed the session's KV slot of "
+                             f"{self.limits.slot_len} (max_total_tokens)")
+        self._truncate(session, common_prefix(session.tokens, prefix))
+        pending = prefix[len(session.tokens):] + list(query)
+        loop = asyncio.get_running_loop()
+        job = _Job(session=session, pending=pending, query=len(query), finish=finish,
+                   future=loop.create_future(), queued=time.monotonic())
+        if not pending:
+            job.future.set_result((None, 0.0, 0.0))
+        else:
+            self._ensure_started()
+            self._jobs.append(job)
+            self._wake.set()
+        return await job.future
+
+    def _truncate(self, session: EngineSession, length: int) -> None:
+        if len(session.tokens) > length:
+            del session.tokens[length:]
+            self.backend.truncate(session.slot, length)
+
+    # -- scheduling -------------------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._schedule(), name="specd-engine")
+
+    def _next_batch(self) -> list[tuple[_Job, int]]:
+        """The jobs of the next forward and how many tokens each runs in it."""
+        self._jobs = [j for j in self._jobs if not j.future.done() and not j.session.closed]
+        rounds = [j for j in self._jobs if j.is_round]
+        prefills = [j for j in self._jobs if not j.is_round]
+        use_prefill = bool(prefills) and (not rounds or not self._last_was_prefill)
+        group = prefills if use_prefill else rounds
+        self._last_was_prefill = use_prefill
+        budget, batch = self.limits.max_batch_tokens, []
+        for job in group[: self.backend.max_rows]:
+            width = max(1, budget // (len(batch) + 1)) if use_prefill else budget
+            trial = [(j, j.chunk(width)) for j, _ in batch] + [(job, job.chunk(width))]
+            if batch and len(trial) * max(size for _, size in trial) > budget:
+                break
+            batch = trial
+        return batch
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = time.monotonic()
+            for job, _size in batch:
+                job.started = job.started or started
+            self.busy = True
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._forward, batch)
+            finally:
+                self.busy = False
+            done = time.monotonic()
+            for (job, _size), outcome in zip(batch, outcomes, strict=True):
+                if job.pending and not isinstance(outcome, BaseException):
+                    continue  # more chunks to go
+                if job in self._jobs:
+                    self._jobs.remove(job)
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result((outcome, job.started - job.queued, done - job.started))
+            if self.on_forward is not None:
+                self.on_forward(ForwardStats(sessions=len(batch), tokens=sum(s for _, s in batch),
+                                             seconds=done - started))
+
+    def _forward(self, batch: list[tuple[_Job, int]]) -> list[Any]:
+        """On the model thread: one forward over the batch, then each finished job's ``finish``."""
+        rows = [BatchRow(slot=job.session.slot, start=len(job.session.tokens), ids=job.pending[:size])
+                for job, size in batch]
+        wanted = [job.query if size == len(job.pending) else 0 for job, size in batch]
+        try:
+            logits = self.backend.forward(rows, wanted)
+        except Exception as exc:  # every job of the batch fails; their KV content is unknown now
+            for job, _size in batch:
+                self.reset(job.session)
+                job.pending = []
+            return [exc] * len(batch)
+        self.target.record_forward(sum(len(row.ids) for row in rows))
+        outcomes: list[Any] = []
+        for (job, size), row, row_logits in zip(batch, rows, logits, strict=True):
+            job.session.tokens.extend(row.ids)
+            job.pending = job.pending[size:]
+            if job.pending or job.finish is None:
+                outcomes.append(None)
+                continue
+            try:
+                assert row_logits is not None
+                outcomes.append(job.finish(row_logits))
+            except Exception as exc:  # handed to the session that asked; the others go on
+                outcomes.append(exc)
+        return outcomes
+
+    async def close_all(self) -> None:
+        """Stop scheduling and fail what is still queued (the server is stopping)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for job in self._jobs:
+            job.future.cancel()
+        self._jobs.clear()
