@@ -78,14 +78,14 @@ async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict
         result = await run_case(replace(CONTROL_CASE, name=name, answers=full["control"]), models, rule=rule)
         say(result.summary())
         out["controls"].append(result)
-        rejected = []
+        pvalues = []
         for r in range(power_repeats):
             short = replace(CONTROL_CASE, name=f"{name}, short #{r + 1}", answers=SHORT["control"],
                             first_seed=CONTROL_CASE.first_seed + (r + 1) * 10**5)
             result = await run_case(short, models, rule=rule)
             say(result.summary())
-            rejected.append(result.pvalue < short_alpha())
-        out["power"][name] = (sum(rejected), len(rejected))
+            pvalues.append(result.pvalue)
+        out["power"][name] = pvalues
     return out
 
 
@@ -113,7 +113,8 @@ def report(out: dict, command: str, seconds: float) -> str:
         "## Negative controls (must be rejected)", "", header, *(_row(r) for r in out["controls"]), "",
         f"Power of the short run (`make test`: {SHORT['control']} answers, rejected when p < "
         f"{short_alpha():.2g}), over fresh seeds:", "",
-        *(f"- {name}: rejected {hit} of {n}" for name, (hit, n) in out["power"].items()), "",
+        *(f"- {name}: rejected {sum(p < short_alpha() for p in ps)} of {len(ps)} "
+          f"(p = {', '.join(f'{p:.2g}' for p in ps)})" for name, ps in out["power"].items()), "",
     ]
     return "\n".join(lines)
 

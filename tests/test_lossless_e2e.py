@@ -27,6 +27,7 @@ async def test_answers_follow_the_targets_law(case, models):
     if case.backend == "onnxruntime-genai" and models.draft_ort is None:
         pytest.skip("onnxruntime-genai is not installed")
     result = await run_case(replace(case, answers=SHORT["case"]), models)
+    print(result.summary())  # shown with -s
     kinds = result.sample.kinds
     assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     if case.pipeline:
@@ -38,6 +39,7 @@ async def test_answers_follow_the_targets_law(case, models):
 @pytest.mark.parametrize("rule", list(CONTROLS.values()), ids=list(CONTROLS))
 async def test_a_wrong_rule_in_the_verifier_is_rejected(rule, models):
     result = await run_case(replace(CONTROL_CASE, answers=SHORT["control"]), models, rule=rule)
+    print(result.summary())  # shown with -s
     assert result.sample.kinds["bonus"] and result.sample.kinds["corrected"], result.summary()
     assert result.pvalue < short_alpha(), (f"the harness missed a wrong rule (does the verifier still judge "
                                            f"rounds through {VERIFIER_ROUND_RULE}?): {result.summary()}")
