@@ -76,7 +76,7 @@ def dense(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int) -> torch.Tens
 def test_proposals_are_the_distribution_of_the_backends_own_logits(case):
     drafter, prompt, _ = case
     drafter.prefill(prompt)
-    drafted = drafter.propose(5, SAMPLED, SUPPORT, seed=11)
+    drafted = drafter.propose(drafter.tokens(), 5, SAMPLED, SUPPORT, seed=11)
     assert drafter.token_count == len(prompt) + 5
     drafter.rollback(len(prompt))
     for i, token in enumerate(drafted.tokens):
@@ -92,7 +92,7 @@ def test_proposals_are_the_distribution_of_the_backends_own_logits(case):
 def test_greedy_proposes_the_argmax_of_its_own_logits(case):
     drafter, prompt, _ = case
     drafter.prefill(prompt)
-    drafted = drafter.propose(4, GREEDY, SUPPORT, seed=0)
+    drafted = drafter.propose(drafter.tokens(), 4, GREEDY, SUPPORT, seed=0)
     assert drafted.proposal is None
     drafter.rollback(len(prompt))
     for token in drafted.tokens:
@@ -104,7 +104,7 @@ def test_greedy_proposes_the_argmax_of_its_own_logits(case):
 def test_proposals_sum_to_one_over_their_support(case):
     drafter, prompt, _ = case
     drafter.prefill(prompt)
-    drafted = drafter.propose(6, SAMPLED, SUPPORT, seed=5)
+    drafted = drafter.propose(drafter.tokens(), 6, SAMPLED, SUPPORT, seed=5)
     probs = drafted.proposal.probs
     assert probs.shape == (6, SUPPORT) and probs.dtype == torch.float32
     assert bool((probs >= 0).all())
@@ -116,12 +116,12 @@ def test_propose_rollback_propose_equals_a_fresh_run(case):
     drafter, prompt, reopen = case
     quantised = drafter.backend != "torch" and drafter.vocab_size > 64
     drafter.prefill(prompt)
-    first = drafter.propose(5, SAMPLED, SUPPORT, seed=3)
+    first = drafter.propose(drafter.tokens(), 5, SAMPLED, SUPPORT, seed=3)
     drafter.rollback(len(prompt))
-    again = drafter.propose(5, SAMPLED, SUPPORT, seed=3)
+    again = drafter.propose(drafter.tokens(), 5, SAMPLED, SUPPORT, seed=3)
     fresh_drafter = reopen()
     fresh_drafter.prefill(prompt)
-    fresh = fresh_drafter.propose(5, SAMPLED, SUPPORT, seed=3)
+    fresh = fresh_drafter.propose(fresh_drafter.tokens(), 5, SAMPLED, SUPPORT, seed=3)
     assert first.tokens == again.tokens == fresh.tokens
     torch.testing.assert_close(again.proposal.probs, fresh.proposal.probs, atol=1e-6, rtol=1e-5)
     # A verdict that keeps two drafts and adds the verifier's token, then the next round.
@@ -129,9 +129,9 @@ def test_propose_rollback_propose_equals_a_fresh_run(case):
     drafter.rollback(len(prompt) + 2)
     drafter.append([7])
     assert drafter.tokens() == verdict
-    next_round = drafter.propose(3, GREEDY, SUPPORT, seed=0)
+    next_round = drafter.propose(drafter.tokens(), 3, GREEDY, SUPPORT, seed=0)
     fresh_drafter.prefill(verdict)
-    assert next_round.tokens == fresh_drafter.propose(3, GREEDY, SUPPORT, seed=0).tokens
+    assert next_round.tokens == fresh_drafter.propose(fresh_drafter.tokens(), 3, GREEDY, SUPPORT, seed=0).tokens
     fresh_drafter.close()
     # Against a drafter that sees the verdict as one prompt: equal up to how the kernels round a long
     # pass versus short ones (tight in fp32; int4/int8 kernels quantise activations per pass).

@@ -98,7 +98,7 @@ def test_tokens_are_fed_lazily_and_a_verdict_costs_one_short_pass():
     drafter = CountingDrafter()
     drafter.prefill([1, 2, 3, 4])
     assert drafter.passes == []  # nothing runs before logits are needed
-    drafted = drafter.propose(4, SamplingParams(temperature=1.0), 8, seed=1)
+    drafted = drafter.propose(drafter.tokens(), 4, SamplingParams(temperature=1.0), 8, seed=1)
     assert [p[0] for p in drafter.passes] == [0, 4, 5, 6]  # the prompt, then one pass per draft
     # Verdict: two drafts kept, then the verifier's token.
     drafter.rollback(6)
@@ -114,7 +114,7 @@ def test_rolling_back_to_a_length_already_seen_reuses_its_logits():
     drafter = CountingDrafter()
     drafter.prefill([5, 6, 7])
     before = drafter.next_logits().clone()
-    drafter.propose(3, SamplingParams(temperature=0.0), 8, seed=0)
+    drafter.propose(drafter.tokens(), 3, SamplingParams(temperature=0.0), 8, seed=0)
     drafter.rollback(3)
     drafter.passes.clear()
     assert torch.equal(drafter.next_logits(), before) and drafter.passes == []
@@ -144,3 +144,13 @@ def test_rolling_back_into_the_prompt_reruns_only_the_last_kept_token():
     fresh.prefill([5, 6])
     assert torch.equal(drafter.next_logits(), fresh.next_logits())
     assert drafter.passes == [(1, [6])] and drafter.cache == [5, 6]
+
+
+def test_propose_reconciles_the_drafters_cache_with_the_prefix_it_is_handed():
+    drafter = CountingDrafter()
+    drafted = drafter.propose([1, 2, 3, 4], 4, SamplingParams(temperature=1.0), 8, seed=1)
+    verdict = [1, 2, 3, 4, *drafted.tokens[:2], 9]  # two drafts kept, then the verifier's token
+    drafter.passes.clear()
+    again = drafter.propose(verdict, 2, SamplingParams(temperature=0.0), 8, seed=0)
+    assert drafter.passes[0] == (6, [9])  # the common prefix stays cached: only the new token runs first
+    assert drafter.tokens() == [*verdict, *again.tokens] and drafter.cache[:7] == verdict

@@ -174,7 +174,6 @@ class Run:
     pieces: list[Piece] = field(default_factory=list)
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     finish_reason: str | None = None
-    mirror: list[int] = field(default_factory=list)
     clock: Stopwatch = field(default_factory=Stopwatch)
     stop_ids: frozenset[int] = frozenset()  # end-of-sequence and stop ids: drafting past them is wasted
 

@@ -1,10 +1,11 @@
-"""One answer's speculative rounds: draft → verdict → rollback, optionally drafting ahead.
+"""One answer's speculative rounds: draft → verdict, optionally drafting ahead.
 
-``Run.mirror`` mirrors the drafter's sequence: the committed tokens, the drafts of the rounds in
-flight and, when pipelining, the guessed next token with the round drafted after it. After every
-verdict the mirror must continue the committed sequence; where it does not, the drafter is rolled
-back to their common prefix. Drafts are keyed by position and seed, so the output does not depend on
-whether rounds were drafted ahead — only the time does.
+``Run.committed`` is the one committed sequence. Each round is drafted with
+``drafter.propose(prefix, γ, …)``, and the drafter reconciles its own cache with ``prefix`` (longest
+common prefix), so nothing here mirrors or resyncs it. A round drafted ahead is proposed after
+``committed + drafts in flight + [guess]``; it stays useful only while the committed sequence becomes
+exactly that prefix. Drafts are keyed by position and seed, so the output does not depend on whether
+rounds were drafted ahead — only the time does.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import torch
 from specd.desktop.client.answer import Run, common_event
 from specd.desktop.client.link import Link
 from specd.desktop.drafters.base import DraftProposal
-from specd.shared.protocol import ClientState, RoundDiscarded, RoundVerdict, common_prefix
+from specd.shared.protocol import ClientState, RoundDiscarded, RoundVerdict
 from specd.shared.sampling import ProposalDistribution
 
 
 @dataclass(slots=True)
 class _Round:
     number: int
+    prefix: list[int]  # the committed sequence this round's drafts continue
     tokens: list[int]
     draft_ms: float
     ahead: bool
@@ -37,10 +39,14 @@ class _AheadJob:
     """Drafting the next round in the drafter thread while the current one is verified."""
 
     gamma: int
+    base: list[int]  # the current round's prefix and drafts; the guess comes after them
     abort: threading.Event = field(default_factory=threading.Event)
     guess: asyncio.Future | None = None
     task: asyncio.Future | None = None
-    guess_in_mirror: bool = False
+
+    async def prefix(self) -> list[int]:
+        """The committed sequence this round assumes: ``base`` and the guessed target token."""
+        return [*self.base, await self.guess]
 
 
 async def speculate(link: Link, run: Run) -> None:
@@ -49,8 +55,7 @@ async def speculate(link: Link, run: Run) -> None:
     run.stop_ids = link.eos_ids() | frozenset(settings.stop)
     await link.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
                                     seed=run.seed, stop=list(settings.stop), mode="speculative"))
-    await link.in_drafter(lambda: link.drafter.prefill(run.committed))
-    run.mirror = list(run.committed)
+    await link.in_drafter(lambda: link.drafter.prefill(run.committed))  # while the verifier prefills
     in_flight: list[_Round] = []
     ahead: _AheadJob | None = None
     cancel_sent = False
@@ -67,7 +72,7 @@ async def speculate(link: Link, run: Run) -> None:
             room = run.remaining - len(in_flight[0].tokens) - 1 if len(in_flight) == 1 else 0
             if (active and settings.pipeline and not cancel_sent and ahead is None and room >= 1
                     and run.controller.worth_drafting_ahead(len(in_flight[0].tokens), run.controller.choose(room))):
-                ahead = _start_ahead(link, run, room)
+                ahead = _start_ahead(link, run, in_flight[0], room)
             event = await link.next_event(ahead.task if ahead else None, run.cancel_event)
             if event is None:  # the ahead round is drafted, or the user asked to cancel
                 if ahead is not None and ahead.task.done():
@@ -87,16 +92,16 @@ async def speculate(link: Link, run: Run) -> None:
                 if event.finished:
                     run.finish_reason = event.verdict.reason
                     return
-                if not await _consistent_after_verdict(link, run, ahead):
+                if not await _next_round_still_fits(run, in_flight, ahead):
                     # Rounds already sent ahead come back as 'discarded'.
-                    await _restart_from_committed(link, run, in_flight, ahead)
+                    await _forget_rounds_ahead(run, in_flight, ahead)
                     ahead = None
             elif isinstance(event, RoundDiscarded):
                 run.stats.discarded_rounds += 1
                 if any(r.number == event.discarded.round for r in in_flight):
                     # The server did not build on what this round assumed, so neither can anything
                     # drafted after it: forget those drafts and draft again from the committed tokens.
-                    await _restart_from_committed(link, run, in_flight, ahead)
+                    await _forget_rounds_ahead(run, in_flight, ahead)
                     ahead = None
             elif common_event(run, event):
                 return
@@ -105,14 +110,12 @@ async def speculate(link: Link, run: Run) -> None:
             await _drop_ahead(run, ahead)
 
 
-async def _restart_from_committed(link: Link, run: Run, in_flight: list[_Round],
-                                  ahead: _AheadJob | None) -> None:
-    """Forget the rounds in flight and the one being drafted ahead; roll the drafter back to the
-    committed tokens."""
+async def _forget_rounds_ahead(run: Run, in_flight: list[_Round], ahead: _AheadJob | None) -> None:
+    """Forget the rounds in flight and the one being drafted ahead (the next round is drafted from
+    the committed tokens; the drafter reconciles its cache itself)."""
     if ahead is not None:
         await _drop_ahead(run, ahead)
     in_flight.clear()
-    await link.in_drafter(lambda: _resync(link, run))
 
 
 def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
@@ -145,58 +148,53 @@ async def _send_round(link: Link, run: Run) -> _Round | None:
     if len(link.session.committed) != len(run.committed):
         return None  # a verdict is waiting in the inbox: draft after it is handled
     gamma = min(run.controller.choose(run.remaining), link.max_gamma(len(run.committed)))
-    proposal, draft_ms = await link.in_drafter(lambda: _propose(link, run, gamma))
-    run.mirror.extend(proposal.tokens)
+    prefix = list(run.committed)
+    proposal, draft_ms = await link.in_drafter(lambda: _propose(link, run, prefix, gamma))
     run.stats.edge_ms += draft_ms
     if link.session.state is not ClientState.ACTIVE:
         return None  # the request ended while drafting; its events are waiting in the inbox
     number, frame = link.session.draft(proposal.tokens, proposal.wire())
     await link.send(frame)
-    return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
+    return _Round(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
                   sent_at=time.perf_counter())
 
 
-def _propose(link: Link, run: Run, gamma: int) -> tuple[DraftProposal, float]:
+def _propose(link: Link, run: Run, prefix: list[int], gamma: int) -> tuple[DraftProposal, float]:
     start = time.perf_counter()
-    proposal = link.drafter.propose(gamma, run.settings.sampling, run.settings.support_k, run.seed, run.stop_ids)
+    proposal = link.drafter.propose(prefix, gamma, run.settings.sampling, run.settings.support_k, run.seed,
+                                    run.stop_ids)
     return proposal, (time.perf_counter() - start) * 1000.0
 
 
-def _start_ahead(link: Link, run: Run, room: int) -> _AheadJob:
-    gamma = max(1, min(run.controller.choose(room), link.max_gamma(len(run.mirror) + 1)))
-    job = _AheadJob(gamma=gamma)
+def _start_ahead(link: Link, run: Run, current: _Round, room: int) -> _AheadJob:
+    base = [*current.prefix, *current.tokens]
+    gamma = max(1, min(run.controller.choose(room), link.max_gamma(len(base) + 1)))
+    job = _AheadJob(gamma=gamma, base=base)
     loop = asyncio.get_running_loop()
     job.guess = loop.create_future()
     drafter, settings, seed, stop = link.drafter, run.settings, run.seed, run.stop_ids
 
-    def work() -> tuple[int, list[DraftProposal], float]:
+    def work() -> tuple[list[DraftProposal], float]:
         # Assume every draft in flight is accepted and the bonus token is the draft's own best guess.
+        drafter.prefill(base)
         guess = drafter.most_likely_next()
-        drafter.append([guess])
         loop.call_soon_threadsafe(job.guess.set_result, guess)
         start = time.perf_counter()
+        sequence = [*base, guess]
         pieces: list[DraftProposal] = []
-        for _ in range(job.gamma):
-            if job.abort.is_set() or guess in stop or (pieces and pieces[-1].tokens[-1] in stop):
+        for _ in range(job.gamma):  # one at a time, so an abort stops it between tokens
+            if job.abort.is_set() or sequence[-1] in stop:
                 break
-            pieces.append(drafter.propose(1, settings.sampling, settings.support_k, seed, stop))
-        return guess, pieces, (time.perf_counter() - start) * 1000.0
+            pieces.append(drafter.propose(sequence, 1, settings.sampling, settings.support_k, seed, stop))
+            sequence += pieces[-1].tokens
+        return pieces, (time.perf_counter() - start) * 1000.0
 
     job.task = asyncio.ensure_future(link.in_drafter(work))
     return job
 
 
-async def _record_guess(run: Run, job: _AheadJob) -> None:
-    guess = await job.guess
-    if not job.guess_in_mirror:
-        run.mirror.append(guess)
-        job.guess_in_mirror = True
-
-
 async def _collect(run: Run, job: _AheadJob) -> tuple[list[DraftProposal], float]:
-    await _record_guess(run, job)
-    _guess, pieces, draft_ms = await job.task
-    run.mirror.extend(t for piece in pieces for t in piece.tokens)
+    pieces, draft_ms = await job.task
     run.stats.edge_ms += draft_ms
     return pieces, draft_ms
 
@@ -207,16 +205,18 @@ async def _finish_ahead(link: Link, run: Run, job: _AheadJob) -> _Round | None:
     if not pieces or link.session.state is not ClientState.ACTIVE:
         return None
     proposal = _merge(pieces)
+    prefix = await job.prefix()
     # The session frames the round after *its* committed tokens, which already include any verdict
     # the reader received but this loop has not handled yet: assume only what comes after those.
-    known, start = link.session.committed, len(run.mirror) - len(proposal.tokens)
-    if len(known) > start or run.mirror[len(run.committed): len(known)] != known[len(run.committed):]:
-        return None  # that verdict already ruled this round out; handling it rolls the drafter back
-    number, frame = link.session.draft(proposal.tokens, proposal.wire(), assumed=run.mirror[len(known): start])
+    known = link.session.committed
+    if known != prefix[: len(known)]:
+        return None  # that verdict already ruled this round out
+    number, frame = link.session.draft(proposal.tokens, proposal.wire(), assumed=prefix[len(known):])
     await link.send(frame)
     run.stats.ahead_rounds += 1
     run.controller.observe_draft_time(draft_ms / len(proposal.tokens))
-    return _Round(number=number, tokens=proposal.tokens, draft_ms=draft_ms, ahead=True, sent_at=time.perf_counter())
+    return _Round(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=True,
+                  sent_at=time.perf_counter())
 
 
 async def _drop_ahead(run: Run, job: _AheadJob) -> None:
@@ -224,24 +224,13 @@ async def _drop_ahead(run: Run, job: _AheadJob) -> None:
     await _collect(run, job)
 
 
-async def _consistent_after_verdict(link: Link, run: Run, job: _AheadJob | None) -> bool:
-    """True when the drafter's sequence still continues the committed one (nothing to roll back)."""
+async def _next_round_still_fits(run: Run, in_flight: list[_Round], job: _AheadJob | None) -> bool:
+    """After a verdict: does the round sent or being drafted ahead continue the committed sequence?"""
+    if in_flight:
+        return in_flight[0].prefix == run.committed
     if job is not None:
-        await _record_guess(run, job)
-    mirror, committed = run.mirror, run.committed
-    if len(mirror) >= len(committed):
-        return mirror[: len(committed)] == committed
-    return False  # the verifier's token is not in the drafter yet
-
-
-def _resync(link: Link, run: Run) -> None:
-    """Roll the drafter back to its common prefix with the committed sequence and feed the rest."""
-    # Re-feed at least one token so the logits are fresh.
-    committed = run.committed
-    keep = min(common_prefix(run.mirror, committed), len(committed) - 1)
-    link.drafter.rollback(keep)
-    link.drafter.append(committed[keep:])
-    run.mirror = list(committed)
+        return await job.prefix() == run.committed
+    return True  # nothing ahead: the next round is drafted from the committed tokens
 
 
 def _merge(pieces: list[DraftProposal]) -> DraftProposal:

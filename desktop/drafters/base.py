@@ -1,8 +1,9 @@
 """The one interface every draft backend implements (torch, onnxruntime-genai, openvino).
 
-A drafter holds a token sequence and its own KV cache. The client keeps it equal to the committed
-sequence (plus the drafts of the round in flight): ``propose`` appends γ sampled drafts, and after
-the verdict ``rollback`` drops the rejected ones and ``append`` adds the target's token.
+A drafter holds a token sequence and its own KV cache, and owns them: ``propose(prefix, γ, …)`` is
+handed the committed ids, reconciles its cache with them by longest common prefix (as
+:meth:`Drafter.prefill` does), and appends γ sampled drafts. The client keeps no copy of the drafter's
+sequence; drafting ahead is ``propose(committed + drafts + [guess], …)``.
 """
 
 from __future__ import annotations
@@ -111,15 +112,17 @@ class Drafter(ABC):
         self.rollback(keep)
         self.append(token_ids[keep:])
 
-    def propose(self, gamma: int, params: SamplingParams, support_k: int, seed: int,
+    def propose(self, prefix: Sequence[int], gamma: int, params: SamplingParams, support_k: int, seed: int,
                 stop: Collection[int] = ()) -> DraftProposal:
-        """Sample γ drafts autoregressively, appending each; returns them with their proposals.
+        """Make the sequence ``prefix`` (keeping the common prefix cached), then sample γ drafts after it
+        autoregressively, appending each; returns them with their proposals.
 
         Drafting ends early after a token in ``stop`` (end of sequence): nothing after it can count.
 
         The draw for the token at absolute position n uses ``position_generator(seed, n, DRAFT_STREAM)``,
         so the same prefix and seed give the same drafts however rounds are split.
         """
+        self.prefill(prefix)
         tokens: list[int] = []
         ids: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
