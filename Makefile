@@ -18,12 +18,14 @@ DESKTOP_DEBS := libegl1 libgl1 libfontconfig1 libfreetype6 libdbus-1-3 libglib2.
   libxcb-render-util0 libxcb-shape0 libxcb-shm0 libxcb-sync1 libxcb-util1 libxcb-xfixes0 libxcb-xkb1 \
   libxkbcommon0 libxkbcommon-x11-0
 
-.PHONY: demo test lint check-fast package-daemon clean-venv help reliability desktop-libs lossless
+.PHONY: demo test lint check-fast package-daemon clean-venv help reliability desktop-libs lossless package-windows test-windows
 
 help:
 	@echo "make demo   - run specd on the embedded default model pair (sets up .venv on first use)"
 	@echo "make test   - run the linter and the whole test suite"
 	@echo "make package-daemon - build the specd-verifier bundle and release archive into dist/"
+	@echo "make package-windows - build the Windows installer dist/specd-desktop-<version>-setup.exe under Wine"
+	@echo "make test-windows - that installer, installed, run and uninstalled under Wine"
 	@echo "make reliability - load (64 sessions, 60 s) and fault tests; writes benchmarks/reliability.md"
 	@echo "make desktop-libs - install the X11 libraries the desktop app needs (Debian/Ubuntu, as root)"
 	@echo "make lossless - the full end-to-end χ² harness with negative controls; writes benchmarks/lossless.md"
@@ -103,6 +105,14 @@ lossless: $(VENV)/.test-deps
 # The Linux verifier bundle (PyInstaller onedir) and its release archive, from this venv's packages.
 package-daemon: $(VENV)/.test-deps
 	PYTHON=$(PY) packaging/linux/build.sh
+
+# The Windows installer, built on Linux under Wine with its own cached Windows Python (README).
+package-windows:
+	nice packaging/windows/build_on_linux.sh
+
+# Build (or reuse) that installer, then install, run and uninstall it in a fresh Wine prefix.
+test-windows: $(VENV)/.test-deps
+	SPECD_WINDOWS_INSTALLER_TEST=1 $(PY) -m pytest tests/test_windows_installer.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -107,6 +107,19 @@ def dynamic_libs(package: str, skip: Iterable[str] = ()) -> list[tuple[str, str]
             if not any(pattern in Path(src).name for pattern in skip)]
 
 
+def msvc_runtime_dlls() -> list[tuple[str, str]]:
+    """The Microsoft C++ runtime DLLs (msvcp140*, concrt140, vcruntime140*) of the ``msvc-runtime`` wheel,
+    for the bundle's top folder. A Windows PC without the Visual C++ 2015-2022 runtime lacks some of them
+    (``msvcp140_atomic_wait.dll`` is recent), and PyInstaller leaves system-wide copies out. Empty where the
+    wheel is not installed (Linux builds).
+    """
+    try:
+        files = importlib.metadata.files("msvc-runtime") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return [(str(f.locate()), ".") for f in files if str(f).lower().endswith(".dll")]
+
+
 def installed(*modules: str) -> list[str]:
     """The top-level modules of ``modules`` that the build environment has (optional backends)."""
     return [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is not None]

@@ -162,3 +162,49 @@ def test_windows_ml_providers_are_registered_then_fall_back_to_the_cpu(tiny_hf, 
     # fails its smoke test too and the drafter ends on torch: every step is recorded.
     assert "onnxruntime-genai:cpu" in reasons and choice.row.id == "torch:cpu"
     drafter.close()
+
+
+# -- the real catalog class over a fake projection ----------------------------------------------------
+@pytest.fixture
+def projection(monkeypatch):
+    """WindowsMLCatalog over tests/fake_windows_ml.py instead of the Windows-only projection."""
+    from tests import fake_windows_ml as ml
+
+    state, result = ml.ExecutionProviderReadyState, ml.ExecutionProviderReadyResultState
+    ml.ExecutionProviderCatalog.default = ml.ExecutionProviderCatalog([
+        ml.ExecutionProvider("QNNExecutionProvider", state.READY, "C:/qnn/QnnHtp.dll"),
+        ml.ExecutionProvider("DmlExecutionProvider", state.NOT_READY, installed_path="C:/dml/dml.dll"),
+        ml.ExecutionProvider("OpenVINOExecutionProvider", state.NOT_PRESENT, install_result=result.FAILURE)])
+    monkeypatch.setattr(winml, "_import_projection", lambda: (ml, object()))
+    yield ml
+    ml.ExecutionProviderCatalog.default = None
+
+
+def test_windows_ml_catalog_reads_the_ready_states_of_the_projection(projection):
+    rows = winml.WindowsMLCatalog().providers()
+    assert [(r.name, r.ready, r.library_path) for r in rows] == [
+        ("QNNExecutionProvider", True, "C:/qnn/QnnHtp.dll"), ("DmlExecutionProvider", False, ""),
+        ("OpenVINOExecutionProvider", False, "")]
+
+
+def test_windows_ml_catalog_installs_a_provider_or_says_why_not(projection):
+    catalog = winml.WindowsMLCatalog()
+    assert catalog.ensure_ready("DmlExecutionProvider") == "C:/dml/dml.dll"
+    with pytest.raises(DeviceError, match=r"could not install OpenVINOExecutionProvider: download of .* failed"):
+        catalog.ensure_ready("OpenVINOExecutionProvider")
+    with pytest.raises(DeviceError, match="offers no VitisAIExecutionProvider"):
+        catalog.ensure_ready("VitisAIExecutionProvider")
+
+
+def test_a_windows_ml_catalog_that_cannot_open_is_a_row_with_the_reason(monkeypatch):
+    import specd.desktop.devices as devices
+
+    why = "the Windows ML catalog is not usable (winui3: DLL load failed)"
+    monkeypatch.setattr(devices.sys, "platform", "win32")
+    rows = devices.probe_ortgenai(None, why)
+    row = next(r for r in rows if r.id == devices.WINDOWS_ML_ROW)
+    assert (row.available, row.reason, row.kind) == (False, why, "npu")
+    assert any(r.id == "onnxruntime-genai:cpu" and r.available for r in rows)
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    off_windows = devices.probe_ortgenai(None, "Windows ML exists only on Windows")
+    assert devices.WINDOWS_ML_ROW not in {r.id for r in off_windows}

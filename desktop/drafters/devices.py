@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ BACKEND_ORDER = {
     "cpu": ("onnxruntime-genai", "openvino", "torch"),
 }
 DEFAULT_CATALOG: Any = object()  # sentinel: use the machine's Windows ML catalog
+WINDOWS_ML_ROW = "onnxruntime-genai:windows-ml"  # the row of a Windows ML catalog that cannot open
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +183,16 @@ def _ov_property(core: Any, device: str, name: str) -> Any:
         return None
 
 
-def probe_ortgenai(catalog: ProviderCatalog | None) -> list[DeviceRow]:
+def probe_ortgenai(catalog: ProviderCatalog | None, catalog_error: str = "") -> list[DeviceRow]:
     installed = _has("onnxruntime_genai")
     rows = []
     if installed:
         rows.append(DeviceRow("onnxruntime-genai:cpu", "onnxruntime-genai", "cpu", cpu_name(), "cpu"))
+    if catalog is None and catalog_error and sys.platform == "win32":
+        # A Windows PC whose Windows ML catalog cannot open (no Windows App SDK runtime, Windows 10): its NPU
+        # and GPU providers are out of reach, and the row says why rather than the probe failing.
+        rows.append(DeviceRow(WINDOWS_ML_ROW, "onnxruntime-genai", "npu", "Windows ML execution providers",
+                              "windows-ml", available=False, reason=catalog_error))
     for provider in catalog.providers() if catalog is not None else []:
         known = KNOWN_PROVIDERS.get(provider.name)
         if known is None:
@@ -201,9 +208,10 @@ def probe_ortgenai(catalog: ProviderCatalog | None) -> list[DeviceRow]:
 def probe_devices(config: Config | None = None, *, catalog: Any = DEFAULT_CATALOG) -> list[DeviceRow]:
     """Every device row of this machine, config applied, ranked, with ``best`` on the first to try."""
     config = config or Config()
+    catalog_error = ""
     if catalog is DEFAULT_CATALOG:
-        catalog, _why = default_catalog()
-    rows = probe_torch() + probe_openvino() + probe_ortgenai(catalog)
+        catalog, catalog_error = default_catalog()
+    rows = probe_torch() + probe_openvino() + probe_ortgenai(catalog, catalog_error)
     rows = [_apply_config(row, config) for row in rows]
     plan = plan_devices(rows, config)
     best = plan.candidates[0].id if plan.candidates else None

@@ -4,8 +4,9 @@ On Windows 11, Windows ML downloads and shares hardware execution providers (Qua
 DirectML and NVIDIA TensorRT-RTX for GPUs, Intel OpenVINO, AMD Vitis AI) system-wide; ONNX Runtime
 GenAI can use one once its library is registered. Everything else in specd sees the catalog through
 :class:`ProviderCatalog`, so probing, ranking and fallback are tested on any OS with a fake catalog.
-The projection packages (``winui3-`` / ``wasdk-Microsoft.Windows.AI.MachineLearning``) are imported
-lazily, only on Windows.
+The projection packages (``winui3-`` / ``wasdk-Microsoft.Windows.AI.MachineLearning``, both of which
+install the ``winui3`` modules) are imported lazily, only on Windows. :data:`PROJECTION_API` names every
+attribute of theirs this module uses; a test checks those names against the real packages' type stubs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ KNOWN_PROVIDERS: dict[str, ProviderKind] = {
 }
 
 
+#: The names this module uses from the Windows ML projection, by the class (or module) that has them.
+PROJECTION_API: dict[str, tuple[str, ...]] = {
+    "module": ("ExecutionProviderCatalog", "ExecutionProviderReadyState", "ExecutionProviderReadyResultState"),
+    "ExecutionProviderCatalog": ("get_default", "find_all_providers"),
+    "ExecutionProvider": ("name", "ready_state", "library_path", "ensure_ready_async"),
+    "ExecutionProviderReadyResult": ("status", "diagnostic_text"),
+    "ExecutionProviderReadyState": ("READY",),
+    "ExecutionProviderReadyResultState": ("SUCCESS",),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class CatalogProvider:
     """One execution provider the catalog offers for this machine."""
@@ -67,11 +79,11 @@ class WindowsMLCatalog:
 
     def providers(self) -> list[CatalogProvider]:
         rows = []
+        ready_state = self._ml.ExecutionProviderReadyState
         for provider in self._catalog.find_all_providers():
             self._found[provider.name] = provider
-            state = str(getattr(provider, "ready_state", "")).lower()
-            ready = "ready" in state and "not" not in state
-            rows.append(CatalogProvider(provider.name, ready, str(getattr(provider, "library_path", "") or "")))
+            ready = provider.ready_state == ready_state.READY  # else NOT_READY (downloadable) or NOT_PRESENT
+            rows.append(CatalogProvider(provider.name, ready, str(provider.library_path or "")))
         return rows
 
     def ensure_ready(self, name: str) -> str:
@@ -81,9 +93,9 @@ class WindowsMLCatalog:
         if provider is None:
             raise DeviceError(f"Windows ML offers no {name} on this machine")
         result = provider.ensure_ready_async().get()
-        status = str(getattr(result, "status", "")).lower()
-        if status and "success" not in status:
-            raise DeviceError(f"Windows ML could not install {name}: {getattr(result, 'diagnostic_text', status)}")
+        # The states are IntEnums: str() gives a number on Python 3.11+, so compare members, never text.
+        if result.status != self._ml.ExecutionProviderReadyResultState.SUCCESS:
+            raise DeviceError(f"Windows ML could not install {name}: {result.diagnostic_text or repr(result.status)}")
         return str(provider.library_path)
 
 

@@ -17,6 +17,10 @@
 #ifndef OutputDir
   #define OutputDir Root + "\dist"
 #endif
+; build.ps1 makes the smallest installer; the Linux build under Wine passes a faster setting (README).
+#ifndef Compression
+  #define Compression "lzma2/max"
+#endif
 #define AppName "specd"
 #define AppExe "specd-desktop.exe"
 
@@ -49,7 +53,7 @@ UninstallDisplayIcon={app}\{#AppExe}
 UninstallDisplayName={#AppName}
 OutputDir={#OutputDir}
 OutputBaseFilename=specd-desktop-{#AppVersion}-setup
-Compression=lzma2/max
+Compression={#Compression}
 SolidCompression=yes
 
 [Languages]
