@@ -1,7 +1,7 @@
 """A fake of the Windows ML projection module (``winui3.microsoft.windows.ai.machinelearning``), which
 exists only on Windows. Thin on purpose: the classes, members and states specd uses, with the shapes the
 real type stubs give them (IntEnum states, an async operation with ``get()``). The Windows installer
-test checks these names against the real package's stubs (``specd.desktop.winml.PROJECTION_API``).
+test checks these names against the real package's stubs (``specd.desktop.drafters.winml.PROJECTION_API``).
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def test_windows_ml_catalog_installs_a_provider_or_says_why_not(projection):
 
 
 def test_a_windows_ml_catalog_that_cannot_open_is_a_row_with_the_reason(monkeypatch):
-    import specd.desktop.devices as devices
+    import specd.desktop.drafters.devices as devices
 
     why = "the Windows ML catalog is not usable (winui3: DLL load failed)"
     monkeypatch.setattr(devices.sys, "platform", "win32")
