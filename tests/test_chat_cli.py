@@ -21,6 +21,11 @@ def target(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("cli") / "target", seed=1)
 
 
+def verifier_config(target):
+    """The tiny target on a free port (never the default 8765, which another verifier may hold)."""
+    return load_config(None, overrides={"models": {"target": str(target)}, "server": {"port": 0}})
+
+
 def client_config(tmp_path, target, **extra) -> str:
     cfg = load_config(None, overrides={"models": {"draft": str(target), "draft_backend": "torch"}, **extra})
     path = tmp_path / "config.toml"
@@ -47,7 +52,7 @@ def greedy_ids(folder, prompt_ids: list[int], n: int) -> list[int]:
 
 async def test_one_shot_json_equals_the_target_greedy(target, tmp_path):
     config = client_config(tmp_path, target)
-    async with Verifier(load_config(None, overrides={"models": {"target": str(target)}})) as verifier:
+    async with Verifier(verifier_config(target)) as verifier:
         code, out, err = await specd("chat", "--config", config, "--host", "127.0.0.1", "--port",
                                      str(verifier.port), "--prompt", "w5 w9 w11", "--temperature", "0",
                                      "--max-new-tokens", "24", "--json", "--device", "cpu")
@@ -69,7 +74,7 @@ async def test_one_shot_json_equals_the_target_greedy(target, tmp_path):
 
 async def test_interactive_session_keeps_the_conversation_and_starts_over(target, tmp_path):
     config = client_config(tmp_path, target)
-    async with Verifier(load_config(None, overrides={"models": {"target": str(target)}})) as verifier:
+    async with Verifier(verifier_config(target)) as verifier:
         code, out, err = await specd("chat", "--config", config, "--port", str(verifier.port), "--host", "127.0.0.1",
                                      "--temperature", "0", "--max-new-tokens", "8", "--json",
                                      stdin="w5 w6\nw7\n/new\nw5 w6\n/quit\nnever sent\n")
