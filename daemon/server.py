@@ -121,7 +121,7 @@ class Verifier:
             watchdog = None
         try:
             self._server = await serve(
-                self._handle, srv.host or None, srv.port, process_request=self._process_request, ssl=context,
+                self.serve_connection, srv.host or None, srv.port, process_request=self._process_request, ssl=context,
                 max_size=lim.max_frame_bytes, compression=None, ping_interval=20, ping_timeout=20,
                 server_header=f"specd-verifier/{__version__}")
         except OSError as exc:
@@ -130,7 +130,7 @@ class Verifier:
         self._port = int(next(iter(self._server.sockets)).getsockname()[1])
         log.info("listening on %s; loading %s", self.url, self.config.models.target)
         try:
-            self.target = await self.worker.call(TargetModel.load, self.config, lambda msg: log.info("%s", msg))
+            await self.load()
         except BaseException:
             await self._cancel_tasks(watchdog)
             self._server.close()
@@ -140,12 +140,16 @@ class Verifier:
         await self._cancel_tasks()
         if watchdog is not None:
             self._tasks.append(watchdog)
-        self.limits = self._effective_limits(self.target)
-        self.metrics = Metrics()
-        self.ready = True
         self.notifier.notify("READY=1", f"STATUS=serving {self.target.name} on {self.url}: 0 sessions")
         log.info("serving %s on %s (%s, %s), %d-token vocabulary", self.target.name, self.url, self.target.device,
                  str(self.target.dtype).removeprefix("torch."), self.target.vocab_size)
+
+    async def load(self) -> None:
+        """Load the target on the worker thread and become ready (a Ray Serve replica only does this)."""
+        self.target = await self.worker.call(TargetModel.load, self.config, lambda msg: log.info("%s", msg))
+        self.limits = self._effective_limits(self.target)
+        self.metrics = Metrics()
+        self.ready = True
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight rounds finish, close clients with 1001, free the model."""
@@ -156,14 +160,7 @@ class Verifier:
         self.notifier.notify("STOPPING=1", f"STATUS=stopping: draining {self.sessions} sessions")
         log.info("stopping: draining %d session(s)", self.sessions)
         self._server.server.close()  # no new TCP connections
-        for driver in list(self.drivers):
-            driver.shutdown()
-        if self.drivers:
-            try:
-                await asyncio.wait_for(self._drained.wait(), self.drain_timeout_s)
-            except TimeoutError:
-                log.warning("%d session(s) still busy after %.0f s; closing them", self.sessions,
-                            self.drain_timeout_s)
+        await self.drain()
         self._server.close()  # closes what is left with 1001
         try:
             await asyncio.wait_for(self._server.wait_closed(), 5.0)
@@ -178,6 +175,18 @@ class Verifier:
         self.ready = False
         self.notifier.close()
         log.info("stopped")
+
+    async def drain(self) -> None:
+        """Refuse new sessions, let in-flight rounds finish, then end each session with shutting_down."""
+        self.stopping = True
+        for driver in list(self.drivers):
+            driver.shutdown()
+        if self.drivers:
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.drain_timeout_s)
+            except TimeoutError:
+                log.warning("%d session(s) still busy after %.0f s; closing them", self.sessions,
+                            self.drain_timeout_s)
 
     async def _cancel_tasks(self, *extra: asyncio.Task | None) -> None:
         for task in [*self._tasks, *extra]:
@@ -244,15 +253,11 @@ class Verifier:
 
     def _authorized(self, request: Request) -> bool:
         assert self.api_key is not None
-        values = request.headers.get_all("Authorization")
-        if len(values) != 1:  # none, or repeated (Headers.get would raise: a 500 instead of a 401)
-            return False
-        given = values[0].encode("utf-8", "surrogateescape")
-        expected = f"Bearer {self.api_key}".encode()
-        return hmac.compare_digest(given, expected)  # constant time: no timing oracle on the key
+        return bearer_matches(self.api_key, request.headers.get_all("Authorization"))
 
     # -- WebSocket ------------------------------------------------------------------------------
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def serve_connection(self, ws: ServerConnection) -> None:
+        """One accepted WebSocket until it closes (the Ray replica passes an adapter of the same shape)."""
         driver = SessionDriver(self, ws)
         if self.stopping:
             await driver.refuse(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
@@ -280,9 +285,18 @@ class Verifier:
             self._status()
 
     def _status(self) -> None:
-        if self.ready and not self.stopping:
+        if self.ready and not self.stopping and self._port is not None:  # no port: a Ray replica
             self.notifier.status(f"serving {self.target.name if self.target else '?'} on {self.url}: "
                                  f"{self.sessions} session{'s' if self.sessions != 1 else ''}")
+
+
+def bearer_matches(api_key: str, values: list[str]) -> bool:
+    """``values`` are the request's Authorization headers: exactly one, ``Bearer <key>``."""
+    if len(values) != 1:  # none, or repeated (Headers.get would raise: a 500 instead of a 401)
+        return False
+    given = values[0].encode("utf-8", "surrogateescape")
+    expected = f"Bearer {api_key}".encode()
+    return hmac.compare_digest(given, expected)  # constant time: no timing oracle on the key
 
 
 def _response(status: http.HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8",
