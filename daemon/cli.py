@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, metavar="N",
         help="torch intra-op CPU threads (default: torch's choice; pin it when sharing a machine)")
     add("--port-file", metavar="PATH", help="write the bound port to PATH once serving (for --port 0)")
+    add("--ray", metavar="ADDRESS", help="run as a Ray Serve application on the Ray cluster at ADDRESS (auto, "
+        "HOST:6379 or ray://HOST:10001) instead of serving here; --host/--port set Serve's HTTP proxy; "
+        "needs the 'cluster' extra (see packaging/ray/serve.yaml)")
     add("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if path:
         log.info("config: %s", path)
+    if args.ray:
+        return _serve_on_ray(args.ray, config, args.threads)
     try:
         interrupted = asyncio.run(_serve(config, origins, Path(args.port_file) if args.port_file else None))
     except ConfigError as exc:
@@ -132,6 +137,21 @@ def main(argv: list[str] | None = None) -> int:
         logging.shutdown()
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def _serve_on_ray(address: str, config: Any, threads: int | None) -> int:
+    try:
+        from specd.daemon.ray_serve import serve_on_cluster
+    except ImportError as exc:
+        print(f"{PROG}: error: --ray needs Ray Serve ({exc.name} is missing): pip install 'specd[cluster]'",
+              file=sys.stderr)
+        return 2
+    try:
+        serve_on_cluster(address, config, threads)
+    except SpecdError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
     return 0
 
 

@@ -129,7 +129,7 @@ class Verifier:
             watchdog = None
         try:
             self._server = await serve(
-                self._handle, srv.host or None, srv.port, process_request=self._process_request, ssl=context,
+                self.serve_connection, srv.host or None, srv.port, process_request=self._process_request, ssl=context,
                 max_size=lim.max_frame_bytes, compression=None, ping_interval=20, ping_timeout=20,
                 server_header=f"specd-verifier/{__version__}")
         except OSError as exc:
@@ -137,16 +137,8 @@ class Verifier:
             raise ConfigError(f"cannot listen on {srv.host}:{srv.port}: {exc.strerror or exc}") from None
         self._port = int(next(iter(self._server.sockets)).getsockname()[1])
         log.info("listening on %s; loading %s", self.url, self.config.models.target)
-        loop = asyncio.get_running_loop()
         try:
-            self.target = await loop.run_in_executor(self._model_thread, TargetModel.load, self.config,
-                                                     lambda msg: log.info("%s", msg))
-            self.limits = self._effective_limits(self.target)
-            engine_limits = EngineLimits(max_sessions=lim.max_sessions, slot_len=self.limits.max_total_tokens,
-                                         max_batch_tokens=lim.max_batch_tokens, kv_cache_gib=lim.kv_cache_gib,
-                                         one_session_per_forward=not srv.batching)
-            self.engine = await loop.run_in_executor(self._model_thread, Engine.create, self.target, engine_limits,
-                                                     self._model_thread)
+            await self.load()
         except BaseException:
             await self._cancel_tasks(watchdog)
             self._server.close()
@@ -156,14 +148,28 @@ class Verifier:
         await self._cancel_tasks()
         if watchdog is not None:
             self._tasks.append(watchdog)
+        self.notifier.notify("READY=1", f"STATUS=serving {self.target.name} on {self.url}: 0 sessions")
+        log.info("serving %s on %s (%s, %s), %d-token vocabulary", self.target.name, self.url, self.target.device,
+                 str(self.target.dtype).removeprefix("torch."), self.target.vocab_size)
+
+    async def load(self) -> None:
+        """Load the target and its engine on the model thread, then become ready (a Ray Serve replica
+        does only this: it binds no port of its own)."""
+        srv, lim = self.config.server, self.config.limits
+        loop = asyncio.get_running_loop()
+        self.target = await loop.run_in_executor(self._model_thread, TargetModel.load, self.config,
+                                                 lambda msg: log.info("%s", msg))
+        self.limits = self._effective_limits(self.target)
+        engine_limits = EngineLimits(max_sessions=lim.max_sessions, slot_len=self.limits.max_total_tokens,
+                                     max_batch_tokens=lim.max_batch_tokens, kv_cache_gib=lim.kv_cache_gib,
+                                     one_session_per_forward=not srv.batching)
+        self.engine = await loop.run_in_executor(self._model_thread, Engine.create, self.target, engine_limits,
+                                                 self._model_thread)
         self.metrics = Metrics()
         self.engine.on_forward = self.metrics.batch
         self._context = SessionContext(engine=self.engine, metrics=self.metrics, limits=self.limits,
                                        idle_timeout_s=lim.idle_timeout_s, server_name=self.server_name)
         self.ready = True
-        self.notifier.notify("READY=1", f"STATUS=serving {self.target.name} on {self.url}: 0 sessions")
-        log.info("serving %s on %s (%s, %s), %d-token vocabulary", self.target.name, self.url, self.target.device,
-                 str(self.target.dtype).removeprefix("torch."), self.target.vocab_size)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight rounds finish, close clients with 1001, free the model."""
@@ -174,14 +180,7 @@ class Verifier:
         self.notifier.notify("STOPPING=1", f"STATUS=stopping: draining {self.sessions} sessions")
         log.info("stopping: draining %d session(s)", self.sessions)
         self._server.server.close()  # no new TCP connections
-        for driver in list(self.drivers):
-            driver.shutdown()
-        if self.drivers:
-            try:
-                await asyncio.wait_for(self._drained.wait(), self.drain_timeout_s)
-            except TimeoutError:
-                log.warning("%d session(s) still busy after %.0f s; closing them", self.sessions,
-                            self.drain_timeout_s)
+        await self.drain()
         self._server.close()  # closes what is left with 1001
         try:
             await asyncio.wait_for(self._server.wait_closed(), 5.0)
@@ -200,6 +199,18 @@ class Verifier:
         self.ready = False
         self.notifier.close()
         log.info("stopped")
+
+    async def drain(self) -> None:
+        """Refuse new sessions, let in-flight rounds finish, then end each session with shutting_down."""
+        self.stopping = True
+        for driver in list(self.drivers):
+            driver.shutdown()
+        if self.drivers:
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.drain_timeout_s)
+            except TimeoutError:
+                log.warning("%d session(s) still busy after %.0f s; closing them", self.sessions,
+                            self.drain_timeout_s)
 
     async def _cancel_tasks(self, *extra: asyncio.Task | None) -> None:
         for task in [*self._tasks, *extra]:
@@ -264,15 +275,11 @@ class Verifier:
 
     def _authorized(self, request: Request) -> bool:
         assert self.api_key is not None
-        values = request.headers.get_all("Authorization")
-        if len(values) != 1:  # none, or repeated (Headers.get would raise: a 500 instead of a 401)
-            return False
-        given = values[0].encode("utf-8", "surrogateescape")
-        expected = f"Bearer {self.api_key}".encode()
-        return hmac.compare_digest(given, expected)  # constant time: no timing oracle on the key
+        return bearer_matches(self.api_key, request.headers.get_all("Authorization"))
 
     # -- WebSocket ------------------------------------------------------------------------------
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def serve_connection(self, ws: ServerConnection) -> None:
+        """One accepted WebSocket until it closes (the Ray replica passes an adapter of the same shape)."""
         if self.stopping or self._context is None:
             await refuse(ws, self.metrics, ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
             return
@@ -302,7 +309,7 @@ class Verifier:
             self._status()
 
     def _status(self) -> None:
-        if self.ready and not self.stopping:
+        if self.ready and not self.stopping and self._port is not None:  # no port: a Ray replica
             self.notifier.status(f"serving {self.target.name if self.target else '?'} on {self.url}: "
                                  f"{self.sessions} session{'s' if self.sessions != 1 else ''}")
 
@@ -318,3 +325,12 @@ def _response(status: http.HTTPStatus, body: str, content_type: str = "text/plai
     for key, value in (extra or {}).items():
         headers[key] = value
     return Response(status.value, status.phrase, headers, data)
+
+
+def bearer_matches(api_key: str, values: list[str]) -> bool:
+    """``values`` are the request's Authorization headers: exactly one, ``Bearer <key>``."""
+    if len(values) != 1:  # none, or repeated (Headers.get would raise: a 500 instead of a 401)
+        return False
+    given = values[0].encode("utf-8", "surrogateescape")
+    expected = f"Bearer {api_key}".encode()
+    return hmac.compare_digest(given, expected)  # constant time: no timing oracle on the key
