@@ -7,7 +7,7 @@ wine_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 windows_cache=${SPECD_WINDOWS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/specd-windows-build}
 
 debian_packages=(wine wine64 wine32:i386 libzstd1:i386 libsasl2-2:i386 libsasl2-modules-db:i386 xvfb xauth
-                 gcc-mingw-w64-x86-64-win32 unzip npm)
+                 gcc-mingw-w64-x86-64-win32 unzip npm fonts-wine)
 
 export WINEDEBUG=-all WINEARCH=win64
 # See README.md beside this file: the bundle's own C++ runtime first, mscms from the stand-in, OpenMP
