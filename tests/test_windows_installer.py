@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from specd.desktop import winml
+from specd.desktop.drafters import winml
 from specd.desktop.drafters.devices import WINDOWS_ML_ROW
 from tests import fake_windows_ml
 from tests.daemon_process import DaemonProcess
