@@ -60,7 +60,7 @@ def test_propose_samples_each_draft_from_its_sent_proposal_with_the_position_str
     drafter, seed, support = CountingDrafter(), 21, 8
     prompt = [3, 1, 4, 1, 5]
     drafter.prefill(prompt)
-    drafted = drafter.propose(6, params, support, seed=seed)
+    drafted = drafter.propose(drafter.tokens(), 6, params, support, seed=seed)
     assert len(drafted.tokens) == 6 and drafted.proposal.ids.shape == (6, support)
     sequence = list(prompt)
     for row, token in enumerate(drafted.tokens):
@@ -75,7 +75,8 @@ def test_propose_samples_each_draft_from_its_sent_proposal_with_the_position_str
     # The same prefix and seed give the same drafts however the rounds are split.
     again = CountingDrafter()
     again.prefill(prompt)
-    split = again.propose(2, params, support, seed=seed).tokens + again.propose(4, params, support, seed=seed).tokens
+    split = again.propose(again.tokens(), 2, params, support, seed=seed).tokens + again.propose(
+        again.tokens(), 4, params, support, seed=seed).tokens
     assert split == drafted.tokens
 
 
@@ -87,10 +88,10 @@ def test_greedy_propose_takes_the_argmax_and_stops_after_a_stop_token():
     for _ in range(5):
         expected.append(int(CountingDrafter.logits_after(sequence).argmax()))
         sequence.append(expected[-1])
-    drafted = drafter.propose(5, SamplingParams(temperature=0.0), 8, seed=0)
+    drafted = drafter.propose(drafter.tokens(), 5, SamplingParams(temperature=0.0), 8, seed=0)
     assert drafted.tokens == expected and drafted.proposal is None
     drafter.rollback(3)
-    stopped = drafter.propose(5, SamplingParams(temperature=0.0), 8, seed=0, stop={expected[1]})
+    stopped = drafter.propose(drafter.tokens(), 5, SamplingParams(temperature=0.0), 8, seed=0, stop={expected[1]})
     assert stopped.tokens == expected[:2] and drafter.token_count == 5
 
 

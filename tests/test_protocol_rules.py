@@ -13,7 +13,6 @@ import contextlib
 import struct
 import time
 
-import msgspec
 import pytest
 import torch
 from websockets.asyncio.client import connect
@@ -23,34 +22,16 @@ from specd.daemon.server import Verifier
 from specd.shared import messages as m
 from specd.shared.fingerprint import tokenizer_fingerprint
 from tests.daemon_support import daemon_config
+from tests.raw_frames import FINGERPRINT, GREEDY, SAMPLED, draft, enc, start
 from tests.tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(180)
 torch.set_num_threads(1)
-FINGERPRINT = tokenizer_fingerprint(tiny_tokenizer())
-GREEDY = {"temperature": 0.0}
-SAMPLED = {"temperature": 1.0}
-PROMPT = [1, 5, 6]  # position 3 is next, parent 6
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("target"), seed=1)
-
-
-def enc(raw: dict) -> bytes:
-    return msgspec.msgpack.encode(raw)
-
-
-def start(request: int = 0, sampling: dict = GREEDY, **fields) -> bytes:
-    return enc({"type": "start", "request": request, "prompt": PROMPT, "max_new_tokens": 20,
-                "sampling": sampling, **fields})
-
-
-def draft(tokens: list[int], *, round_: int = 0, position: int = 3, parent: int = 6, request: int = 0,
-          **fields) -> bytes:
-    return enc({"type": "draft", "request": request, "round": round_, "position": position, "parent": parent,
-                "tokens": tokens, **fields})
 
 
 def row(ids: list[int], probs: list[float]) -> dict:
