@@ -3,8 +3,9 @@
 The session (shared/protocol/server.py) decides everything protocol-shaped; this driver only receives,
 hands the model work the session asks for to the batched engine, and sends what the session says.
 It sees the verifier through a narrow :class:`SessionContext`, not the server itself.
-Messages are handled one at a time, in order (docs/protocol.md §8); in cloud mode a generation task
-streams tokens while the reader keeps listening for ``cancel``.
+Messages are handled one at a time, in order (docs/protocol.md §8); while the target generates alone
+(cloud mode, or a ``stream`` within a speculative request) a generation task streams tokens and the
+reader keeps listening (for ``cancel``, or a ``stream`` asking for more).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from specd.shared.protocol import (
     Send,
     ServerAction,
     ServerSession,
-    ServerState,
     StartRequested,
+    StreamRequested,
 )
 from specd.shared.sampling import SamplingParams
 
@@ -148,6 +149,9 @@ class SessionDriver:
                 await self._start(action)
             elif isinstance(action, DraftReceived):
                 await self._verify(action)
+            elif isinstance(action, StreamRequested):
+                # The task of an earlier stream has sent its last token (or is sending it) and ends there.
+                self._generation = asyncio.get_running_loop().create_task(self._generate(action.request))
             elif isinstance(action, CancelRequested):
                 pass  # the generation loop sees session.cancel_requested after its current step
 
@@ -232,16 +236,18 @@ class SessionDriver:
         await self._perform(actions)
 
     async def _generate(self, request: int) -> None:
-        """Cloud-only mode: sample one token per step and stream it, until a stop rule or cancel."""
+        """The target alone: sample one token per step and stream it, until a stop rule, cancel, or (for a
+        ``stream`` within a speculative request) the last token it asked for."""
         session = self.session
         try:
             while True:
-                if session.state is not ServerState.STREAMING or session.request is None \
-                        or session.request.start.request != request:
+                if session.request is None or session.request.start.request != request:
                     return  # the request ended another way (an error naming it, a fatal error)
                 if session.cancel_requested:
                     await self._perform(session.finish_cancel())
                     return
+                if not session.streaming:
+                    return  # every token a stream asked for was sent: drafts are taken again
                 if self.stopping:
                     await self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
                     return
@@ -253,12 +259,14 @@ class SessionDriver:
                 except Exception as exc:
                     await self._internal(exc, request)
                     return
-                if session.cancel_requested or session.state is not ServerState.STREAMING:
+                if not session.streaming:
                     continue  # cancelled (or ended) during the step: its token is not sent
                 self.metrics.streamed += 1
                 actions, ended = session.stream([token], forward_ms=run_s * 1000.0)
+                # Decided before the send: while it is sent the reader may start the task of a new stream.
+                done = ended or not session.streaming
                 await self._perform(actions)
-                if ended:
+                if done:
                     return
         except ConnectionClosed:
             return

@@ -29,4 +29,5 @@ def effective_limits(lim: LimitsConfig, origins: Origins, *, max_positions: int,
         max_input = total - 1
     return m.Limits(max_input_tokens=max_input, max_total_tokens=total, max_draft=lim.max_draft,
                     max_support=min(lim.max_support, vocab_size), max_frame_bytes=lim.max_frame_bytes,
-                    max_messages_per_second=lim.max_messages_per_second, idle_timeout_s=lim.idle_timeout_s)
+                    max_messages_per_second=lim.max_messages_per_second, idle_timeout_s=lim.idle_timeout_s,
+                    max_stream_tokens=total)

@@ -82,6 +82,7 @@ class SpeculationConfig(_Section):
     gamma_max: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
     proposal_top_k: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     pipeline: bool = True
+    mode_switching: bool = True
 
 
 class GpuConfig(_Section):

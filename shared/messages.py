@@ -29,7 +29,7 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
 
 
-class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Limits(msgspec.Struct, frozen=True):
     """What the server enforces; announced in ``welcome`` so a client can stay inside it."""
 
     max_input_tokens: NonNegative
@@ -39,6 +39,7 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_frame_bytes: NonNegative
     max_messages_per_second: NonNegative = 0  # 0: no rate limit
     idle_timeout_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # a session without a message is closed; 0: never
+    max_stream_tokens: NonNegative = 0  # the most one ``stream`` may ask for; 0: the server takes no ``stream``
 
 
 # --- client → server --------------------------------------------------------------------------
@@ -78,13 +79,22 @@ class Draft(msgspec.Struct, tag="draft", frozen=True, forbid_unknown_fields=True
     q_probs: bytes = b""
 
 
+class Stream(msgspec.Struct, tag="stream", frozen=True, forbid_unknown_fields=True):
+    """Within a speculative request: the verifier generates the next ``tokens`` alone and streams them
+    (``tokens`` messages), then takes drafts again. The same request, its KV cache kept."""
+
+    request: NonNegative
+    tokens: Annotated[int, msgspec.Meta(ge=1)]
+
+
 class Cancel(msgspec.Struct, tag="cancel", frozen=True, forbid_unknown_fields=True):
     request: NonNegative
 
 
 # --- server → client --------------------------------------------------------------------------
+# A client ignores fields it does not know in server messages (docs/protocol.md §1): servers gain fields.
 
-class Welcome(msgspec.Struct, tag="welcome", frozen=True, forbid_unknown_fields=True):
+class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     protocol: NonNegative
     session: str
     model: str
@@ -95,13 +105,13 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True, forbid_unknown_fields=
     server: str = ""
 
 
-class Started(msgspec.Struct, tag="started", frozen=True, forbid_unknown_fields=True):
+class Started(msgspec.Struct, tag="started", frozen=True):
     request: NonNegative
     prompt_tokens: NonNegative
     cached_tokens: NonNegative  # prompt tokens whose KV the session already held (not recomputed)
 
 
-class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=True):
+class Verdict(msgspec.Struct, tag="verdict", frozen=True):
     """The first ``accepted`` drafts of ``round`` stand, then ``token`` (correction or bonus)."""
 
     request: NonNegative
@@ -115,7 +125,7 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=
     forward_ms: Millis = 0.0
 
 
-class Discarded(msgspec.Struct, tag="discarded", frozen=True, forbid_unknown_fields=True):
+class Discarded(msgspec.Struct, tag="discarded", frozen=True):
     """A draft built on a prefix that is no longer the committed one; nothing was computed."""
 
     request: NonNegative
@@ -123,7 +133,7 @@ class Discarded(msgspec.Struct, tag="discarded", frozen=True, forbid_unknown_fie
     position: NonNegative
 
 
-class Tokens(msgspec.Struct, tag="tokens", frozen=True, forbid_unknown_fields=True):
+class Tokens(msgspec.Struct, tag="tokens", frozen=True):
     """Cloud-only generation: tokens for positions ``position ..``, streamed as they are sampled."""
 
     request: NonNegative
@@ -134,19 +144,19 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True, forbid_unknown_fields=Tr
     forward_ms: Millis = 0.0
 
 
-class Cancelled(msgspec.Struct, tag="cancelled", frozen=True, forbid_unknown_fields=True):
+class Cancelled(msgspec.Struct, tag="cancelled", frozen=True):
     request: NonNegative
     position: NonNegative  # committed length when the request stopped
 
 
-class Error(msgspec.Struct, tag="error", frozen=True, forbid_unknown_fields=True):
+class Error(msgspec.Struct, tag="error", frozen=True):
     code: str
     message: str
     request: NonNegative | None = None
     fatal: bool = False
 
 
-ClientMessage = Hello | Start | Draft | Cancel
+ClientMessage = Hello | Start | Draft | Stream | Cancel
 ServerMessage = Welcome | Started | Verdict | Discarded | Tokens | Cancelled | Error
 
 _MAX_ERROR_TEXT = 300

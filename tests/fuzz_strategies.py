@@ -110,12 +110,13 @@ client_messages = st.one_of(
               max_new_tokens=st.integers(1, 40), sampling=sampling, seed=st.none() | small,
               stop=st.lists(token, max_size=3), mode=st.sampled_from(["speculative", "speculative", "cloud"])),
     drafts(),
+    st.builds(m.Stream, request=small, tokens=st.integers(1, 40)),
     st.builds(m.Cancel, request=small),
 )
 
 limits = st.builds(m.Limits, max_input_tokens=small, max_total_tokens=small, max_draft=small,
                    max_support=small, max_frame_bytes=st.integers(0, 10**6),
-                   max_messages_per_second=st.integers(0, 500))
+                   max_messages_per_second=st.integers(0, 500), max_stream_tokens=small)
 reasons = st.none() | st.sampled_from(["eos", "stop", "length", "context", "cancelled"])
 server_messages = st.one_of(
     st.builds(m.Welcome, protocol=st.sampled_from([1, 2]), session=st.text(max_size=8), model=st.text(max_size=8),

@@ -20,9 +20,9 @@ Plug points, for every new path a token can take:
 - ``Case.sessions``: concurrent ``EdgeClient``s against one verifier (so a batching verifier batches);
   each session reuses its connection for all its answers.
 - ``Case.pipeline``: drafting ahead on or off. ``Case.backend``: ``torch`` or ``onnxruntime-genai``.
-- ``drive=``: how one answer is produced from a client (default ``client.generate``). A driver that
-  switches between speculative and cloud-only mid-answer plugs in here; it must return every token
-  of the answer after the prompt.
+- ``drive=``: how one answer is produced from a client (default ``client.generate``); it must return
+  every token of the answer after the prompt. ``tests/mode_switches.py`` ``switching_answer`` switches
+  between speculative rounds and the verifier streaming alone at seeded points, both ways.
 - ``rule=``: the negative controls (tests/wrong_rules.py) replace the function the verifier calls to
   judge a round, through :func:`round_rule` — the one test-only seam, in-process verifiers only.
 
@@ -229,6 +229,8 @@ def _tally(answer: Answer, kinds: Counter) -> None:
             kinds["accepted"] += drafts
             kinds["bonus" if gamma is not None and drafts >= gamma else "corrected"] += len(piece.token_ids)
             drafts = 0
+        elif piece.source == "cloud":
+            kinds["streamed"] += len(piece.token_ids)
     kinds["rounds"] += answer.stats.rounds
     kinds["ahead rounds"] += answer.stats.ahead_rounds
 

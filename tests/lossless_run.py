@@ -30,8 +30,10 @@ from tests.lossless_harness import (
     default_threads,
     in_process_verifier,
     run_case,
+    speculative_answer,
     subprocess_verifier,
 )
+from tests.mode_switches import switching_answer
 from tests.wrong_rules import bonus_from_the_last_drafts_row, lower_only_p_of_d
 
 # Family-wise false alarm rate of the short run: a correct build fails it at most this often. Each
@@ -51,6 +53,9 @@ CASES = [
          support_k=8, pipeline=False, first_seed=4 * 10**6),
 ]
 SHORT_CASES = CASES[:3]
+# Answers that switch between rounds and the verifier streaming alone, at seeded points (tests/mode_switches.py).
+SWITCHING_CASE = Case("temperature-1, switching modes", SamplingParams(temperature=1.0), gamma=2, tokens=6,
+                      first_seed=7 * 10**6)
 SUBPROCESS_CASE = Case("temperature-1, specd-verifier subprocess", SamplingParams(temperature=1.0), gamma=2,
                        tokens=4, pipeline=False, first_seed=5 * 10**6)
 CONTROL_CASE = Case("negative control", SamplingParams(temperature=1.0), gamma=2, tokens=4, pipeline=False,
@@ -62,16 +67,17 @@ FULL = {"case": 2000, "control": 1000}
 
 
 def short_alpha() -> float:
-    """The level each case of the short run is tested at."""
-    return FAMILY_ALPHA / len(SHORT_CASES)
+    """The level each case of the short run is tested at (the short cases and the switching one)."""
+    return FAMILY_ALPHA / (len(SHORT_CASES) + 1)
 
 
 async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict:
     full = {k: max(50, int(v * scale)) for k, v in FULL.items()}
     out: dict = {"cases": [], "controls": [], "power": {}}
-    for case in [*CASES, SUBPROCESS_CASE]:
+    for case in [*CASES, SWITCHING_CASE, SUBPROCESS_CASE]:
         verifier = subprocess_verifier if case is SUBPROCESS_CASE else in_process_verifier
-        result = await run_case(replace(case, answers=full["case"]), models, verifier=verifier)
+        drive = switching_answer if case is SWITCHING_CASE else speculative_answer
+        result = await run_case(replace(case, answers=full["case"]), models, verifier=verifier, drive=drive)
         say(result.summary())
         out["cases"].append(result)
     for name, rule in CONTROLS.items():
@@ -92,7 +98,9 @@ async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict
 def _row(result: CaseResult) -> str:
     k = result.sample.kinds
     worst = min(result.positions, key=lambda t: t.pvalue)
-    return (f"| {result.case.name} | {len(result.sample.answers)} | γ {result.case.gamma}, {result.case.tokens} "
+    streamed = f", {k['streamed']} streamed" if k["streamed"] else ""
+    return (f"| {result.case.name}{streamed} | {len(result.sample.answers)} | γ {result.case.gamma}, "
+            f"{result.case.tokens} "
             f"tokens, {result.case.sessions} sessions | {result.overlap:.2f} | {result.pvalue:.3g} | "
             f"{worst.pvalue:.3g} (t{worst.position} {worst.kind}) | {k['accepted']} / {k['corrected']} / "
             f"{k['bonus']} / {k['ahead rounds']} | {result.sample.answers_per_second:.1f} |")

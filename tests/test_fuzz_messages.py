@@ -14,7 +14,7 @@ from specd.shared import messages as m
 from specd.shared.errors import ErrorCode, ProtocolError
 from tests import fuzz_strategies as fz
 
-CLIENT_TYPES = (m.Hello, m.Start, m.Draft, m.Cancel)
+CLIENT_TYPES = (m.Hello, m.Start, m.Draft, m.Stream, m.Cancel)
 SERVER_TYPES = (m.Welcome, m.Started, m.Verdict, m.Discarded, m.Tokens, m.Cancelled, m.Error)
 
 

@@ -25,7 +25,7 @@ from tests import fuzz_strategies as fz
 
 VOCAB = fz.VOCAB
 LIMITS = m.Limits(max_input_tokens=24, max_total_tokens=40, max_draft=5, max_support=8, max_frame_bytes=4096,
-                  max_messages_per_second=0)
+                  max_messages_per_second=0, max_stream_tokens=6)
 CODES = {c.value for c in ErrorCode}
 
 
@@ -61,6 +61,8 @@ class FuzzDriver:
                                stop=draw(st.lists(fz.token, max_size=2)),
                                mode=draw(st.sampled_from(["speculative", "speculative", "cloud"])))
             return m.Cancel(request=req.start.request)
+        if draw(st.integers(0, 5)) == 0:  # hand a stretch to the target (wrong_mode in cloud mode)
+            return m.Stream(request=req.start.request, tokens=draw(st.integers(1, 8)))
         tokens = draw(st.lists(fz.token, min_size=1, max_size=LIMITS.max_draft))
         room = LIMITS.max_total_tokens - len(req.tokens)
         if draw(st.integers(0, 4)):  # sometimes honest but beyond the context: context_full
@@ -165,6 +167,9 @@ class FuzzDriver:
                 self.handle(self.server.started(cached_tokens=action.reusable))
                 if self.server.state is s.ServerState.STREAMING:
                     self.stream_some()
+            elif isinstance(action, s.StreamRequested):
+                assert self.server.state is s.ServerState.STREAMING_CHUNK and self.server.request.chunk > 0
+                self.stream_some()
             elif isinstance(action, s.DraftReceived):
                 if not self.check_draft(action):
                     self.handle(self.server.error(ErrorCode.BAD_PROPOSAL, "refused", request=action.draft.request))
@@ -180,7 +185,7 @@ class FuzzDriver:
 
     def stream_some(self) -> None:
         for _ in range(self.data.draw(st.integers(0, 3))):
-            if self.server.state is not s.ServerState.STREAMING or self.server.cancel_requested:
+            if not self.server.streaming:
                 return
             actions, _ = self.server.stream(self.data.draw(st.lists(fz.token, min_size=1, max_size=3)))
             self.handle(actions)
@@ -220,7 +225,7 @@ class FuzzDriver:
 
     def check_state(self) -> None:
         srv = self.server
-        if srv.state in (s.ServerState.SPECULATING, s.ServerState.STREAMING):
+        if srv.state in (s.ServerState.SPECULATING, s.ServerState.STREAMING, s.ServerState.STREAMING_CHUNK):
             assert srv.request is not None
             assert len(srv.request.tokens) <= LIMITS.max_total_tokens
             assert all(0 <= t < VOCAB for t in srv.request.tokens)

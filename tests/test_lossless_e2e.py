@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.lossless_harness import VERIFIER_ROUND_RULE, build_models, default_threads, run_case
-from tests.lossless_run import CONTROL_CASE, CONTROLS, SHORT, SHORT_CASES, short_alpha
+from tests.lossless_run import CONTROL_CASE, CONTROLS, SHORT, SHORT_CASES, SWITCHING_CASE, short_alpha
+from tests.mode_switches import switching_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -33,6 +34,15 @@ async def test_answers_follow_the_targets_law(case, models):
     if case.pipeline:
         assert kinds["ahead rounds"] > 0, f"no round was drafted ahead: {result.summary()}"
     assert 0.3 < result.overlap < 0.8, result.summary()
+    assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+async def test_answers_that_switch_modes_follow_the_targets_law(models):
+    """Rounds and stretches the verifier streams alone, switching both ways at seeded points."""
+    result = await run_case(replace(SWITCHING_CASE, answers=SHORT["case"]), models, drive=switching_answer)
+    print(result.summary())  # shown with -s
+    kinds = result.sample.kinds
+    assert kinds["streamed"] and kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
 
 

@@ -77,7 +77,8 @@ def test_a_prompt_streams_into_the_view(qtbot, qloop, tmp_path, folders):
     assert len(seen) >= 2 and answer  # streamed in several pieces
     assert "".join(text for text, _s, _v in seen) == answer
     assert seen[0][2].count(seen[0][0].strip()) >= 1  # the first piece was visible before the answer finished
-    assert {source for _t, source, _v in seen} <= {"draft", "target"}
+    # Rounds, and stretches the verifier streams alone where that is faster (the tiny target is quick).
+    assert {source for _t, source, _v in seen} <= {"draft", "target", "cloud"}
     view = app.window.plain_text()
     assert PROMPT in view and answer.strip().split()[-1] in view
     stats = app.window.stats.text()

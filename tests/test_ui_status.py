@@ -12,8 +12,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
 from specd.desktop.client.connection import plain_close_reason
+from specd.desktop.client.stats_line import stats_line
 from specd.desktop.ui.app_runtime import LOG_FILE
-from specd.desktop.ui.chat_view import legend_html, stats_line
+from specd.desktop.ui.chat_view import legend_html
 from specd.desktop.ui.chat_window import ChatWindow
 from specd.desktop.ui.controller import DesktopApp
 from specd.desktop.ui.user_settings import SecretStore
@@ -114,12 +115,19 @@ def test_view_logs_before_any_log_was_written(qtbot, tmp_path, draft_folder):
 def test_answer_stats_and_legend_wording():
     local_only = {"mode": "local", "tokens_per_second": 12.0, "rounds": 0, "local_tokens": 9, "generated": 9,
                   "acceptance_rate": 0.0, "gamma_mean": 0.0, "device": "cpu", "backend": "torch"}
-    line = stats_line(local_only, "eos", 9)
+    line = stats_line(local_only, "eos")
     assert "drafted locally" in line and "acceptance" not in line and "γ" not in line
-    mixed = {**local_only, "rounds": 3, "acceptance_rate": 0.5, "gamma_mean": 4.0, "local_tokens": 4}
-    assert "acceptance 50% · mean γ 4.0 · 4 drafted locally" in stats_line(mixed, "eos", 14)
-    cloud = {"mode": "cloud-only", "tokens_per_second": 30.0}
-    assert stats_line(cloud, "eos", 5) == "5 tokens · 30.0 tok/s · cloud-only"
+    mixed = {**local_only, "rounds": 3, "acceptance_rate": 0.5, "gamma_mean": 4.0, "local_tokens": 4,
+             "tokens_per_forward": 1.5, "generated": 14}
+    assert "acceptance 50% · mean γ 4.0 · 1.50 tok/forward · 4 drafted locally" in stats_line(mixed, "eos")
+    cloud = {"mode": "cloud-only", "tokens_per_second": 30.0, "generated": 5, "cloud_tokens": 5, "cloud_s": 0.2}
+    assert stats_line(cloud, "eos") == "5 tokens · 30.0 tok/s · cloud-only · finish eos"
+    switched = {"mode": "speculative", "tokens_per_second": 20.0, "generated": 42, "rounds": 4,
+                "acceptance_rate": 0.75, "gamma_mean": 3.0, "tokens_per_forward": 3.0, "speculative_tokens": 12,
+                "speculative_s": 0.4, "cloud_tokens": 30, "cloud_s": 1.2}
+    assert stats_line(switched, "length") == ("42 tokens · 20.0 tok/s · speculative · acceptance 75% · mean γ 3.0 · "
+                                              "3.00 tok/forward · 12 speculative in 0.4 s · 30 cloud in 1.2 s · "
+                                              "finish length")
     legend = legend_html()
     assert "from the verifier" in legend and "corrected" not in legend
 

@@ -4,9 +4,12 @@ Modes (see :data:`~specd.desktop.bench.figures.MODES`):
 
 - ``cloud-only``: the verifier generates alone and streams (the baseline every speedup divides by);
 - ``edge-only``: the draft model alone on the edge device, no verifier;
-- ``spec-fixed``: speculative with a fixed γ, no pipelining;
+- ``spec-fixed``: speculative with a fixed γ, no pipelining, rounds only (no mode switching);
 - ``spec-adaptive``: γ chosen each round from measured acceptance and times, no pipelining;
 - ``spec-pipelined``: adaptive γ, drafting the next round while one is verified.
+
+The adaptive modes switch to the verifier streaming alone where that is faster, as the config says
+(``[speculation] mode_switching``, on by default); their stats split tokens and time by mode.
 
 All verifier traffic goes through a :class:`~specd.desktop.bench.netem.ThreadedProxy` whose delay is set
 to each ``--rtt-ms`` in turn. Modes take turns prompt by prompt, so a change in the machine's load (other
@@ -28,6 +31,7 @@ from specd.desktop.bench.figures import BASELINE, MODES, RunRecord, SessionsReco
 from specd.desktop.bench.netem import ThreadedProxy
 from specd.desktop.bench.prompts import BenchPrompt
 from specd.desktop.client.answer import Answer, Settings
+from specd.desktop.client.stats_line import stats_line
 from specd.desktop.commands.launch import ClientSetup, build_client
 from specd.shared.config import Config
 from specd.shared.errors import SpecdError
@@ -77,7 +81,7 @@ class BenchResult:
 def mode_settings(mode: str, base: Settings, gamma: int) -> Settings:
     """The client settings a mode runs with."""
     if mode == "spec-fixed":
-        return replace(base, gamma=gamma, pipeline=False)
+        return replace(base, gamma=gamma, pipeline=False, mode_switching=False)
     if mode == "spec-adaptive":
         return replace(base, gamma=None, pipeline=False)
     if mode == "spec-pipelined":
@@ -222,13 +226,9 @@ class BenchRunner:
                                              stats=stats, token_ids=list(answer.token_ids),
                                              finish_reason=answer.finish_reason, text=answer.text[:300]))
         self._done += 1
-        s = answer.stats
-        line = (f"[{self._done}/{self.plan.answers()}] rtt {rtt:g} ms · {mode:<14} · {device:<24} · "
-                f"{prompt.id} #{iteration + 1}: {s.generated} tok in {s.total_ms / 1000:.2f} s "
-                f"({s.tokens_per_second:.1f} tok/s")
-        if s.drafted:
-            line += f", acceptance {s.acceptance_rate:.0%}, γ̄ {s.gamma_mean:.1f}"
-        self.say(line + ")")
+        self.say(f"[{self._done}/{self.plan.answers()}] rtt {rtt:g} ms · {mode:<14} · {device:<24} · "
+                 f"{prompt.id} #{iteration + 1} in {answer.stats.total_ms / 1000:.2f} s: "
+                 f"{stats_line(stats, answer.finish_reason)}")
 
     # -- concurrent sessions -----------------------------------------------------------------------
     async def _measure_sessions(self, run: DeviceRun, first: ClientSetup, setups: list[ClientSetup]) -> None:

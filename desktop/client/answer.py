@@ -9,11 +9,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from specd.desktop.client.adaptive import GammaController
+from specd.desktop.client.adaptive import GammaController, ModePolicy
 from specd.desktop.client.detokenize import IncrementalDetokenizer
 from specd.shared import messages as m
 from specd.shared.config import Config
-from specd.shared.protocol import ClientEvent, RequestCancelled, RequestStarted, ServerFailed
+from specd.shared.protocol import ClientEvent, RequestCancelled, RequestStarted, ServerFailed, TokensStreamed
 from specd.shared.sampling import SamplingParams
 
 Source = Literal["draft", "target", "local", "cloud"]
@@ -32,6 +32,9 @@ class Settings:
     support_k: int = 32
     pipeline: bool = True
     stop: tuple[int, ...] = ()
+    # Per round, speculate or let the verifier stream alone, whichever is faster (the product's default,
+    # from the config; off here so that a test of the rounds themselves gets rounds only).
+    mode_switching: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
@@ -39,7 +42,7 @@ class Settings:
         return cls(sampling=SamplingParams.of(s),
                    max_new_tokens=s.max_new_tokens, seed=None if s.seed < 0 else s.seed,
                    gamma=None if spec.gamma == "auto" else int(spec.gamma), gamma_max=spec.gamma_max,
-                   support_k=spec.proposal_top_k, pipeline=spec.pipeline)
+                   support_k=spec.proposal_top_k, pipeline=spec.pipeline, mode_switching=spec.mode_switching)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,12 @@ class AnswerStats:
     accepted: int = 0
     generated: int = 0
     local_tokens: int = 0
+    # Tokens by the mode that committed them, and the time each mode took: the wall time from the previous
+    # committed tokens (the answer's start, for the first) to the ones it committed.
+    speculative_tokens: int = 0
+    cloud_tokens: int = 0
+    speculative_s: float = 0.0
+    cloud_s: float = 0.0
     target_forwards: int = 0
     discarded_rounds: int = 0  # rounds drafted ahead that the verifier discarded (a guess was wrong)
     ahead_rounds: int = 0  # rounds drafted ahead, during the previous round's verification, and sent
@@ -170,19 +179,24 @@ class Run:
     detok: IncrementalDetokenizer
     controller: GammaController
     on_piece: PieceCallback | None
+    modes: ModePolicy | None = None  # None: speculative rounds only
     stats: AnswerStats = field(default_factory=AnswerStats)
     pieces: list[Piece] = field(default_factory=list)
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     finish_reason: str | None = None
     clock: Stopwatch = field(default_factory=Stopwatch)
     stop_ids: frozenset[int] = frozenset()  # end-of-sequence and stop ids: drafting past them is wasted
+    last_commit_ms: float = 0.0
 
     @classmethod
     def begin(cls, prompt_ids: list[int], settings: Settings, seed: int, tokenizer: Any,
-              on_piece: PieceCallback | None) -> Run:
+              on_piece: PieceCallback | None, *, controller: GammaController | None = None,
+              modes: ModePolicy | None = None) -> Run:
+        """``controller`` carries estimates over from earlier answers (a fresh one when None)."""
         return cls(settings=settings, seed=seed, prompt_len=len(prompt_ids), committed=list(prompt_ids),
                    detok=IncrementalDetokenizer(tokenizer),
-                   controller=GammaController(settings.gamma_max, settings.gamma), on_piece=on_piece)
+                   controller=controller or GammaController(settings.gamma_max, settings.gamma), on_piece=on_piece,
+                   modes=modes if settings.mode_switching else None)
 
     @property
     def remaining(self) -> int:
@@ -200,12 +214,20 @@ class Run:
     def emit(self, tokens: list[int], source: Source) -> None:
         if not tokens:
             return
-        if self.stats.generated == 0:
-            self.stats.ttft_ms = self.clock.ms()
+        now, stats = self.clock.ms(), self.stats
+        if stats.generated == 0:
+            stats.ttft_ms = now
+        elapsed_s, self.last_commit_ms = (now - self.last_commit_ms) / 1000.0, now
         self.committed.extend(tokens)
-        self.stats.generated += len(tokens)
+        stats.generated += len(tokens)
         if source == "local":
-            self.stats.local_tokens += len(tokens)
+            stats.local_tokens += len(tokens)
+        elif source == "cloud":
+            stats.cloud_tokens += len(tokens)
+            stats.cloud_s += elapsed_s
+        else:
+            stats.speculative_tokens += len(tokens)
+            stats.speculative_s += elapsed_s
         self._piece(Piece(token_ids=list(tokens), text=self.detok.push(list(tokens)), source=source))
 
     def answer(self) -> Answer:
@@ -221,6 +243,18 @@ class Run:
         self.pieces.append(piece)
         if self.on_piece is not None:
             self.on_piece(piece)
+
+
+def take_streamed(run: Run, event: TokensStreamed) -> bool:
+    """Commit tokens the verifier generated alone (cloud-only, or a stream within speculation); True when
+    they end the answer."""
+    tokens = event.tokens
+    run.stats.target_forwards += len(tokens.tokens)
+    run.stats.verify_ms += tokens.forward_ms
+    run.emit(list(tokens.tokens), "cloud")
+    if tokens.finished:
+        run.finish_reason = tokens.reason
+    return tokens.finished
 
 
 def common_event(run: Run, event: ClientEvent) -> bool:

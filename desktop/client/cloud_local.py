@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from specd.desktop.client.answer import Run, common_event
+from specd.desktop.client.answer import Run, common_event, take_streamed
 from specd.desktop.client.link import Link
 from specd.desktop.drafters.base import Drafter
 from specd.shared.protocol import TokensStreamed
@@ -32,12 +32,7 @@ async def generate_cloud(link: Link, run: Run) -> None:
         if event is None:
             continue
         if isinstance(event, TokensStreamed):
-            tokens = event.tokens
-            run.stats.target_forwards += len(tokens.tokens)
-            run.stats.verify_ms += tokens.forward_ms
-            run.emit(list(tokens.tokens), "cloud")
-            if tokens.finished:
-                run.finish_reason = tokens.reason
+            if take_streamed(run, event):
                 return
         elif common_event(run, event):
             return

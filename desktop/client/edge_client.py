@@ -6,6 +6,10 @@ answer is speculative when a drafter is loaded, cloud-only otherwise. If the ver
 mid-answer the client continues with the draft model alone (``on_disconnect = "local"``, marked
 ``local``) or stops cleanly (``"stop"``), reconnects with backoff, and resumes speculation on the same
 conversation: the committed tokens are the single source of truth, so nothing is lost or repeated.
+
+The client's estimates (acceptance, draft and verify times, round trip, the verifier's streaming rate)
+outlive an answer: each answer starts in the mode they favour, the first from priors and the round trip
+of the handshake. ``modes`` is the policy that chooses between rounds and streaming (a test may swap it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from specd.desktop.client.adaptive import GammaController, ModeChooser, ModePolicy
 from specd.desktop.client.answer import Answer, PieceCallback, Run, Settings
 from specd.desktop.client.cloud_local import generate_cloud, generate_local
 from specd.desktop.client.connection import (
@@ -69,6 +74,9 @@ class EdgeClient:
         self._run: Run | None = None
         self._eos: frozenset[int] | None = None
         self._pace = RateLimiter(0)  # the server's message rate limit, from its welcome
+        self._controller: GammaController | None = None  # kept across answers (see _estimates)
+        self.modes: ModePolicy | None = None
+        self._handshake_ms: float | None = None
 
     # -- connection -----------------------------------------------------------------------------
     @property
@@ -93,7 +101,9 @@ class EdgeClient:
         try:
             with contextlib.suppress(ConnectionClosed):  # refused at once (e.g. full): its error is still readable
                 await ws.send(session.hello())
+            sent_at = time.perf_counter()
             frame = await asyncio.wait_for(ws.recv(), timeout=self.endpoint.open_timeout)
+            self._handshake_ms = (time.perf_counter() - sent_at) * 1000.0
             events = session.receive(frame)
         except (ConnectionClosed, TimeoutError) as exc:
             await ws.close()
@@ -109,6 +119,8 @@ class EdgeClient:
                 raise ConnectionFailed(f"the verifier refused this client: {event.error.message}", retry=busy)
             if isinstance(event, Welcomed):
                 self.session, self._ws, self.welcome = session, ws, event.welcome
+                if self._controller is not None:
+                    self._controller.observe_network(self._handshake_ms or 0.0)
                 self._eos = frozenset(event.welcome.eos)
                 self._pace = client_pacer(event.welcome.limits.max_messages_per_second)
                 self._inbox = asyncio.Queue()
@@ -230,7 +242,9 @@ class EdgeClient:
         if not prompt_ids:
             raise SpecdError("the prompt is empty")
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
-        run = Run.begin(prompt_ids, settings, seed, self.tokenizer, on_piece)
+        controller = self._estimates(settings)
+        run = Run.begin(prompt_ids, settings, seed, self.tokenizer, on_piece, controller=controller,
+                        modes=self.modes)
         stats = run.stats
         if self.drafter is not None:
             stats.device, stats.backend = self.drafter.device, self.drafter.backend
@@ -266,6 +280,20 @@ class EdgeClient:
         stats.mode = ("cloud-only" if self.drafter is None else
                       "local" if stats.local_tokens else "speculative")
         return run.answer()
+
+    def _estimates(self, settings: Settings) -> GammaController:
+        """The controller every answer of this client shares (a new one if γ's bound changed), with γ
+        fixed or adaptive as ``settings`` say; the mode chooser reads the same estimates."""
+        controller = self._controller
+        if controller is None or controller.gamma_max != settings.gamma_max:
+            controller = GammaController(settings.gamma_max, settings.gamma)
+            if self._handshake_ms is not None:
+                controller.observe_network(self._handshake_ms)
+            self._controller = controller
+            if self.modes is None or isinstance(self.modes, ModeChooser):
+                self.modes = ModeChooser(controller)
+        controller.fixed = None if settings.gamma is None else max(1, min(settings.gamma, controller.gamma_max))
+        return controller
 
     async def _answer_locally(self, run: Run) -> None:
         """The verifier is unreachable: the draft model answers alone while a reconnection is tried."""

@@ -1,4 +1,5 @@
-"""One answer's speculative rounds: draft → verdict, optionally drafting ahead.
+"""One answer's speculative rounds: draft → verdict, optionally drafting ahead, and (with a mode policy,
+``Run.modes``) stretches the verifier generates alone, asked for with ``stream`` in the same request.
 
 ``Run.committed`` is the one committed sequence. Each round is drafted with
 ``drafter.propose(prefix, γ, …)``, and the drafter reconciles its own cache with ``prefix`` (longest
@@ -6,6 +7,9 @@ common prefix), so nothing here mirrors or resyncs it. A round drafted ahead is 
 ``committed + drafts in flight + [guess]``; it stays useful only while the committed sequence becomes
 exactly that prefix. Drafts are keyed by position and seed, so the output does not depend on whether
 rounds were drafted ahead — only the time does.
+
+Switching keeps the request, so the verifier keeps its KV cache and each position is produced once: by
+a round or by a streamed step, chosen from what was measured so far (docs/protocol.md §5).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specd.desktop.client.answer import Run, common_event
+from specd.desktop.client.adaptive import ModePolicy, Step
+from specd.desktop.client.answer import Run, common_event, take_streamed
 from specd.desktop.client.link import Link
 from specd.desktop.drafters.base import DraftProposal
-from specd.shared.protocol import ClientState, RoundDiscarded, RoundVerdict
+from specd.shared.protocol import ClientState, RoundDiscarded, RoundVerdict, TokensStreamed
 from specd.shared.sampling import ProposalDistribution
 
 
@@ -32,6 +37,19 @@ class _Round:
     draft_ms: float
     ahead: bool
     sent_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Streaming:
+    """The stretch the verifier is generating alone: tokens asked for and not yet handled here."""
+
+    owed: int = 0
+    steady: bool = False  # the last tokens arrived with more still owed: the next gap is one decode step
+    last_at: float = 0.0
+    since_round: bool = False  # tokens were streamed since the last round: the drafter has not read them
+
+
+_ROUND = Step(round=True)
 
 
 @dataclass(slots=True)
@@ -53,9 +71,13 @@ async def speculate(link: Link, run: Run) -> None:
     """Run rounds until the request finishes or is cancelled; connection loss raises out of here."""
     session, settings = link.session, run.settings
     run.stop_ids = link.eos_ids() | frozenset(settings.stop)
+    modes = run.modes if session.can_stream else None  # a verifier that does not announce it: rounds only
     await link.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
                                     seed=run.seed, stop=list(settings.stop), mode="speculative"))
-    await link.in_drafter(lambda: link.drafter.prefill(run.committed))  # while the verifier prefills
+    streaming = _Streaming()
+    step = modes.next_step(run.remaining) if modes is not None else _ROUND
+    if step.round:
+        await link.in_drafter(lambda: link.drafter.prefill(run.committed))  # while the verifier prefills
     in_flight: list[_Round] = []
     ahead: _AheadJob | None = None
     cancel_sent = False
@@ -65,12 +87,23 @@ async def speculate(link: Link, run: Run) -> None:
                 await link.send(session.cancel())
                 cancel_sent = True
             active = session.state is ClientState.ACTIVE  # the reader may have seen the request end
-            if active and not cancel_sent and not in_flight and ahead is None:
-                sent = await _send_round(link, run)
-                if sent is not None:
-                    in_flight.append(sent)
+            if (active and not cancel_sent and not in_flight and ahead is None and not streaming.owed
+                    and len(session.committed) == len(run.committed)):  # nothing waits in the inbox
+                if step is None:
+                    step = modes.next_step(run.remaining) if modes is not None else _ROUND
+                if step.round:
+                    if streaming.since_round:
+                        await _catch_up(link, run)
+                        streaming.since_round = False
+                    sent = await _send_round(link, run)
+                    if sent is not None:
+                        in_flight.append(sent)
+                if step.stream and session.state is ClientState.ACTIVE:
+                    await _ask_stream(link, streaming, step.stream)
+                step = None
             room = run.remaining - len(in_flight[0].tokens) - 1 if len(in_flight) == 1 else 0
             if (active and settings.pipeline and not cancel_sent and ahead is None and room >= 1
+                    and not streaming.owed  # a stream follows the round: its tokens, not a guess, come next
                     and run.controller.worth_drafting_ahead(len(in_flight[0].tokens), run.controller.choose(room))):
                 ahead = _start_ahead(link, run, in_flight[0], room)
             event = await link.next_event(ahead.task if ahead else None, run.cancel_event)
@@ -96,6 +129,13 @@ async def speculate(link: Link, run: Run) -> None:
                     # Rounds already sent ahead come back as 'discarded'.
                     await _forget_rounds_ahead(run, in_flight, ahead)
                     ahead = None
+            elif isinstance(event, TokensStreamed):
+                if _streamed(run, event, streaming, modes):
+                    return
+                if modes is not None and not cancel_sent:
+                    more = modes.top_up(run.remaining, streaming.owed)
+                    if more > 0:
+                        await _ask_stream(link, streaming, more)
             elif isinstance(event, RoundDiscarded):
                 run.stats.discarded_rounds += 1
                 if any(r.number == event.discarded.round for r in in_flight):
@@ -116,6 +156,24 @@ async def _forget_rounds_ahead(run: Run, in_flight: list[_Round], ahead: _AheadJ
     if ahead is not None:
         await _drop_ahead(run, ahead)
     in_flight.clear()
+
+
+async def _ask_stream(link: Link, streaming: _Streaming, tokens: int) -> None:
+    tokens = min(tokens, link.session.welcome.limits.max_stream_tokens)
+    await link.send(link.session.stream(tokens))
+    streaming.owed += tokens
+
+
+def _streamed(run: Run, event: TokensStreamed, streaming: _Streaming, modes: ModePolicy | None) -> bool:
+    """Tokens the verifier generated alone; True when they end the answer."""
+    now = time.perf_counter()
+    count = len(event.tokens.tokens)
+    gap_ms = (now - streaming.last_at) * 1000.0 if streaming.steady else None
+    streaming.owed = max(0, streaming.owed - count)
+    streaming.steady, streaming.last_at, streaming.since_round = streaming.owed > 0, now, True
+    if modes is not None:
+        modes.observe_stream(count, event.tokens.forward_ms, gap_ms)
+    return take_streamed(run, event)
 
 
 def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
@@ -157,6 +215,15 @@ async def _send_round(link: Link, run: Run) -> _Round | None:
     await link.send(frame)
     return _Round(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
                   sent_at=time.perf_counter())
+
+
+async def _catch_up(link: Link, run: Run) -> None:
+    """Let the drafter read the streamed tokens before the round is timed: that forward is the price of
+    having streamed, not of drafting, and timing it would make drafting look slower than it is."""
+    drafter, prefix = link.drafter, list(run.committed)
+    start = run.clock.ms()
+    await link.in_drafter(lambda: (drafter.prefill(prefix), drafter.next_logits()))
+    run.stats.edge_ms += run.clock.ms() - start
 
 
 def _propose(link: Link, run: Run, prefix: list[int], gamma: int) -> tuple[DraftProposal, float]:

@@ -18,6 +18,7 @@ from urllib.parse import urlparse, urlunparse
 import msgspec
 
 from specd.desktop.client.answer import Answer, Piece, Settings
+from specd.desktop.client.stats_line import stats_line as summary_line
 from specd.desktop.commands.launch import ClientSetup, build_client, check_draft_model
 from specd.shared.config import Config, default_config_path, load_config_with_origins
 from specd.shared.config_origins import flag_layer
@@ -111,16 +112,8 @@ class Printer:
 
 
 def stats_line(answer: Answer) -> str:
-    s = answer.stats
-    where = f"{s.device} ({s.backend})" if s.device else "no drafter"
-    parts = [f"{s.generated} tokens", f"{s.tokens_per_second:.1f} tok/s", s.mode]
-    if s.rounds:
-        parts += [f"acceptance {s.acceptance_rate:.0%}", f"γ {s.gamma_mean:.1f}",
-                  f"{s.tokens_per_forward:.2f} tok/forward"]
-    if s.local_tokens:
-        parts.append(f"{s.local_tokens} local")
-    parts += [where, f"finish {answer.finish_reason}"]
-    return " · ".join(parts)
+    """The answer's one-line summary (``specd.desktop.client.stats_line``, shared with the window and the bench)."""
+    return summary_line(answer.stats.to_json(), answer.finish_reason)
 
 
 def say(message: str) -> None:

@@ -123,21 +123,3 @@ def _runs(text: str, start: int, end: int, sources: list[tuple[int, int, str]], 
     if covered < end:
         parts.append(html.escape(text[covered:end], quote=False))
     return "".join(parts)
-
-
-def stats_line(stats: dict, finish_reason: str | None, tokens: int) -> str:
-    """``42 tokens · 18.3 tok/s · acceptance 79% · mean γ 4.2 · cpu (onnxruntime-genai) · speculative``;
-    an answer the verifier never saw says ``drafted locally`` instead of acceptance and γ."""
-    parts = [f"{tokens} tokens", f"{stats.get('tokens_per_second', 0.0):.1f} tok/s"]
-    if stats.get("mode") != "cloud-only" and stats.get("local_tokens") and not stats.get("rounds"):
-        parts.append("drafted locally")
-    elif stats.get("mode") != "cloud-only":
-        parts += [f"acceptance {stats.get('acceptance_rate', 0.0):.0%}", f"mean γ {stats.get('gamma_mean', 0.0):.1f}"]
-        if stats.get("local_tokens"):
-            parts.append(f"{stats['local_tokens']} drafted locally")
-    if stats.get("device"):
-        parts.append(f"{stats['device']} ({stats.get('backend', '')})")
-    parts.append(str(stats.get("mode", "")))
-    if finish_reason and finish_reason not in ("stop", "length", "eos"):
-        parts.append(finish_reason)
-    return " · ".join(p for p in parts if p)

@@ -20,9 +20,9 @@ from PySide6.QtGui import QDesktopServices, QIcon
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from specd.desktop.client.connection import ConnectionFailed
+from specd.desktop.client.stats_line import stats_line
 from specd.desktop.drafters.devices import DeviceRow, probe_devices
 from specd.desktop.ui.app_runtime import LOG_FILE
-from specd.desktop.ui.chat_view import stats_line
 from specd.desktop.ui.chat_window import ChatWindow
 from specd.desktop.ui.idle_reconnect import IdleReconnector, RetryState
 from specd.desktop.ui.log_viewer import LogDialog
@@ -246,7 +246,7 @@ class DesktopApp(QObject):
             self._retry_while_idle()
         self.conversation.append({"role": "assistant", "content": answer.text})
         stats = answer.stats.to_json()
-        self.window.finish_turn(stats_line(stats, answer.finish_reason, len(answer.token_ids)))
+        self.window.finish_turn(stats_line(stats, answer.finish_reason))
         if answer.stats.rounds and answer.stats.network_ms:
             self.latency = "round trip " + milliseconds(answer.stats.network_ms / answer.stats.rounds)
         self._show_status()

@@ -13,7 +13,7 @@ from pathlib import Path
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
-from specd.desktop.ui.chat_view import stats_line
+from specd.desktop.client.stats_line import stats_line
 from specd.desktop.ui.chat_window import ChatWindow
 from specd.desktop.ui.idle_reconnect import RetryState
 from specd.desktop.ui.status_line import AppStatus
@@ -36,14 +36,14 @@ def fill_sample(window: ChatWindow) -> None:
     window.add_turn("assistant", pending=True)
     for text, source in SAMPLE_ANSWER:
         window.append_piece(text, source)
-    window.finish_turn(stats_line(SAMPLE_STATS, "eos", 58))
+    window.finish_turn(stats_line({**SAMPLE_STATS, "generated": 58}, "eos"))
     window.add_turn("user", "Thanks! And a tuple?")
     window.add_turn("assistant", pending=True)
     window.append_piece("Tuples cannot change, so slice them: ", "draft")
     window.append_piece("`t[::-1]`", "target")
     window.append_piece(".", "draft")
     window.finish_turn(stats_line({**SAMPLE_STATS, "tokens_per_second": 44.2, "acceptance_rate": 0.77,
-                                   "gamma_mean": 4.1}, "eos", 14))
+                                   "gamma_mean": 4.1, "generated": 14}, "eos"))
     window.set_status("Connected · verifier.example.com:8765 · CPU (onnxruntime-genai)", "round trip 38 ms")
 
 
@@ -59,7 +59,8 @@ def fill_reconnecting(window: ChatWindow) -> None:
     window.append_piece("`s[::-1]`", "target")
     window.append_piece(" returns a new, reversed string.", "local")
     window.finish_turn(stats_line({**SAMPLE_STATS, "mode": "local", "tokens_per_second": 23.5, "rounds": 2,
-                                   "acceptance_rate": 0.8, "gamma_mean": 5.0, "local_tokens": 8}, "eos", 19))
+                                   "acceptance_rate": 0.8, "gamma_mean": 5.0, "local_tokens": 8, "generated": 19},
+                                  "eos"))
     reason = f"cannot reach the verifier at {SAMPLE_SERVER}: connection refused (is specd-verifier running?)"
     status = AppStatus(state="local", endpoint=SAMPLE_SERVER, url=f"wss://{SAMPLE_SERVER}",
                        device="CPU (onnxruntime-genai)", reason=reason, retry=RetryState("waiting", 4, reason))

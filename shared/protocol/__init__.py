@@ -27,12 +27,13 @@ from specd.shared.protocol.server import (
     ServerAction,
     ServerSession,
     StartRequested,
+    StreamRequested,
 )
 from specd.shared.protocol.states import ClientState, InvalidTransition, ServerState
 
 __all__ = [
     "NO_PROPOSAL", "CancelRequested", "ClientEvent", "ClientSession", "ClientState", "Close", "DraftReceived",
     "InvalidTransition", "RateLimiter", "RequestCancelled", "RequestStarted", "RoundDiscarded", "RoundVerdict",
-    "Send", "ServerAction", "ServerFailed", "ServerSession", "ServerState", "StartRequested", "TokensStreamed",
-    "Welcomed", "WireProposal", "common_prefix", "proposal_bytes",
+    "Send", "ServerAction", "ServerFailed", "ServerSession", "ServerState", "StartRequested", "StreamRequested",
+    "TokensStreamed", "Welcomed", "WireProposal", "common_prefix", "proposal_bytes",
 ]

@@ -91,6 +91,7 @@ class ClientSession:
     _next_request: int = 0
     _next_round: int = 0
     _in_flight: dict[int, _Sent] = field(default_factory=dict)
+    _stream_owed: int = 0  # tokens asked for with ``stream`` and not received yet
 
     @property
     def generated(self) -> list[int]:
@@ -99,6 +100,16 @@ class ClientSession:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def stream_owed(self) -> int:
+        """Tokens asked for with :meth:`stream` that have not arrived yet."""
+        return self._stream_owed
+
+    @property
+    def can_stream(self) -> bool:
+        """Whether the server takes ``stream`` (it announces ``limits.max_stream_tokens`` > 0)."""
+        return self.welcome is not None and self.welcome.limits.max_stream_tokens > 0
 
     def hello(self) -> bytes:
         if self.state is not ClientState.NEW:
@@ -117,6 +128,7 @@ class ClientSession:
         self._next_request += 1
         self._next_round = 0
         self._in_flight.clear()
+        self._stream_owed = 0
         self.mode = mode
         self.prompt_len = len(prompt)
         self.committed = list(prompt)
@@ -140,6 +152,15 @@ class ClientSession:
         self._in_flight[rnd] = _Sent(position=len(base), parent=base[-1], tokens=list(tokens))
         return rnd, m.encode(m.Draft(request=self.request, round=rnd, position=len(base), parent=base[-1],
                                      tokens=list(tokens), support=support, q_ids=q_ids, q_probs=q_probs))
+
+    def stream(self, tokens: int) -> bytes:
+        """Ask the verifier to generate the next ``tokens`` alone (after the rounds already sent)."""
+        if self.state is not ClientState.ACTIVE or self.mode != "speculative":
+            raise RuntimeError("stream() needs an active speculative request")
+        if not self.can_stream:
+            raise RuntimeError("this verifier does not take 'stream' (limits.max_stream_tokens is 0)")
+        self._stream_owed += tokens
+        return m.encode(m.Stream(request=self.request, tokens=tokens))
 
     def cancel(self) -> bytes:
         return m.encode(m.Cancel(request=self.request))
@@ -180,6 +201,11 @@ class ClientSession:
             if msg.position != len(self.committed):
                 raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
                                     f"tokens for position {msg.position}, expected {len(self.committed)}")
+            if self.mode == "speculative":
+                if len(msg.tokens) > self._stream_owed:
+                    raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
+                                        f"{len(msg.tokens)} tokens streamed, {self._stream_owed} asked for")
+                self._stream_owed -= len(msg.tokens)
             self.committed.extend(msg.tokens)
             if msg.finished:
                 self._end(msg.reason)
@@ -210,6 +236,7 @@ class ClientSession:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, str(exc)) from None
         self.finished, self.reason = True, reason
         self._in_flight.clear()
+        self._stream_owed = 0
 
     def _move(self, event: ClientTrigger) -> None:
         self.state = client_transition(self.state, event)

@@ -69,11 +69,21 @@ class DraftReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamRequested:
+    """A speculative request asked for tokens generated alone: run the generation loop (as in cloud mode,
+    with ``ServerSession.stream``) until the session leaves ``STREAMING_CHUNK``."""
+
+    request: int
+
+
+@dataclass(frozen=True, slots=True)
 class CancelRequested:
     request: int
 
 
-ServerAction = Send | Close | StartRequested | DraftReceived | CancelRequested
+ServerAction = Send | Close | StartRequested | DraftReceived | StreamRequested | CancelRequested
+
+STREAMING_STATES = (ServerState.STREAMING, ServerState.STREAMING_CHUNK)
 
 
 @dataclass(slots=True)
@@ -83,6 +93,7 @@ class _Request:
     prompt_len: int
     last_round: int = -1
     cancel: bool = False
+    chunk: int = 0  # tokens a ``stream`` asked for that are not sent yet
 
     @property
     def generated(self) -> int:
@@ -150,6 +161,8 @@ class ServerSession:
             return self._start(msg)
         if isinstance(msg, m.Draft):
             return self._draft(msg)
+        if isinstance(msg, m.Stream):
+            return self._stream(msg)
         return self._cancel(msg)
 
     def _hello(self, hello: m.Hello) -> list[ServerAction]:
@@ -208,7 +221,9 @@ class ServerSession:
                                 request_id=draft.request)
         if self.state is not ServerState.SPECULATING:
             # Only this frame is refused; the stream goes on, so the error names no request.
-            raise ProtocolError(ErrorCode.WRONG_MODE, "drafts are not accepted in cloud mode")
+            raise ProtocolError(ErrorCode.WRONG_MODE, "drafts are not accepted in cloud mode"
+                                if self.state is ServerState.STREAMING else
+                                "drafts are not accepted while a stream runs; send them after its last token")
         if draft.round <= req.last_round:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
                                 f"round {draft.round} after round {req.last_round}: rounds must increase",
@@ -250,6 +265,24 @@ class ServerSession:
                                 f"q_ids/q_probs must each be {size} bytes for {gamma}×{k}",
                                 request_id=draft.request)
 
+    def _stream(self, stream: m.Stream) -> list[ServerAction]:
+        req = self.request
+        if req is None or req.start.request != stream.request:
+            if stream.request in self._finished_requests:
+                return []  # it ended (e.g. at a stop token in the round before): nothing left to stream
+            raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"no active request {stream.request}",
+                                request_id=stream.request)
+        if self.state is ServerState.STREAMING:
+            raise ProtocolError(ErrorCode.WRONG_MODE, "a cloud-mode request streams already")
+        most = self.limits.max_stream_tokens
+        if stream.tokens > most:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"stream of {stream.tokens} tokens; this verifier streams "
+                                f"1..{most} per message" if most else "this verifier does not take 'stream'")
+        starting = self.state is ServerState.SPECULATING
+        req.chunk += stream.tokens
+        self._move(ServerTrigger.STREAM)
+        return [StreamRequested(stream.request)] if starting else []
+
     def _cancel(self, cancel: m.Cancel) -> list[ServerAction]:
         req = self.request
         if req is None or req.start.request != cancel.request:
@@ -257,7 +290,7 @@ class ServerSession:
                 return []  # finished before the cancel arrived: the final verdict already said so
             raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"no active request {cancel.request}",
                                 request_id=cancel.request)
-        if self.state is ServerState.STREAMING:
+        if self.state in STREAMING_STATES:
             req.cancel = True  # the generation loop stops at its next step and calls finish_cancel()
             return [CancelRequested(cancel.request)]
         return self._end_request(cancelled=True)
@@ -301,8 +334,17 @@ class ServerSession:
             self._end_request(cancelled=False)
         return actions
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the generation loop should take its next step (cloud mode, or a stream asked for)."""
+        return self.state in STREAMING_STATES and not self.cancel_requested
+
     def stream(self, tokens: list[int], *, forward_ms: float = 0.0) -> tuple[list[ServerAction], bool]:
-        """Commit tokens sampled in cloud mode; returns the actions and whether the request ended."""
+        """Commit tokens the target sampled alone; returns the actions and whether the request ended.
+
+        In ``STREAMING_CHUNK`` the session returns to ``SPECULATING`` once every token asked for is sent
+        (``streaming`` is then false: the generation loop stops).
+        """
         req = self._active()
         position = len(req.tokens)
         kept: list[int] = []
@@ -317,10 +359,14 @@ class ServerSession:
                        finished=reason is not None, reason=reason, forward_ms=forward_ms)
         if reason:
             self._end_request(cancelled=False)
+        elif self.state is ServerState.STREAMING_CHUNK:
+            req.chunk -= len(kept)
+            if req.chunk <= 0:
+                self._move(ServerTrigger.CHUNK_STREAMED)
         return [Send(m.encode(msg))], reason is not None
 
     def finish_cancel(self) -> list[ServerAction]:
-        """End a cancelled cloud-mode request once its generation loop has stopped."""
+        """End a cancelled streaming request once its generation loop has stopped."""
         return self._end_request(cancelled=True)
 
     def error(self, code: ErrorCode, message: str, *, request: int | None = None,

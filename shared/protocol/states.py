@@ -15,6 +15,7 @@ class ServerState(Enum):
     READY = "ready"
     SPECULATING = "speculating"
     STREAMING = "streaming"
+    STREAMING_CHUNK = "streaming_chunk"  # a speculative request streaming tokens the client asked for
     CLOSED = "closed"
 
 
@@ -30,6 +31,8 @@ class ServerTrigger(Enum):
     HELLO = "hello"  # a valid hello: the fingerprint and version match
     START_SPECULATIVE = "start(speculative)"  # a start that passed its checks
     START_CLOUD = "start(cloud)"
+    STREAM = "stream"  # a stream that passed its checks (a speculative request's next tokens, or more of them)
+    CHUNK_STREAMED = "chunk_streamed"  # every token a stream asked for was sent; drafts are taken again
     END = "end"  # the request ended: finished, cancelled, or an error naming it
     FATAL = "fatal"  # a fatal error was sent
     CLOSE = "close"  # the driver closed the connection
@@ -49,6 +52,10 @@ SERVER_TRANSITIONS: dict[tuple[ServerState, ServerTrigger], ServerState] = {
     (ServerState.READY, ServerTrigger.START_CLOUD): ServerState.STREAMING,
     (ServerState.SPECULATING, ServerTrigger.END): ServerState.READY,
     (ServerState.STREAMING, ServerTrigger.END): ServerState.READY,
+    (ServerState.SPECULATING, ServerTrigger.STREAM): ServerState.STREAMING_CHUNK,
+    (ServerState.STREAMING_CHUNK, ServerTrigger.STREAM): ServerState.STREAMING_CHUNK,
+    (ServerState.STREAMING_CHUNK, ServerTrigger.CHUNK_STREAMED): ServerState.SPECULATING,
+    (ServerState.STREAMING_CHUNK, ServerTrigger.END): ServerState.READY,
     **{(state, event): ServerState.CLOSED for state in ServerState
        for event in (ServerTrigger.FATAL, ServerTrigger.CLOSE)},
 }
