@@ -136,7 +136,8 @@ def stats_line(stats: dict, finish_reason: str | None, tokens: int) -> str:
         if stats.get("local_tokens"):
             parts.append(f"{stats['local_tokens']} drafted locally")
     if stats.get("device"):
-        parts.append(f"{stats['device']} ({stats.get('backend', '')})")
+        built = filter(None, (stats.get("backend"), stats.get("draft_precision")))  # "onnxruntime-genai, int8"
+        parts.append(f"{stats['device']} ({', '.join(built)})")
     parts.append(str(stats.get("mode", "")))
     if finish_reason and finish_reason not in ("stop", "length", "eos"):
         parts.append(finish_reason)
