@@ -65,7 +65,9 @@ class ModelsConfig(_Section):
     target: str = "smollm2-135m-instruct"
     draft: str = "smollm2-135m-instruct"
     draft_backend: Literal["auto", "torch", "onnxruntime-genai", "openvino"] = "auto"
-    draft_precision: Literal["int4", "int8", "fp16", "fp32"] = "int4"
+    # "auto": built at each candidate precision, measured against the verifier, the fastest kept
+    # (specd.desktop.drafters.precision); an explicit precision is built as it is.
+    draft_precision: Literal["auto", "int4", "int8", "fp16", "fp32"] = "auto"
     cache_dir: str = ""
 
 

@@ -1,5 +1,6 @@
 """Bench figures from answers' statistics: α estimation, the theoretical tokens per forward, speedup,
-assessment; the prompt set; transformers' assisted generation on tiny models."""
+assessment, the worst cell against cloud-only; the default RTT grid; the prompt set; transformers' assisted
+generation on tiny models."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from specd.desktop.bench.figures import (
     assessment,
     expected_tokens_per_round,
     per_token_alpha,
+    product_mode,
     summarise,
+    worst_cell_line,
+    worst_cells,
 )
 from specd.desktop.bench.prompts import CATEGORIES, PROMPTS, select_prompts
 from specd.desktop.client.answer import AnswerStats
@@ -90,6 +94,54 @@ def test_speedup_is_against_cloud_only_at_the_same_rtt():
     assert out["cpu"]["0"]["spec-fixed"]["gamma_mean"] == 3.0
     assert out["cpu"]["0"]["spec-fixed"]["assessment"] in ("EXCELLENT", "GOOD", "MODERATE", "POOR")
     assert out["cpu"]["0"]["cloud-only"]["assessment"] is None
+
+
+def _grid() -> list[RunRecord]:
+    """cloud-only at 10 tok/s everywhere; spec-pipelined 2× at 0 ms falling to 0.97× at 200 ms, spec-fixed
+    worst at 100 ms."""
+    records = []
+    for rtt, pipelined_ms, fixed_ms in ((0, 500, 800), (50, 700, 900), (100, 800, 1250), (200, 1031, 1100)):
+        records += [_record("cloud-only", rtt, 10, 1000), _record("spec-pipelined", rtt, 10, pipelined_ms),
+                    _record("spec-fixed", rtt, 10, fixed_ms), _record("edge-only", rtt, 10, 5000)]
+    return records
+
+
+def test_the_worst_cell_of_each_speculative_mode():
+    worst = worst_cells(summarise(_grid()))
+    assert list(worst) == ["spec-fixed", "spec-pipelined"]  # edge-only is not speculation
+    assert worst["spec-pipelined"]["rtt_ms"] == 200.0 and worst["spec-pipelined"]["device"] == "cpu"
+    assert worst["spec-pipelined"]["speedup"] == pytest.approx(1000 / 1031)
+    assert worst["spec-fixed"]["rtt_ms"] == 100.0 and worst["spec-fixed"]["speedup"] == pytest.approx(0.8)
+    line = worst_cell_line(worst, "spec-pipelined")
+    assert line == ("Worst cell: spec-pipelined 0.97× cloud-only (cpu @ +200 ms); other modes' worst: "
+                    "spec-fixed 0.80× cloud-only (cpu @ +100 ms)")
+    assert worst_cell_line({}, "spec-pipelined") == ""
+
+
+def test_the_worst_cell_is_in_the_report_json_markdown_and_summary_for_the_mode_the_config_runs():
+    from specd.desktop.bench.cli import summary
+    from specd.desktop.bench.report import build_report, markdown
+    from specd.desktop.bench.runner import BenchResult
+    from specd.shared.config import Config, to_dict
+
+    assert product_mode(to_dict(Config())["speculation"]) == "spec-pipelined"
+    assert product_mode({"gamma": "auto", "pipeline": False}) == "spec-adaptive"
+    assert product_mode({"gamma": 4, "pipeline": True}) == "spec-fixed"
+    report = build_report(BenchResult(records=_grid()), {"config": to_dict(Config())})
+    assert report["worst_cell"] == {"mode": "spec-pipelined", "device": "cpu", "rtt_ms": 200.0,
+                                    "speedup": pytest.approx(1000 / 1031)}
+    assert set(report["worst_cell_by_mode"]) == {"spec-fixed", "spec-pipelined"}
+    assert "Worst cell: spec-pipelined 0.97× cloud-only (cpu @ +200 ms)" in summary(report).splitlines()[-1]
+    assert "**Worst cell: spec-pipelined 0.97×" in markdown(report)
+
+
+def test_the_default_rtt_grid_reaches_200_ms():
+    from specd.desktop.bench.cli import DEFAULT_RTTS_MS, bench_rtts
+    from specd.desktop.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert bench_rtts(parse(["bench"])) == DEFAULT_RTTS_MS == (0.0, 20.0, 50.0, 100.0, 200.0)
+    assert bench_rtts(parse(["bench", "--rtt-ms", "0", "35"])) == (0.0, 35.0)
 
 
 def test_transformers_assisted_generation_on_tiny_models(tmp_path):

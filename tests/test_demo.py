@@ -1,4 +1,5 @@
-"""`specd demo` — what `make demo` runs — end to end on the embedded pair, shortened to one prompt."""
+"""`specd demo` — what `make demo` runs — end to end on the embedded pair, shortened to one prompt: it settles
+the draft precision by itself and says why."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def test_the_demo_streams_an_answer_and_measures_the_speedup(smollm2_folder):
     out, err = done.stdout, done.stderr
     assert "[1] Explain in three sentences why the sky is blue." in out
     assert "Verifier ready at ws://127.0.0.1:" in err
+    # draft_precision "auto" settles against the verifier and says why (measured now, or recorded before)
+    assert re.search(r"Draft precision: int\d, measured fastest on .* against int\d", err), err[-3000:]
     assert re.search(r"speculative: 24 tokens .* speculative · acceptance \d+%", err)
     assert re.search(r"cloud-only: +24 tokens", err)
     assert re.search(r"speedup: +\d+\.\d\dx", out)

@@ -82,7 +82,7 @@ def test_a_prompt_streams_into_the_view(qtbot, qloop, tmp_path, folders):
     view = app.window.plain_text()
     assert PROMPT in view and answer.strip().split()[-1] in view
     stats = app.window.stats.text()
-    assert "tok/s" in stats and "acceptance" in stats and "speculative" in stats and "cpu (torch)" in stats
+    assert "tok/s" in stats and "acceptance" in stats and "speculative" in stats and "cpu (torch, fp32)" in stats
     assert app.window.send_button.isEnabled() and not app.window.stop_button.isEnabled()
 
 

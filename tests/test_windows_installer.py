@@ -141,7 +141,10 @@ def test_installed_specd_chat_is_token_identical_to_the_linux_client(prefix, smo
     try:
         common = ["chat", "--host", "127.0.0.1", "--port", str(port), "--prompt", PROMPT, "--temperature", "0",
                   "--max-new-tokens", "24", "--json", "--device", "onnxruntime-genai:cpu"]
-        linux = subprocess.run([sys.executable, "-m", "specd.desktop.cli", *common, "--config", os.devnull],
+        # One explicit precision on both sides, so the Windows client opens the very draft copied to it.
+        linux_config = tmp_path / "linux.toml"
+        linux_config.write_text('[models]\ndraft_precision = "int4"\n')
+        linux = subprocess.run([sys.executable, "-m", "specd.desktop.cli", *common, "--config", str(linux_config)],
                                capture_output=True, text=True, timeout=600,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "SPECD_CACHE_DIR": str(linux_cache)})
         assert linux.returncode == 0, linux.stderr[-3000:]
@@ -151,7 +154,7 @@ def test_installed_specd_chat_is_token_identical_to_the_linux_client(prefix, smo
         for part in ("models/smollm2-135m-instruct", "drafts/ortgenai-smollm2-135m-instruct-int4-cpu"):
             shutil.copytree(linux_cache / part, cache / part)
         config = tmp_path / "windows.toml"
-        config.write_text(f"[models]\ncache_dir = {json.dumps(winpath(cache))}\n")
+        config.write_text(f"[models]\ncache_dir = {json.dumps(winpath(cache))}\ndraft_precision = \"int4\"\n")
         windows = json_in(prefix.run(prefix.app / "specd.exe", *common, "--config", winpath(config)))
     finally:
         daemon.stop()

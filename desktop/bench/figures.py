@@ -195,3 +195,41 @@ def summarise(records: list[RunRecord]) -> dict[str, dict[str, dict[str, dict[st
 
 def _rtt_key(rtt: float) -> str:
     return f"{rtt:g}"
+
+
+def product_mode(speculation: dict[str, Any]) -> str:
+    """The bench mode that runs what a ``[speculation]`` section configures (the default: adaptive + pipelined)."""
+    if speculation.get("gamma", "auto") != "auto":
+        return "spec-fixed"
+    return "spec-pipelined" if speculation.get("pipeline", True) else "spec-adaptive"
+
+
+def worst_cells(by_rtt: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """``{mode: {device, rtt_ms, speedup}}``: each speculative mode's lowest speedup against cloud-only over
+    every device and RTT measured (the cell where it comes closest to being slower than cloud-only)."""
+    worst: dict[str, dict[str, Any]] = {}
+    for device, rtts in by_rtt.items():
+        for rtt, cells in rtts.items():
+            for mode, fig in cells.items():
+                speedup = fig.get("speedup")
+                if mode not in SPEC_MODES or speedup is None:
+                    continue
+                if mode not in worst or speedup < worst[mode]["speedup"]:
+                    worst[mode] = {"device": device, "rtt_ms": float(rtt), "speedup": speedup}
+    return {mode: worst[mode] for mode in SPEC_MODES if mode in worst}
+
+
+def worst_cell_line(worst: dict[str, dict[str, Any]], mode: str) -> str:
+    """``Worst cell: spec-pipelined 0.97× cloud-only (cpu @ +200 ms); other modes' worst: …``; empty when
+    no speculative mode was measured against cloud-only."""
+    if not worst:
+        return ""
+    headline = mode if mode in worst else next(iter(worst))
+
+    def cell(name: str) -> str:
+        w = worst[name]
+        return f"{name} {w['speedup']:.2f}× cloud-only ({w['device']} @ +{w['rtt_ms']:g} ms)"
+
+    line = f"Worst cell: {cell(headline)}"
+    others = [cell(name) for name in worst if name != headline]
+    return line + ("; other modes' worst: " + ", ".join(others) if others else "")

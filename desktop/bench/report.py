@@ -15,7 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from specd.desktop.bench.figures import BASELINE, MODES, SPEC_MODES, summarise
+from specd.desktop.bench.figures import (
+    BASELINE,
+    MODES,
+    SPEC_MODES,
+    product_mode,
+    summarise,
+    worst_cell_line,
+    worst_cells,
+)
 from specd.desktop.bench.runner import BenchResult
 
 
@@ -30,12 +38,20 @@ def build_report(result: BenchResult, meta: dict[str, Any], hf_assisted: dict[st
     }
     for mode, fig in cells.items():
         report[mode] = fig
+    worst = worst_cells(by_rtt)
+    headline = product_mode(meta.get("config", {}).get("speculation", {}))
+    headline = headline if headline in worst else next(iter(worst), headline)
     report.update({
+        "worst_cell": {"mode": headline, **worst[headline]} if headline in worst else None,
+        "worst_cell_by_mode": worst,
+        "worst_cell_summary": worst_cell_line(worst, headline),
         "reference": {"device": first_device, "rtt_ms": float(first_rtt) if first_rtt is not None else None},
         "by_rtt": by_rtt,
         "speedup_by_rtt": {device: {rtt: {m: f["speedup"] for m, f in modes.items()} for rtt, modes in rtts.items()}
                            for device, rtts in by_rtt.items()},
-        "devices": [{"requested": d.requested, "device": d.label, "error": d.error, "choice": d.detail or None}
+        "devices": [{"requested": d.requested, "device": d.label, "error": d.error, "choice": d.detail or None,
+                     "draft_precision": d.detail.get("draft_precision") or None,
+                     "draft_precision_reason": d.detail.get("draft_precision_reason") or None}
                     for d in result.devices],
         "multi_session": [s.to_json() for s in result.sessions],
         "hf_assisted": hf_assisted,
@@ -104,6 +120,9 @@ def markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             out += mode_table(cells)
             out.append("")
     out += _speedup_vs_rtt(report)
+    if report.get("worst_cell_summary"):
+        out += [f"**{report['worst_cell_summary']}** (the lowest speedup against cloud-only over every device and "
+                "RTT; the first mode is the one the config runs)", ""]
     out += _devices(report)
     out += _sessions(report)
     out += _hf(report.get("hf_assisted"))

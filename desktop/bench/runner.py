@@ -32,7 +32,8 @@ from specd.desktop.bench.netem import ThreadedProxy
 from specd.desktop.bench.prompts import BenchPrompt
 from specd.desktop.client.answer import Answer, Settings
 from specd.desktop.client.stats_line import stats_line
-from specd.desktop.commands.launch import ClientSetup, build_client
+from specd.desktop.commands.draft_precision import settle_precision
+from specd.desktop.commands.launch import ClientSetup, build_client, with_draft
 from specd.shared.config import Config
 from specd.shared.errors import SpecdError
 
@@ -174,11 +175,15 @@ class BenchRunner:
             return DeviceRun(requested, requested, error=setup.drafter_error or "no drafter"), None
         row = setup.choice.row
         self.say(setup.choice.summary())
+        # At the RTT the proxy starts with (0 ms): the precision ``auto`` keeps, measured on a first run.
+        pick = await settle_precision(setup, with_draft(self.config, self.plan.model_path), self.say)
         label, taken = row.id, {d.label for d in self.result.devices}
         number = 2
         while label in taken:  # the same device asked for twice (e.g. "cpu" and its row id): keep both apart
             label, number = f"{row.id} #{number}", number + 1
-        return DeviceRun(requested, label, detail=setup.choice.to_json()), setup
+        detail = {**setup.choice.to_json(), "draft_precision": pick.precision if pick else "",
+                  "draft_precision_reason": pick.reason if pick else ""}
+        return DeviceRun(requested, label, detail=detail), setup
 
     async def _warm_up(self, cloud: ClientSetup | None, edges: list[tuple[DeviceRun, ClientSetup]]) -> None:
         """One short answer per client, so first-call costs (allocations, kernel choice) stay out of the figures."""

@@ -61,6 +61,8 @@ class AnswerStats:
     mode: Mode = "speculative"
     device: str = ""
     backend: str = ""
+    draft_precision: str = ""  # what the draft was built at (int4, int8, …) and why: the loader's pick
+    draft_precision_reason: str = ""
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0

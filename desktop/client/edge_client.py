@@ -248,6 +248,7 @@ class EdgeClient:
         stats = run.stats
         if self.drafter is not None:
             stats.device, stats.backend = self.drafter.device, self.drafter.backend
+            stats.draft_precision, stats.draft_precision_reason = self.drafter.precision, self.drafter.precision_reason
         sent0, received0 = self._bytes_sent, self._bytes_received
         self._run = run
         try:

@@ -12,7 +12,7 @@ from typing import Any
 
 def stats_line(stats: Mapping[str, Any], finish_reason: str | None) -> str:
     """``42 tokens · 18.3 tok/s · speculative · acceptance 79% · mean γ 4.2 · 2.10 tok/forward ·
-    30 speculative in 1.2 s · 12 cloud in 0.4 s · cpu (torch) · finish eos``.
+    30 speculative in 1.2 s · 12 cloud in 0.4 s · cpu (onnxruntime-genai, int8) · finish eos``.
 
     The split by mode appears when a speculative answer let the verifier stream part of it; an answer the
     verifier never saw says ``drafted locally`` instead of acceptance and γ.
@@ -31,7 +31,8 @@ def stats_line(stats: Mapping[str, Any], finish_reason: str | None) -> str:
     if local and stats.get("rounds"):
         parts.append(f"{local} drafted locally")
     if stats.get("device"):
-        parts.append(f"{stats['device']} ({stats.get('backend', '')})")
+        built = filter(None, (stats.get("backend"), stats.get("draft_precision")))  # "onnxruntime-genai, int8"
+        parts.append(f"{stats['device']} ({', '.join(built)})")
     if finish_reason:
         parts.append(f"finish {finish_reason}")
     return " · ".join(p for p in parts if p)

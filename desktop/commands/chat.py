@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -19,7 +20,9 @@ import msgspec
 
 from specd.desktop.client.answer import Answer, Piece, Settings
 from specd.desktop.client.stats_line import stats_line as summary_line
+from specd.desktop.commands.draft_precision import settle_precision
 from specd.desktop.commands.launch import ClientSetup, build_client, check_draft_model
+from specd.desktop.drafters.precision import PrecisionPick
 from specd.shared.config import Config, default_config_path, load_config_with_origins
 from specd.shared.config_origins import flag_layer
 from specd.shared.errors import ConfigError
@@ -148,6 +151,9 @@ async def chat_async(args: argparse.Namespace) -> int:
                                     progress=say, drafter=not args.cloud_only, on_status=status)
     if setup.choice is not None and not args.json:
         say(setup.choice.summary())
+    precision = await settle_precision(setup, cfg, say)
+    # Not measured (no verifier yet): measured after an answer once the verifier is reachable.
+    remeasure = (lambda: settle_precision(setup, cfg, say)) if precision and precision.source == "default" else None
     settings = setup.settings
     try:
         if args.prompt is not None:
@@ -157,12 +163,13 @@ async def chat_async(args: argparse.Namespace) -> int:
             else:
                 say(stats_line(answer))
             return 0
-        return await interactive(setup, settings, json_lines=args.json)
+        return await interactive(setup, settings, json_lines=args.json, remeasure=remeasure)
     finally:
         await setup.client.close()
 
 
-async def interactive(setup: ClientSetup, settings: Settings, *, json_lines: bool) -> int:
+async def interactive(setup: ClientSetup, settings: Settings, *, json_lines: bool,
+                      remeasure: Callable[[], Awaitable[PrecisionPick | None]] | None = None) -> int:
     read = line_reader()
     conversation: list[dict[str, str]] = []
     say(HELP)
@@ -189,6 +196,9 @@ async def interactive(setup: ClientSetup, settings: Settings, *, json_lines: boo
             print(json.dumps(answer.to_json(), ensure_ascii=False), flush=True)
         else:
             say(stats_line(answer))
+        if remeasure is not None and setup.client.connected:
+            pick = await remeasure()
+            remeasure = remeasure if pick is not None and pick.source == "default" else None
 
 
 def line_reader():

@@ -70,14 +70,23 @@ def _smoke_test(drafter: Drafter) -> None:
 
 def open_drafter(row: DeviceRow, config: Config, progress: Progress | None = None, *,
                  catalog: Any = None) -> Drafter:
-    """Prepare the draft model for ``row``'s backend (built and cached on first use) and open it there."""
-    from specd.desktop.drafters.convert import prepare_draft
+    """Prepare the draft model for ``row``'s backend (built and cached on first use, at the precision
+    :func:`~specd.desktop.drafters.precision.pick_precision` gives) and open it there."""
+    from specd.desktop.drafters.precision import pick_precision
 
     say = progress or (lambda _msg: None)
+    pick = pick_precision(row, config, say)
+    drafter = _open_at(row, config, pick.precision, say, catalog)
+    drafter.precision, drafter.precision_reason = pick.precision, pick.reason
+    return drafter
+
+
+def _open_at(row: DeviceRow, config: Config, precision: str, say: Progress, catalog: Any) -> Drafter:
+    from specd.desktop.drafters.convert import prepare_draft
+    from specd.desktop.drafters.precision import draft_spec
+
     models = config.models
-    spec = models.draft
-    if row.kind == "npu" and config.devices.npu.model_path:
-        spec = config.devices.npu.model_path
+    spec = draft_spec(row, config)
     prepare = dict(cache_override=models.cache_dir, progress=say)
     if row.backend == "torch":
         from specd.desktop.drafters.torch_drafter import TorchDrafter
@@ -98,13 +107,13 @@ def open_drafter(row: DeviceRow, config: Config, progress: Progress | None = Non
                 raise DeviceError(f"{row.name} needs the Windows ML catalog, which is not available here")
             register_provider(catalog, row.device, import_genai())
             provider, options, builder_ep = known.genai_name, dict(known.options), known.builder_ep or "cpu"
-        folder = prepare_draft(spec, row.backend, models.draft_precision, execution_provider=builder_ep, **prepare)
+        folder = prepare_draft(spec, row.backend, precision, execution_provider=builder_ep, **prepare)
         return OrtGenAIDrafter(folder, provider, max_length=config.limits.max_total_tokens,
                                provider_options=options, model_name=spec)
     if row.backend == "openvino":
         from specd.desktop.drafters.openvino import OpenVINODrafter
 
-        folder = prepare_draft(spec, row.backend, models.draft_precision, **prepare)
+        folder = prepare_draft(spec, row.backend, precision, **prepare)
         return OpenVINODrafter(folder, row.device, max_prompt=min(NPU_MAX_PROMPT, config.limits.max_input_tokens),
                                min_response=config.sampling.max_new_tokens, model_name=spec)
     raise DeviceError(f"unknown draft backend {row.backend!r}")

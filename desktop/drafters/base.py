@@ -65,6 +65,9 @@ class Drafter(ABC):
     model_name: str = ""
     #: folder with the model's Hugging Face tokenizer files (what :meth:`load_tokenizer` reads)
     tokenizer_path: Path | None = None
+    #: the weight precision it was built at (int4, int8, fp16, fp32, prepared) and why (set by the loader)
+    precision: str = ""
+    precision_reason: str = ""
 
     # -- what each backend implements ----------------------------------------------------------
     @property

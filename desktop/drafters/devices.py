@@ -10,6 +10,7 @@ always there (one row per installed backend). Ranking is NPU > GPU > CPU, change
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import platform
 import sys
@@ -293,18 +294,28 @@ def format_memory(size: int | None) -> str:
     return "" if not size else f"{size / 2**30:.1f} GiB"
 
 
-def format_table(rows: list[DeviceRow]) -> str:
-    header = ("", "ID", "KIND", "NAME", "MEMORY", "STATUS")
+def format_table(rows: list[DeviceRow], precisions: dict[str, Any] | None = None) -> str:
+    """The rows as a table; ``precisions`` (row id → :class:`~specd.desktop.drafters.precision.PrecisionPick`)
+    adds the draft precision each row would load, and why for the best one."""
+    precisions = precisions or {}
+    header = ("", "ID", "KIND", "NAME", "MEMORY", "PRECISION", "STATUS")
     lines = [header]
     for row in rows:
         status = "available" if row.available else f"unavailable: {row.reason}"
         if row.detail:
             status += f" ({row.detail})"
-        lines.append(("*" if row.best else "", row.id, row.kind, row.name, format_memory(row.memory_bytes), status))
+        pick = precisions.get(row.id)
+        precision = f"{pick.precision} ({pick.source})" if pick else ""
+        lines.append(("*" if row.best else "", row.id, row.kind, row.name, format_memory(row.memory_bytes),
+                      precision, status))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True)) + "  " + line[-1]
             for line in lines]
-    return "\n".join(t.rstrip() for t in text) + "\n* the device the draft model is loaded on first"
+    notes = ["* the device the draft model is loaded on first"]
+    best = next((precisions[row.id] for row in rows if row.best and row.id in precisions), None)
+    if best is not None:
+        notes.append(f"  draft precision there: {best.reason}")
+    return "\n".join(t.rstrip() for t in text) + "\n" + "\n".join(notes)
 
 
 # -- specd devices ------------------------------------------------------------------------------
@@ -320,12 +331,26 @@ def add_parser(sub: Any) -> None:
 def run_devices(args: Any) -> int:
     import json
 
+    from specd.desktop.drafters.precision import pick_precision
     from specd.shared.config import default_config_path, load_config
+    from specd.shared.errors import SpecdError
 
     config = load_config(args.config or default_config_path())
     rows = probe_devices(config)
+    precisions = {}
+    for row in rows:
+        if row.available:
+            with contextlib.suppress(SpecdError):  # a draft model that is not there: `specd chat` says why
+                precisions[row.id] = pick_precision(row, config, read_only=True)
     if args.json:
-        print(json.dumps([row.to_json() for row in rows], indent=2))
+        print(json.dumps([row.to_json() | precision_fields(precisions.get(row.id)) for row in rows], indent=2))
     else:
-        print(format_table(rows))
+        print(format_table(rows, precisions))
     return 0
+
+
+def precision_fields(pick: Any) -> dict[str, Any]:
+    """The ``--json`` fields of a row's draft precision (null for a device that cannot run the draft)."""
+    return {"draft_precision": pick.precision if pick else None,
+            "draft_precision_reason": pick.reason if pick else None,
+            "draft_precision_source": pick.source if pick else None}

@@ -179,6 +179,14 @@ class DesktopApp(QObject):
             self.notify("No draft model", f"Answers are cloud-only: {setup.drafter_error}")
         self._show_status()
         await self.connect()
+        if self.client is setup.client and setup.client.connected and choice is not None:
+            # draft_precision "auto": on a first connection, build and measure the candidates (with progress).
+            from specd.desktop.commands.draft_precision import settle_precision
+
+            try:
+                await settle_precision(setup, self.config, progress)
+            finally:
+                self.window.show_progress(None)
 
     def _build_client(self, progress: Callable[[str], None]) -> Any:
         build = self._build
