@@ -41,10 +41,10 @@ class RecordingController(GammaController):
         self.rounds: list[MeasuredRound] = []
 
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
-                      verify_ms: float) -> None:
+                      verify_ms: float, **more: Any) -> None:
         self.rounds.append(MeasuredRound(drafted, accepted, draft_ms, network_ms, verify_ms))
         super().observe_round(drafted=drafted, accepted=accepted, draft_ms=draft_ms, network_ms=network_ms,
-                              verify_ms=verify_ms)
+                              verify_ms=verify_ms, **more)  # whatever else the controller observes
 
 
 @dataclass(frozen=True, slots=True)
