@@ -6,8 +6,8 @@ those rounds are replayed into a fresh :class:`~specd.desktop.client.adaptive.Ga
 candidate, and its expected tokens per round over its round time at the best γ — the very figure the
 controller maximises each round — gives the candidate's tokens per second. The round trip and the
 verifier's cost do not depend on the draft, so they come from every candidate's rounds pooled (one
-estimate "at the measured round trip"); acceptance per position and draft time per token are each
-candidate's own.
+estimate "at the measured round trip"); acceptance per position and the mean draft time per token are
+each candidate's own.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ class RecordingController(GammaController):
         self.rounds: list[MeasuredRound] = []
 
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
-                      verify_ms: float) -> None:
+                      verify_ms: float, **more: Any) -> None:
         self.rounds.append(MeasuredRound(drafted, accepted, draft_ms, network_ms, verify_ms))
         super().observe_round(drafted=drafted, accepted=accepted, draft_ms=draft_ms, network_ms=network_ms,
-                              verify_ms=verify_ms)
+                              verify_ms=verify_ms, **more)  # whatever else the controller observes
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +108,8 @@ def rank_candidates(measured: list[CandidateFigures], gamma_max: int) -> list[Ra
     ranked = []
     for candidate in usable:
         own = replay(candidate.rounds, gamma_max)
-        estimate = replace(pooled, alpha=own.alpha, draft_ms_per_token=own.estimate().draft_ms_per_token)
+        # The mean draft time over every round measured (the controller's running value follows the last ones).
+        estimate = replace(pooled, alpha=own.alpha, draft_ms_per_token=candidate.draft_ms_per_token)
         h = own.position_acceptance()
         best_gamma, best_rate = 1, -1.0
         for gamma in range(1, gamma_max + 1):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from dataclasses import replace
 
 import msgspec
@@ -90,6 +91,7 @@ async def settle_precision(setup: ClientSetup, config: Config,
             return PrecisionPick(record["precision"], record["reason"], "measured")
         if record["target"] != target:
             say(f"{path} was measured against {record['target']}; measuring again against {target}")
+    started = time.perf_counter()
     measured = await _measure(client, row, config, choices, welcome.model, say)
     if measured is None:
         return PrecisionPick(client.drafter.precision, client.drafter.precision_reason, "default")
@@ -99,7 +101,7 @@ async def settle_precision(setup: ClientSetup, config: Config,
                         "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                         "prompts": len(MEASURE_PROMPTS), "max_new_tokens": MEASURE_TOKENS,
                         "candidates": [c.to_json() for c in ranked], "failed": failed})
-    say(f"Draft precision: {reason} (recorded in {path})")
+    say(f"Draft precision: {reason} (chosen in {time.perf_counter() - started:.0f} s, recorded in {path})")
     return PrecisionPick(ranked[0].precision, reason, "measured")
 
 
