@@ -16,7 +16,7 @@ from specd.desktop.client.precision_ranking import (
     RecordingController,
     rank_candidates,
 )
-from specd.desktop.commands.draft_precision import choice_reason
+from specd.desktop.commands.draft_precision import choice_reason, measure_settings
 from specd.desktop.drafters.devices import DeviceRow
 from specd.desktop.drafters.precision import (
     DEFAULT_PRECISION,
@@ -103,6 +103,13 @@ def test_the_recording_controller_keeps_what_it_observes_and_still_adapts():
         controller.observe_round(drafted=4, accepted=4, draft_ms=4.0, network_ms=0.5, verify_ms=10.0)
     assert controller.rounds == [MeasuredRound(4, 4, 4.0, 0.5, 10.0)] * 10
     assert controller.alpha > 0.9 and controller.choose() > 4  # every draft accepted: longer rounds pay
+
+
+def test_a_measuring_answer_is_verified_rounds_only_whatever_the_config_says():
+    config = load_config(None)
+    assert config.speculation.mode_switching and config.speculation.pipeline
+    settings = measure_settings(config)
+    assert not settings.mode_switching and not settings.pipeline and settings.gamma is None
 
 
 def test_the_reason_names_every_candidate_with_its_figures():

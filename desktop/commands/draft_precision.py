@@ -160,9 +160,10 @@ def choice_reason(ranked: list[RankedCandidate], device: str, target: str) -> st
 
 
 def measure_settings(config: Config) -> Settings:
-    """The config's sampling, short answers, adaptive γ; no drafting ahead (plain rounds time the network)."""
+    """The config's sampling, short answers, adaptive γ; no drafting ahead (plain rounds time the network) and
+    no stretches streamed by the verifier alone (every token of a measuring answer is a verified round)."""
     return replace(Settings.from_config(config), max_new_tokens=MEASURE_TOKENS, seed=MEASURE_SEED, gamma=None,
-                   pipeline=False)
+                   pipeline=False, mode_switching=False)
 
 
 async def measure_candidate(client: EdgeClient, drafter: Drafter, settings: Settings) -> tuple[MeasuredRound, ...]:
