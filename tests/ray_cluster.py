@@ -90,9 +90,10 @@ class LocalCluster:
         return sorted(ports)
 
     def wait_for_replicas(self, replicas: int, timeout: float = 60.0) -> None:
-        """Until the ingress routes to ``replicas`` replicas (HAProxy's config follows serve.run a little later)."""
+        """Until the ingress routes to ``replicas`` replicas (both learn of them a little after serve.run returns)."""
         if self.ingress != "haproxy":
-            return  # Serve's proxy learns of them before serve.run returns
+            time.sleep(3.0)  # serve.run has returned: the replicas run; the proxy's router learns of them by long poll
+            return
         deadline = time.monotonic() + timeout
         while len(self.replica_ports()) != replicas:
             if time.monotonic() > deadline:
