@@ -121,7 +121,8 @@ def summary(results: dict) -> dict:
                                                       - daemon["outside_verifier_p50_ms"], 2),
                "sessions_per_replica_2": sorted(two.replicas.values()),
                # the CPU the replicas got in all (cores): what the machine's other users left them
-               "replica_cores_1": one.cpu_s_per_s.get("replicas", 0.0), "replica_cores_2": two.cpu_s_per_s.get("replicas", 0.0)}
+               "replica_cores_1": one.cpu_s_per_s.get("replicas", 0.0),
+               "replica_cores_2": two.cpu_s_per_s.get("replicas", 0.0)}
         if "latency_replica_port" in got:
             row |= {f"replica_port_{key}": value for key, value in latency_figures(got["latency_replica_port"]).items()}
         figures[ingress] = row
