@@ -10,9 +10,10 @@ ingress, tests/ray_cluster.py) gets its own local cluster in the same run. Figur
 
 - aggregate verified tokens/s with ``--sessions`` concurrent sessions: 1 replica, 2 replicas (ratio);
 - per-round latency (send to verdict, one session, p50) through the ingress against the standalone
-  ``specd-verifier`` in the same run: the ingress's added latency per round, split into the verifier's
-  own time (queue + forward, from the verdict) and the rest (transport, proxy, session driver); for
-  HAProxy also straight to the replica's own port, which isolates HAProxy's hop;
+  ``specd-verifier``, running beside the cluster and measured in turns with it (three windows each, so
+  both see the same load from the machine's other users): the ingress's added latency per round, split
+  into the verifier's own time (queue + forward, from the verdict) and the rest (transport, proxy,
+  session driver); for HAProxy also straight to the replica's own port, which isolates HAProxy's hop;
 - CPU seconds per second during each window: clients, replicas, proxy, Ray's daemons, other users.
 """
 
@@ -29,10 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*, benchmarks.*, run from a checkout
 
-from benchmarks.replay_sessions import GAMMA, KEY, Measured, measure
+from benchmarks.replay_sessions import GAMMA, KEY, Measured, measure, merged
 from tests.ray_cluster import INGRESSES, free_port, haproxy_missing, local_cluster
 
 MODEL = "smollm2-135m-instruct"
+LATENCY_TURNS = 3  # latency windows per target, alternating daemon / ingress (/ replica port)
 
 
 def prompt_for(index: int, tokenizer) -> list[int]:
@@ -41,7 +43,17 @@ def prompt_for(index: int, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def run_ingress(ingress: str, folder: Path, fingerprint: str, prompts: list[list[int]], duration_s: float) -> dict:
+def paired_latency(targets: dict[str, str], fingerprint: str, prompt: list[int], duration_s: float) -> dict:
+    """One session on each target in turns (LATENCY_TURNS windows each), so that all see the same machine load."""
+    parts: dict[str, list[Measured]] = {key: [] for key in targets}
+    for _turn in range(LATENCY_TURNS):
+        for key, url in targets.items():
+            parts[key].append(asyncio.run(measure(url, fingerprint, [prompt], duration_s / LATENCY_TURNS)))
+    return {key: merged(runs).__dict__ for key, runs in parts.items()}
+
+
+def run_ingress(ingress: str, folder: Path, fingerprint: str, prompts: list[list[int]], duration_s: float,
+                daemon_url: str) -> dict:
     from ray import serve
 
     from specd.daemon.ray_serve import APP_NAME, build_app
@@ -50,7 +62,6 @@ def run_ingress(ingress: str, folder: Path, fingerprint: str, prompts: list[list
     out: dict = {}
     env = {"SPECD_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with local_cluster(ingress, free_port(), env) as cluster:
-        url = cluster.url
         for replicas in (1, 2):
             serve.run(build_app({"overrides": {"models": {"target": str(folder)}, "server": {"device": "cpu"},
                                                "limits": {"max_sessions": sessions}}, "threads": 1,
@@ -58,15 +69,13 @@ def run_ingress(ingress: str, folder: Path, fingerprint: str, prompts: list[list
                       name=APP_NAME, route_prefix="/")
             cluster.wait_for_replicas(replicas)
             if replicas == 1:
-                print(f"{ingress}, 1 replica: 1 session (latency)", flush=True)
-                out["latency"] = asyncio.run(measure(url, fingerprint, prompts[:1], duration_s)).__dict__
-                if ingress == "haproxy":
-                    direct = f"ws://127.0.0.1:{cluster.replica_ports()[0]}"
-                    print(f"{ingress}, 1 replica: 1 session straight to the replica's port (latency)", flush=True)
-                    out["latency_replica_port"] = asyncio.run(measure(direct, fingerprint, prompts[:1],
-                                                                      duration_s)).__dict__
+                targets = {"daemon": daemon_url, "latency": cluster.url}
+                if ingress == "haproxy":  # straight to the replica's own port: HAProxy's hop alone
+                    targets["latency_replica_port"] = f"ws://127.0.0.1:{cluster.replica_ports()[0]}"
+                print(f"{ingress}, 1 replica: 1 session, in turns on {', '.join(targets)} (latency)", flush=True)
+                out |= paired_latency(targets, fingerprint, prompts[0], duration_s)
             print(f"{ingress}, {replicas} replica(s): {sessions} sessions", flush=True)
-            out[f"replicas_{replicas}"] = asyncio.run(measure(url, fingerprint, prompts, duration_s)).__dict__
+            out[f"replicas_{replicas}"] = asyncio.run(measure(cluster.url, fingerprint, prompts, duration_s)).__dict__
     return out
 
 
@@ -85,46 +94,44 @@ def run(sessions: int, duration_s: float, ingresses: list[str]) -> dict:
                      "load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="specd-ray-bench-") as tmp:
         daemon = DaemonProcess(folder, Path(tmp), args=("--max-sessions", str(sessions)))
-        daemon.start(timeout=300)
+        daemon.start(timeout=300)  # idle between its latency windows, which alternate with each ingress's
         try:
-            print("standalone daemon: 1 session (latency)", flush=True)
-            results["daemon"] = {"latency": asyncio.run(measure(daemon.url, fingerprint, prompts[:1],
-                                                                duration_s)).__dict__}
+            for ingress in ingresses:
+                results[ingress] = run_ingress(ingress, folder, fingerprint, prompts, duration_s, daemon.url)
         finally:
             daemon.stop()
-    for ingress in ingresses:
-        results[ingress] = run_ingress(ingress, folder, fingerprint, prompts, duration_s)
     results["load_average_after"] = os.getloadavg()
     return results
 
 
-def latency_figures(got: Measured) -> dict:
+def latency_figures(got: Measured, prefix: str = "") -> dict:
     """p50s of one session's rounds: the whole round, the verifier's forward, the rest (outside the verifier)."""
-    return {"round_p50_ms": round(got.p50(got.latencies_ms), 2), "forward_p50_ms": round(got.p50(got.forward_ms), 2),
-            "outside_verifier_p50_ms": round(got.p50(got.outside_ms), 2)}
+    return {f"{prefix}round_p50_ms": round(got.p50(got.latencies_ms), 2),
+            f"{prefix}forward_p50_ms": round(got.p50(got.forward_ms), 2),
+            f"{prefix}outside_verifier_p50_ms": round(got.p50(got.outside_ms), 2)}
 
 
 def summary(results: dict) -> dict:
-    daemon = latency_figures(Measured(**results["daemon"]["latency"]))
-    figures: dict = {"daemon": daemon}
+    figures: dict = {}
     for ingress in INGRESSES:
         if ingress not in results:
             continue
         got = {key: Measured(**value) for key, value in results[ingress].items()}
         one, two = got["replicas_1"], got["replicas_2"]
-        latency = latency_figures(got["latency"])
+        latency, daemon = latency_figures(got["latency"]), latency_figures(got["daemon"], "daemon_")
         row = {"tokens_per_s_1_replica": round(one.tokens_per_s, 1),
                "tokens_per_s_2_replicas": round(two.tokens_per_s, 1),
-               "scaling": round(two.tokens_per_s / one.tokens_per_s, 3), **latency,
-               "added_p50_ms": round(latency["round_p50_ms"] - daemon["round_p50_ms"], 2),
-               "outside_verifier_added_p50_ms": round(latency["outside_verifier_p50_ms"]
-                                                      - daemon["outside_verifier_p50_ms"], 2),
+               "scaling": round(two.tokens_per_s / one.tokens_per_s, 3),
                "sessions_per_replica_2": sorted(two.replicas.values()),
                # the CPU the replicas got in all (cores): what the machine's other users left them
                "replica_cores_1": one.cpu_s_per_s.get("replicas", 0.0),
-               "replica_cores_2": two.cpu_s_per_s.get("replicas", 0.0)}
+               "replica_cores_2": two.cpu_s_per_s.get("replicas", 0.0),
+               **daemon, **latency,
+               "added_p50_ms": round(latency["round_p50_ms"] - daemon["daemon_round_p50_ms"], 2),
+               "outside_verifier_added_p50_ms": round(latency["outside_verifier_p50_ms"]
+                                                      - daemon["daemon_outside_verifier_p50_ms"], 2)}
         if "latency_replica_port" in got:
-            row |= {f"replica_port_{key}": value for key, value in latency_figures(got["latency_replica_port"]).items()}
+            row |= latency_figures(got["latency_replica_port"], "replica_port_")
         figures[ingress] = row
     return figures
 
@@ -133,11 +140,10 @@ def report_lines(command: str, machine: str, figures: dict, results: dict) -> li
     ingresses = [name for name in INGRESSES if name in figures]
     keys = list(dict.fromkeys(key for name in ingresses for key in figures[name]))
     lines = ["# Ray Serve scale-out", "", f"Command: `{command}`", "", f"Machine: {machine}.", "",
-             "Standalone daemon, 1 session: " + ", ".join(f"{k} {v}" for k, v in figures["daemon"].items()), "",
              "| figure | " + " | ".join(ingresses) + " |", "|---|" + "---|" * len(ingresses)]
     lines += [f"| {key} | " + " | ".join(str(figures[name].get(key, "")) for name in ingresses) + " |" for key in keys]
     lines += ["", "CPU seconds per second during each window (2 cores = 2.0; `clients` includes the Ray driver):", ""]
-    for name in ("daemon", *ingresses):
+    for name in ingresses:
         for phase, value in results[name].items():
             lines.append(f"- {name} / {phase}: load {value['load_average']:.2f}, rounds {value['rounds']}, "
                          f"discarded {value['discarded']}: "

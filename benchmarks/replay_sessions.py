@@ -190,3 +190,22 @@ async def measure(url: str, fingerprint: str, prompts: list[list[int]], duration
     kinds["other_users"] = kinds["machine"] - sum(v for k, v in kinds.items() if k != "machine")
     out.cpu_s_per_s = {kind: round(value, 3) for kind, value in sorted(kinds.items())}
     return out
+
+
+def merged(parts: list[Measured]) -> Measured:
+    """Several windows on one target as one: counts and samples added, CPU and load averaged."""
+    out = Measured(load_average=statistics.fmean(part.load_average for part in parts))
+    for part in parts:
+        out.tokens += part.tokens
+        out.rounds += part.rounds
+        out.discarded += part.discarded
+        out.elapsed_s += part.elapsed_s
+        out.latencies_ms += part.latencies_ms
+        out.outside_ms += part.outside_ms
+        out.forward_ms += part.forward_ms
+        for server, count in part.replicas.items():
+            out.replicas[server] = out.replicas.get(server, 0) + count
+    kinds = {kind for part in parts for kind in part.cpu_s_per_s}
+    out.cpu_s_per_s = {kind: round(statistics.fmean(part.cpu_s_per_s.get(kind, 0.0) for part in parts), 3)
+                       for kind in sorted(kinds)}
+    return out
