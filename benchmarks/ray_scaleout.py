@@ -1,15 +1,20 @@
 """Scale-out benchmark: the verifier as a Ray Serve application, one and two replicas, against the daemon.
 
-    .venv/bin/python benchmarks/ray_scaleout.py --sessions 8 --duration 20 --report benchmarks/ray-scaleout.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_scaleout.py --sessions 8 --duration 15 \\
+        --report benchmarks/ray-scaleout.md
 
-The embedded target (SmolLM2-135M-Instruct, fp32), one CPU core and one torch thread per replica.
-Drafts are replayed: each session first asks the verifier for the greedy answer to its prompt
-(cloud-only), then runs speculative requests whose drafts are that answer, γ at a time — every draft is
-accepted, the edge costs nothing, and each verdict is checked against the replayed answer. Figures:
+The embedded target (SmolLM2-135M-Instruct, fp32), one CPU core and one torch thread per replica, replayed
+drafts (benchmarks/replay_sessions.py: every session measures the same window after every warm-up).
+Each of Serve's ingresses (``--ingress``, default both: Serve's Python proxy and HAProxy with direct
+ingress, tests/ray_cluster.py) gets its own local cluster in the same run. Figures per ingress:
 
 - aggregate verified tokens/s with ``--sessions`` concurrent sessions: 1 replica, 2 replicas (ratio);
-- per-round latency (send to verdict, one session, p50) through Serve's proxy against the standalone
-  ``specd-verifier`` in the same run: the proxy's added latency per round.
+- per-round latency (send to verdict, one session, p50) through the ingress against the standalone
+  ``specd-verifier``, running beside the cluster and measured in turns with it (three windows each, so
+  both see the same load from the machine's other users): the ingress's added latency per round, split
+  into the verifier's own time (queue + forward, from the verdict) and the rest (transport, proxy,
+  session driver); for HAProxy also straight to the replica's own port, which isolates HAProxy's hop;
+- CPU seconds per second during each window: clients, replicas, proxy, Ray's daemons, other users.
 """
 
 from __future__ import annotations
@@ -19,42 +24,17 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import statistics
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.daemon_process, run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*, benchmarks.*, run from a checkout
 
-from websockets.asyncio.client import connect
-
-from specd.shared import messages as m
-from specd.shared.protocol import ClientSession, RequestStarted, RoundDiscarded, RoundVerdict, TokensStreamed
+from benchmarks.replay_sessions import GAMMA, KEY, Measured, measure, merged
+from tests.ray_cluster import INGRESSES, free_port, haproxy_missing, local_cluster
 
 MODEL = "smollm2-135m-instruct"
-KEY = "benchmark-key"
-GAMMA = 4
-ANSWER_TOKENS = 64
-GREEDY = m.Sampling(temperature=0.0, top_p=1.0)
-
-
-@dataclass
-class Measured:
-    tokens: int = 0
-    rounds: int = 0
-    discarded: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.elapsed_s if self.elapsed_s else 0.0
-
-    def p50(self) -> float:
-        return statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
+LATENCY_TURNS = 3  # latency windows per target, alternating daemon / ingress (/ replica port)
 
 
 def prompt_for(index: int, tokenizer) -> list[int]:
@@ -63,70 +43,45 @@ def prompt_for(index: int, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-async def reference_answer(ws, session: ClientSession, prompt: list[int]) -> list[int]:
-    """The verifier's own greedy continuation (cloud-only), the drafts every later round replays."""
-    await ws.send(session.start(prompt, max_new_tokens=ANSWER_TOKENS, sampling=GREEDY, seed=0, stop=[],
-                                mode="cloud"))
-    tokens: list[int] = []
-    while not session.finished:
-        for event in session.receive(await ws.recv()):
-            if isinstance(event, TokensStreamed):
-                tokens += event.tokens.tokens
-    return tokens
+def paired_latency(targets: dict[str, str], fingerprint: str, prompt: list[int], duration_s: float) -> dict:
+    """One session on each target in turns (LATENCY_TURNS windows each), so that all see the same machine load."""
+    parts: dict[str, list[Measured]] = {key: [] for key in targets}
+    for _turn in range(LATENCY_TURNS):
+        for key, url in targets.items():
+            parts[key].append(asyncio.run(measure(url, fingerprint, [prompt], duration_s / LATENCY_TURNS)))
+    return {key: merged(runs).__dict__ for key, runs in parts.items()}
 
 
-async def replay(url: str, fingerprint: str, prompt: list[int], duration_s: float, out: Measured) -> None:
-    """Speculative requests back to back for ``duration_s`` after the warm-up; every draft is the reference."""
-    async with connect(url, compression=None, max_size=None, additional_headers={"Authorization": f"Bearer {KEY}"},
-                       open_timeout=60) as ws:
-        session = ClientSession(tokenizer=fingerprint, client="specd-bench-ray")
-        await ws.send(session.hello())
-        session.receive(await ws.recv())
-        answer = await reference_answer(ws, session, prompt)
-        deadline = time.monotonic() + duration_s  # the warm-up (the reference answer) is not measured
-        while time.monotonic() < deadline:
-            await ws.send(session.start(prompt, max_new_tokens=len(answer), sampling=GREEDY, seed=0, stop=[],
-                                        mode="speculative"))
-            done = 0
-            sent: float | None = None  # one round in flight at a time
-            while not session.finished:
-                if sent is None:
-                    _round, frame = session.draft(answer[done:done + GAMMA])
-                    sent = time.perf_counter()
-                    await ws.send(frame)
-                for event in session.receive(await ws.recv()):
-                    if isinstance(event, RoundVerdict):
-                        out.latencies_ms.append((time.perf_counter() - (sent or 0.0)) * 1000.0)
-                        assert event.new_tokens == answer[done:done + len(event.new_tokens)], "a verdict differs"
-                        done += len(event.new_tokens)
-                        out.tokens += len(event.new_tokens)
-                        out.rounds += 1
-                        sent = None
-                    elif isinstance(event, RoundDiscarded):
-                        out.discarded += 1  # counted and reported: drafted again at the committed position
-                        sent = None
-                    elif not isinstance(event, RequestStarted):
-                        raise AssertionError(f"unexpected {event!r}")
+def run_ingress(ingress: str, folder: Path, fingerprint: str, prompts: list[list[int]], duration_s: float,
+                daemon_url: str) -> dict:
+    from ray import serve
 
+    from specd.daemon.ray_serve import APP_NAME, build_app
 
-async def measure(url: str, fingerprint: str, prompts: list[list[int]], duration_s: float) -> Measured:
-    out = Measured(elapsed_s=duration_s)  # each session measures duration_s after its own warm-up
-    await asyncio.gather(*(replay(url, fingerprint, p, duration_s, out) for p in prompts))
+    sessions = len(prompts)
+    out: dict = {}
+    env = {"SPECD_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with local_cluster(ingress, free_port(), env) as cluster:
+        for replicas in (1, 2):
+            serve.run(build_app({"overrides": {"models": {"target": str(folder)}, "server": {"device": "cpu"},
+                                               "limits": {"max_sessions": sessions}}, "threads": 1,
+                                 "deployment": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1}}}),
+                      name=APP_NAME, route_prefix="/")
+            cluster.wait_for_replicas(replicas)
+            if replicas == 1:
+                targets = {"daemon": daemon_url, "latency": cluster.url}
+                if ingress == "haproxy":  # straight to the replica's own port: HAProxy's hop alone
+                    targets["latency_replica_port"] = f"ws://127.0.0.1:{cluster.replica_ports()[0]}"
+                print(f"{ingress}, 1 replica: 1 session, in turns on {', '.join(targets)} (latency)", flush=True)
+                out |= paired_latency(targets, fingerprint, prompts[0], duration_s)
+            print(f"{ingress}, {replicas} replica(s): {sessions} sessions", flush=True)
+            out[f"replicas_{replicas}"] = asyncio.run(measure(cluster.url, fingerprint, prompts, duration_s)).__dict__
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def run(sessions: int, duration_s: float) -> dict:
-    import ray
-    from ray import serve
+def run(sessions: int, duration_s: float, ingresses: list[str]) -> dict:
     from transformers import AutoTokenizer
 
-    from specd.daemon.ray_serve import APP_NAME, build_app
     from specd.shared.fingerprint import tokenizer_fingerprint
     from specd.shared.models import ensure_hf_folder
     from tests.daemon_process import DaemonProcess
@@ -135,72 +90,92 @@ def run(sessions: int, duration_s: float) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     fingerprint = tokenizer_fingerprint(tokenizer)
     prompts = [prompt_for(i, tokenizer) for i in range(sessions)]
-    results: dict = {"sessions": sessions, "duration_s": duration_s, "gamma": GAMMA, "model": MODEL}
+    results: dict = {"sessions": sessions, "duration_s": duration_s, "gamma": GAMMA, "model": MODEL,
+                     "load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="specd-ray-bench-") as tmp:
         daemon = DaemonProcess(folder, Path(tmp), args=("--max-sessions", str(sessions)))
-        daemon.start(timeout=300)
+        daemon.start(timeout=300)  # idle between its latency windows, which alternate with each ingress's
         try:
-            print("standalone daemon: 1 session (latency)", flush=True)
-            results["daemon_1"] = asyncio.run(measure(daemon.url, fingerprint, prompts[:1], duration_s)).__dict__
+            for ingress in ingresses:
+                results[ingress] = run_ingress(ingress, folder, fingerprint, prompts, duration_s, daemon.url)
         finally:
             daemon.stop()
-        port = free_port()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"SPECD_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            url = f"ws://127.0.0.1:{port}"
-            for replicas in (1, 2):
-                serve.run(build_app({"overrides": {"models": {"target": str(folder)}, "server": {"device": "cpu"},
-                                                   "limits": {"max_sessions": sessions}}, "threads": 1,
-                                     "deployment": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1}}}),
-                          name=APP_NAME, route_prefix="/")
-                if replicas == 1:
-                    print("ray, 1 replica: 1 session (latency)", flush=True)
-                    results["ray1_1"] = asyncio.run(measure(url, fingerprint, prompts[:1], duration_s)).__dict__
-                print(f"ray, {replicas} replica(s): {sessions} sessions", flush=True)
-                results[f"ray{replicas}_{sessions}"] = asyncio.run(
-                    measure(url, fingerprint, prompts, duration_s)).__dict__
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    results["load_average_after"] = os.getloadavg()
     return results
 
 
-def summary(results: dict) -> dict:
-    def stat(key: str) -> Measured:
-        return Measured(**results[key])
+def latency_figures(got: Measured, prefix: str = "") -> dict:
+    """p50s of one session's rounds: the whole round, the verifier's forward, the rest (outside the verifier)."""
+    return {f"{prefix}round_p50_ms": round(got.p50(got.latencies_ms), 2),
+            f"{prefix}forward_p50_ms": round(got.p50(got.forward_ms), 2),
+            f"{prefix}outside_verifier_p50_ms": round(got.p50(got.outside_ms), 2)}
 
-    n = results["sessions"]
-    one, two = stat(f"ray1_{n}"), stat(f"ray2_{n}")
-    daemon, proxied = stat("daemon_1"), stat("ray1_1")
-    return {"tokens_per_s_1_replica": round(one.tokens_per_s, 1), "tokens_per_s_2_replicas": round(two.tokens_per_s, 1),
-            "scaling": round(two.tokens_per_s / one.tokens_per_s, 3),
-            "round_p50_ms_daemon": round(daemon.p50(), 2), "round_p50_ms_ray": round(proxied.p50(), 2),
-            "proxy_added_p50_ms": round(proxied.p50() - daemon.p50(), 2),
-            "discarded": {k: results[k]["discarded"] for k in ("daemon_1", "ray1_1", f"ray1_{n}", f"ray2_{n}")},
-            "rounds": {k: results[k]["rounds"] for k in ("daemon_1", "ray1_1", f"ray1_{n}", f"ray2_{n}")}}
+
+def summary(results: dict) -> dict:
+    figures: dict = {}
+    for ingress in INGRESSES:
+        if ingress not in results:
+            continue
+        got = {key: Measured(**value) for key, value in results[ingress].items()}
+        one, two = got["replicas_1"], got["replicas_2"]
+        latency, daemon = latency_figures(got["latency"]), latency_figures(got["daemon"], "daemon_")
+        row = {"tokens_per_s_1_replica": round(one.tokens_per_s, 1),
+               "tokens_per_s_2_replicas": round(two.tokens_per_s, 1),
+               "scaling": round(two.tokens_per_s / one.tokens_per_s, 3),
+               "sessions_per_replica_2": sorted(two.replicas.values()),
+               # the CPU the replicas got in all (cores): what the machine's other users left them
+               "replica_cores_1": one.cpu_s_per_s.get("replicas", 0.0),
+               "replica_cores_2": two.cpu_s_per_s.get("replicas", 0.0),
+               **daemon, **latency,
+               "added_p50_ms": round(latency["round_p50_ms"] - daemon["daemon_round_p50_ms"], 2),
+               "outside_verifier_added_p50_ms": round(latency["outside_verifier_p50_ms"]
+                                                      - daemon["daemon_outside_verifier_p50_ms"], 2)}
+        if "latency_replica_port" in got:
+            row |= latency_figures(got["latency_replica_port"], "replica_port_")
+        figures[ingress] = row
+    return figures
+
+
+def report_lines(command: str, machine: str, figures: dict, results: dict) -> list[str]:
+    ingresses = [name for name in INGRESSES if name in figures]
+    keys = list(dict.fromkeys(key for name in ingresses for key in figures[name]))
+    lines = ["# Ray Serve scale-out", "", f"Command: `{command}`", "", f"Machine: {machine}.", "",
+             "| figure | " + " | ".join(ingresses) + " |", "|---|" + "---|" * len(ingresses)]
+    lines += [f"| {key} | " + " | ".join(str(figures[name].get(key, "")) for name in ingresses) + " |" for key in keys]
+    lines += ["", "CPU seconds per second during each window (2 cores = 2.0; `clients` includes the Ray driver):", ""]
+    for name in ingresses:
+        for phase, value in results[name].items():
+            lines.append(f"- {name} / {phase}: load {value['load_average']:.2f}, rounds {value['rounds']}, "
+                         f"discarded {value['discarded']}: "
+                         + ", ".join(f"{kind} {cpu}" for kind, cpu in value["cpu_s_per_s"].items()))
+    lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per measurement window")
+    parser.add_argument("--ingress", choices=INGRESSES, action="append",
+                        help="Serve's ingress to measure (repeatable; default: both)")
     parser.add_argument("--report", type=Path, help="write the figures here (.md; a .json beside it)")
     args = parser.parse_args(argv)
+    ingresses = args.ingress or list(INGRESSES)
+    if "haproxy" in ingresses and (reason := haproxy_missing()):
+        parser.error(f"--ingress haproxy: {reason}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results = run(args.sessions, args.duration)
+    results = run(args.sessions, args.duration, ingresses)
     figures = summary(results)
     print(json.dumps(figures, indent=2))
+    before, after = results["load_average_before"], results["load_average_after"]
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores; load average (1, 5, 15 min) before the run "
+               f"{before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} "
+               "(the benchmark itself keeps about 1-2 busy); other users' CPU per window below")
     if args.report:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, shared with other engineers' jobs during the run"
         args.report.with_suffix(".json").write_text(json.dumps({"summary": figures, "raw": results, "machine": machine},
                                                                indent=1) + "\n")
-        lines = ["# Ray Serve scale-out", "", f"Command: `{' '.join(['.venv/bin/python', *sys.argv])}`", "",
-                 f"Machine: {machine}.", "", "| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in figures.items() if k not in ("rounds", "discarded")]
-        lines += ["", f"Rounds measured: {figures['rounds']}; discarded: {figures['discarded']}", ""]
-        args.report.write_text("\n".join(lines))
+        command = " ".join(["OMP_NUM_THREADS=" + os.environ["OMP_NUM_THREADS"], ".venv/bin/python", *sys.argv])
+        args.report.write_text("\n".join(report_lines(command, machine, figures, results)))
     return 0
 
 

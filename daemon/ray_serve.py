@@ -1,7 +1,9 @@
-"""The verifier as a Ray Serve application: one target model per replica, the WebSocket through Serve's proxy.
+"""The verifier as a Ray Serve application: one target model per replica, the WebSocket through Serve's ingress.
 
-Each replica is a ``Verifier`` that loads its model but binds no port: Serve's HTTP proxy accepts the
-WebSocket at ``/`` (FastAPI ingress), the replica checks the bearer key (HTTP 401 before any model
+Each replica is a ``Verifier`` that loads its model but binds no port of its own: Serve's ingress
+accepts the WebSocket at ``/`` (FastAPI ingress) — HAProxy handing the connection to the replica's own
+HTTP server when the cluster runs with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (the documented setup), else
+Serve's Python proxy relaying each message — the replica checks the bearer key (HTTP 401 before any model
 work), accepts, and hands the socket — wrapped by :class:`AsgiSocket` — to the same
 ``Verifier.serve_connection`` the standalone daemon runs: the same session driver, sans-I/O
 ``ServerSession``, model worker, limits and close codes. A session lives on one replica for its
@@ -86,7 +88,7 @@ class VerifierReplica:
         config = load_config(config_path, overrides)
         self.verifier = Verifier(config)
         if not self.verifier.api_key and not config.server.insecure_no_auth:
-            raise ConfigError(f"a Ray replica serves through the cluster's proxy and needs an API key: set "
+            raise ConfigError(f"a Ray replica serves through the cluster's ingress and needs an API key: set "
                               f"{config.server.api_key_env} on every node (or [server] api_key_file), or "
                               "[server] insecure_no_auth = true to accept unauthenticated clients")
         replica = serve.get_replica_context().replica_id.unique_id

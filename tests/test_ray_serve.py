@@ -1,17 +1,17 @@
 """The verifier as a Ray Serve application (daemon/ray_serve.py) on a local two-replica cluster.
 
-One cluster per module (2 CPUs, half a CPU per replica), two replicas of a tiny target, every client
-through Serve's HTTP proxy: the bearer key is checked with a real HTTP 401, /healthz answers like the
+One cluster per ingress (2 CPUs, half a CPU per replica, tests/ray_cluster.py): Serve's own HTTP proxy
+and HAProxy with direct ingress (the documented one). Two replicas of a tiny target, every client
+through the cluster's ingress: the bearer key is checked with a real HTTP 401, /healthz answers like the
 daemon's, eight concurrent greedy sessions land on both replicas and equal transformers' greedy
 decoding, and killing a replica mid-answer leaves every answer identical to its uninterrupted twin
-(its clients reconnect through the proxy to the other replica and resume).
+(its clients reconnect through the ingress to the other replica and resume).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ from specd.shared.errors import ERROR_RULES, CloseCode, ErrorCode
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.sampling import SamplingParams
 from tests.daemon_support import greedy_reference
+from tests.ray_cluster import INGRESSES, free_port, haproxy_missing, local_cluster
 from tests.tiny_models import save_tiny_model, tiny_llama
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -59,31 +60,23 @@ class Cluster:
         return f"ws://127.0.0.1:{self.port}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Cluster:
+@pytest.fixture(scope="module", params=INGRESSES)
+def cluster(request, tmp_path_factory) -> Cluster:
+    ingress = request.param
+    if ingress == "haproxy" and (reason := haproxy_missing()):
+        pytest.skip(f"the HAProxy ingress cannot run here: {reason}")
     target = save_tiny_model(tmp_path_factory.mktemp("target"), seed=1)
     draft = save_tiny_model(tmp_path_factory.mktemp("draft"), seed=2)
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"SPECD_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    env = {"SPECD_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with local_cluster(ingress, free_port(), env) as local:
         serve.run(build_app({
             "overrides": {"models": {"target": str(target)}, "server": {"device": "cpu"},
                           "limits": {"max_sessions": SESSIONS}},
             "threads": 1,
             "deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}},
         }), name=APP_NAME, route_prefix="/")
-        yield Cluster(port=port, target=target, draft=draft)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        local.wait_for_replicas(2)
+        yield Cluster(port=local.port, target=target, draft=draft)
 
 
 @pytest.fixture(scope="module")
