@@ -301,8 +301,11 @@ def test_the_desktop_spec_builds_two_programs_with_the_edge_backends(tmp_path, m
         assert name in excludes, name
     for name in ("torch", "onnxruntime_genai", "openvino", "PySide6"):
         assert name not in excludes, name
-    assert "openvino.stub" in analysis.kwargs["hiddenimports"]
-    assert "onnxruntime_genai" in analysis.kwargs["hiddenimports"]
+    hidden = analysis.kwargs["hiddenimports"]
+    assert "openvino.runtime" in hidden and "openvino.frontend.pytorch.ts_decoder" in hidden
+    assert not any("torchdynamo" in name for name in hidden), "OpenVINO's torch.compile backend is never used"
+    assert "onnxruntime_genai" in hidden and "specd.desktop.ui.app" in hidden
+    assert (Path(analysis.kwargs["hookspath"][0]) / "hook-torch.py").is_file()
     exes = {e.kwargs["name"]: e for e in built["EXE"]}
     assert exes["specd-desktop"].kwargs["console"] is False and exes["specd"].kwargs["console"] is True
     # each program runs its own entry script only
@@ -314,6 +317,29 @@ def test_the_desktop_spec_builds_two_programs_with_the_edge_backends(tmp_path, m
             assert Path(exe.kwargs["version"]).is_file()
     else:
         assert all(e.kwargs["version"] is None for e in exes.values())
+
+
+def test_submodules_walks_the_folders_without_importing(tmp_path):
+    package = tmp_path / "pkg"
+    for folder in ("sub", "skipped", "data"):
+        (package / folder).mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('listing must not import pkg')\n")
+    for name in ("a.py", "sub/__init__.py", "sub/b.py", "skipped/__init__.py", "skipped/c.py", "data/notes.txt",
+                 "_ext.cp311-win_amd64.pyd", "not-a-module.py"):
+        (package / name).write_text("")
+    listed = pyinstaller_shared.submodules("pkg", keep=lambda name: "skipped" not in name, root=tmp_path)
+    assert listed == ["pkg", "pkg._ext", "pkg.a", "pkg.sub", "pkg.sub.b"]
+    namespace = tmp_path / "ns" / "inner"  # no __init__.py anywhere, like the Windows ML projection's winui3
+    namespace.mkdir(parents=True)
+    (namespace / "m.py").write_text("")
+    assert pyinstaller_shared.submodules("ns", root=tmp_path) == ["ns", "ns.inner", "ns.inner.m"]
+    assert pyinstaller_shared.submodules("no_such_package_here") == []
+
+
+def test_submodules_finds_what_pyinstallers_collect_submodules_finds():
+    from PyInstaller.utils.hooks import collect_submodules
+
+    assert pyinstaller_shared.submodules("onnx_ir") == collect_submodules("onnx_ir")
 
 
 def test_the_windows_version_resource_comes_from_the_package(tmp_path):
