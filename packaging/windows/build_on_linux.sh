@@ -111,7 +111,7 @@ if [ ! -f "$bundle/.stamp" ]; then
   # The full log (INFO, with PyInstaller's millisecond clock) goes to the file: where a build's time goes.
   WINE_TIMEOUT=3600 wine_quiet "$winpython/python.exe" -m PyInstaller --noconfirm --log-level INFO \
     --distpath "$(winpath "$bundles/$sources_stamp")" --workpath "$(winpath "$workdir/pyinstaller")" \
-    "$(winpath packaging/windows/specd-desktop.spec)" | tee "$workdir/pyinstaller.log" | drop "^[0-9]+ (INFO|DEBUG)" ||
+    "$(winpath packaging/windows/specd-desktop.spec)" | tee "$workdir/pyinstaller.log" | drop "^[0-9]+ (INFO|DEBUG)|^\[? *'Z:" ||
     die "PyInstaller failed under Wine (output above; the full log is $workdir/pyinstaller.log)"
   reported=$(wine_quiet "$bundle/specd.exe" --version | tr -d '\r' | tail -1)
   [ "$reported" = "specd $version" ] || die "$bundle/specd.exe --version printed '$reported', not 'specd $version'"
