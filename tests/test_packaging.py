@@ -452,7 +452,7 @@ def test_the_installer_is_per_user_and_takes_its_version_from_the_build():
     assert set(sections) >= {"Setup", "Files", "Icons", "Tasks", "Registry", "Run", "UninstallRun", "Code"}
     setup = dict(line.split("=", 1) for line in sections["Setup"])
     assert setup["PrivilegesRequired"] == "lowest"
-    assert setup["DefaultDirName"].startswith("{userpf}\\")
+    assert setup["DefaultDirName"].startswith("{localappdata}\\Programs\\")
     assert setup["CloseApplications"] in ("yes", "force") and setup["RestartApplications"] == "no"
     assert setup["AppVersion"] == "{#AppVersion}" and "{#AppVersion}" in setup["OutputBaseFilename"]
     assert setup["VersionInfoVersion"] == "{#AppVersionNumeric}"
