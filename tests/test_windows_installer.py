@@ -94,10 +94,17 @@ def prefix(installer, tmp_path_factory) -> Prefix:
 
 
 def json_in(output: str) -> object:
-    """The JSON document a program printed, after whatever Wine and the runtimes said first."""
-    starts = [i for i in (output.find("\n["), output.find("\n{")) if i >= 0]
-    start = 0 if output.lstrip().startswith(("[", "{")) else min(starts) + 1
-    return json.JSONDecoder().raw_decode(output[start:].lstrip())[0]
+    """The JSON document a program printed, after whatever Wine, the runtimes and the program said first
+    (`specd chat` prints its answer, then the JSON on the last line; a line such as "[connected] ..." is not
+    JSON)."""
+    starts = [0] + [i + 1 for i, char in enumerate(output) if char == "\n"]
+    for start in starts:
+        if output[start:start + 1] in ("[", "{"):
+            try:
+                return json.JSONDecoder().raw_decode(output[start:])[0]
+            except json.JSONDecodeError:
+                continue
+    raise AssertionError(f"no JSON document in the output:\n{output[-3000:]}")
 
 
 def test_the_installer_puts_the_bundle_and_its_cpp_runtime_in_place(prefix):
