@@ -11,7 +11,7 @@ import importlib.util
 import re
 import shutil
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +73,100 @@ def wanted_transformers_module(name: str, architectures: Iterable[str] = ARCHITE
     return True
 
 
+# What the desktop app never imports on any of its paths (device probe; the torch, ONNX Runtime GenAI and
+# OpenVINO drafters; both conversions, the builder's child process included; the embedded model's first
+# preparation; the UI), found by running them all and recording sys.modules. The Windows bundle leaves them
+# out (its spec's excludes, and packaging/windows/hooks/hook-torch.py). Not among them: torch's compiler
+# stack, torch.distributed and sympy, which transformers' modeling_utils imports.
+TORCH_UNUSED = ("torch._lazy", "torch.contrib", "torch.nativert", "torch.utils.benchmark", "torch.utils.hipify",
+                "torch.utils.model_dump", "torch.utils.viz", "torch.ao.ns", "torch.ao.pruning")
+DESKTOP_UNUSED = [*TORCH_UNUSED, "networkx", "onnxruntime.backend", "onnxruntime.datasets", "onnxruntime.tools",
+                  *_TRANSFORMERS_SKIP]
+# Model families transformers itself (GGUF loading, modeling_utils) or the ONNX Runtime GenAI builder
+# imports whatever the model, besides the ARCHITECTURES a bundle loads.
+TRANSFORMERS_IMPORTED = ("auto", "encoder_decoder", "gpt2", "t5", "gemma3", "lfm2_vl", "mistral3", "qwen2_5_vl",
+                         "qwen3_5", "qwen3_5_moe", "qwen3_vl")
+
+
+def wanted_torch_module(name: str) -> bool:
+    """Whether the desktop bundle needs ``name``, a module of torch."""
+    return not any(name == unused or name.startswith(unused + ".") for unused in TORCH_UNUSED)
+
+
 def transformers_hiddenimports(architectures: Iterable[str] = ARCHITECTURES) -> list[str]:
     """transformers' own modules (imported lazily by name) and those of the chosen model families."""
-    from PyInstaller.utils.hooks import collect_submodules
-
     architectures = tuple(architectures)
-    return collect_submodules("transformers", filter=lambda name: wanted_transformers_module(name, architectures))
+    return submodules("transformers", keep=lambda name: wanted_transformers_module(name, architectures))
+
+
+def transformers_unused(architectures: Iterable[str] = ARCHITECTURES) -> list[str]:
+    """The transformers packages a bundle leaves out (for ``excludes``): the model families it does not load.
+
+    Hidden imports alone do not keep them out: ``transformers/models/__init__.py`` imports every family
+    under ``TYPE_CHECKING``, which PyInstaller follows, so a bundle analysed ~2,500 transformers modules
+    where inference needs a few hundred.
+    """
+    spec = importlib.util.find_spec("transformers")
+    if spec is None:
+        return []
+    models = Path(spec.submodule_search_locations[0]) / "models"
+    keep = {*TRANSFORMERS_IMPORTED, *architectures}
+    return sorted(f"transformers.models.{p.name}" for p in models.iterdir()
+                  if (p / "__init__.py").is_file() and p.name not in keep)
+
+
+def submodules(package: str, keep: Callable[[str], bool] = lambda _name: True, *,
+               root: Path | None = None) -> list[str]:
+    """``package`` and every module below it that ``keep`` accepts (a rejected package is not entered),
+    found by walking its folders (under ``root`` when given, else where Python finds it): nothing is imported.
+
+    PyInstaller's ``collect_submodules`` imports every subpackage in a child interpreter to list it; for
+    torch, transformers or OpenVINO that is minutes natively and many more under Wine. The folders give the
+    same names. A namespace package (no ``__init__.py``, like the Windows ML projection's ``winui3``) is
+    walked into its subfolders too. Empty when ``package`` is not installed.
+    """
+    top, *rest = package.split(".")
+    if root is not None:
+        locations, namespace = [root / top], not (root / top / "__init__.py").is_file()
+    else:
+        spec = importlib.util.find_spec(top)  # a top-level name: found without importing it
+        if spec is None:
+            return []
+        if not spec.submodule_search_locations:
+            return [package] if not rest and keep(package) else []
+        locations, namespace = spec.submodule_search_locations, spec.origin in (None, "namespace")
+    found: list[str] = []
+
+    def walk(folder: Path, name: str) -> None:
+        if not keep(name):
+            return
+        found.append(name)
+        for entry in sorted(folder.iterdir()):
+            if entry.is_dir():
+                if (entry.name.isidentifier() and entry.name != "__pycache__"
+                        and (namespace or (entry / "__init__.py").is_file())):
+                    walk(entry, f"{name}.{entry.name}")
+                continue
+            stem = entry.name.split(".")[0]  # "_C" of "_C.cp311-win_amd64.pyd"
+            if (entry.suffix in (".py", ".pyd", ".so") and stem.isidentifier() and stem != "__init__"
+                    and keep(f"{name}.{stem}")):
+                found.append(f"{name}.{stem}")
+
+    for location in locations:
+        folder = Path(location, *rest)
+        if folder.is_dir():
+            walk(folder, package)
+    return sorted(set(found))
+
+
+def collect_package(package: str, keep: Callable[[str], bool] = lambda _name: True) -> tuple[list, list, list[str]]:
+    """PyInstaller's ``collect_all`` for a top-level ``package`` (datas, binaries, hidden imports), without
+    the child interpreter its ``collect_submodules`` starts (:func:`submodules`). Empty when not installed."""
+    from PyInstaller.utils.hooks import collect_data_files, collect_dynamic_libs
+
+    if importlib.util.find_spec(package) is None:
+        return [], [], []
+    return collect_data_files(package), collect_dynamic_libs(package), submodules(package, keep)
 
 
 def embedded_model() -> list[tuple[str, str]]:

@@ -5,6 +5,7 @@ itself is built and started (plainly and inside the unit's sandbox) by tests/tes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import runpy
@@ -301,8 +302,11 @@ def test_the_desktop_spec_builds_two_programs_with_the_edge_backends(tmp_path, m
         assert name in excludes, name
     for name in ("torch", "onnxruntime_genai", "openvino", "PySide6"):
         assert name not in excludes, name
-    assert "openvino.stub" in analysis.kwargs["hiddenimports"]
-    assert "onnxruntime_genai" in analysis.kwargs["hiddenimports"]
+    hidden = analysis.kwargs["hiddenimports"]
+    assert "openvino.opset13" in hidden and "openvino.frontend.pytorch.ts_decoder" in hidden
+    assert not any("torchdynamo" in name for name in hidden), "OpenVINO's torch.compile backend is never used"
+    assert "onnxruntime_genai" in hidden and "specd.desktop.ui.app" in hidden
+    assert (Path(analysis.kwargs["hookspath"][0]) / "hook-torch.py").is_file()
     exes = {e.kwargs["name"]: e for e in built["EXE"]}
     assert exes["specd-desktop"].kwargs["console"] is False and exes["specd"].kwargs["console"] is True
     # each program runs its own entry script only
@@ -314,6 +318,56 @@ def test_the_desktop_spec_builds_two_programs_with_the_edge_backends(tmp_path, m
             assert Path(exe.kwargs["version"]).is_file()
     else:
         assert all(e.kwargs["version"] is None for e in exes.values())
+
+
+def test_submodules_walks_the_folders_without_importing(tmp_path):
+    package = tmp_path / "pkg"
+    for folder in ("sub", "skipped", "data"):
+        (package / folder).mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('listing must not import pkg')\n")
+    for name in ("a.py", "sub/__init__.py", "sub/b.py", "skipped/__init__.py", "skipped/c.py", "data/notes.txt",
+                 "_ext.cp311-win_amd64.pyd", "not-a-module.py"):
+        (package / name).write_text("")
+    listed = pyinstaller_shared.submodules("pkg", keep=lambda name: "skipped" not in name, root=tmp_path)
+    assert listed == ["pkg", "pkg._ext", "pkg.a", "pkg.sub", "pkg.sub.b"]
+    namespace = tmp_path / "ns" / "inner"  # no __init__.py anywhere, like the Windows ML projection's winui3
+    namespace.mkdir(parents=True)
+    (namespace / "m.py").write_text("")
+    assert pyinstaller_shared.submodules("ns", root=tmp_path) == ["ns", "ns.inner", "ns.inner.m"]
+    assert pyinstaller_shared.submodules("no_such_package_here") == []
+
+
+def test_submodules_finds_what_pyinstallers_collect_submodules_finds():
+    from PyInstaller.utils.hooks import collect_submodules
+
+    assert pyinstaller_shared.submodules("onnx_ir") == collect_submodules("onnx_ir")
+
+
+def test_what_the_desktop_bundle_excludes_is_never_imported(tmp_path):
+    """The app's modules, transformers' model loading, both converters and a tokenizer, in a fresh interpreter:
+    none of them imports what the Windows bundle leaves out (the full measurement also ran every drafter and
+    conversion; this keeps the list honest as the code changes)."""
+    from tests.tiny_models import save_tiny_model
+
+    save_tiny_model(tmp_path / "tiny", seed=1)
+    script = f"""
+import importlib, json, pkgutil, sys
+import specd.desktop
+for info in pkgutil.walk_packages(specd.desktop.__path__, "specd.desktop."):
+    importlib.import_module(info.name)
+import transformers.modeling_utils, transformers.modeling_gguf_pytorch_utils
+import openvino.frontend.pytorch.ts_decoder, onnxruntime_genai.models.builder
+from specd.shared.models import load_tokenizer_from
+load_tokenizer_from(__import__("pathlib").Path({str(tmp_path / "tiny")!r}))
+print(json.dumps(sorted(sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = json.loads(done.stdout.strip().splitlines()[-1])
+    excluded = pyinstaller_shared.DESKTOP_UNUSED + pyinstaller_shared.transformers_unused()
+    assert len(imported) > 1000 and len(excluded) > 100
+    clashes = [m for m in imported if any(m == x or m.startswith(x + ".") for x in excluded)]
+    assert not clashes, f"the Windows bundle excludes modules the app imports: {clashes[:20]}"
 
 
 def test_the_windows_version_resource_comes_from_the_package(tmp_path):
@@ -398,7 +452,7 @@ def test_the_installer_is_per_user_and_takes_its_version_from_the_build():
     assert set(sections) >= {"Setup", "Files", "Icons", "Tasks", "Registry", "Run", "UninstallRun", "Code"}
     setup = dict(line.split("=", 1) for line in sections["Setup"])
     assert setup["PrivilegesRequired"] == "lowest"
-    assert setup["DefaultDirName"].startswith("{userpf}\\")
+    assert setup["DefaultDirName"].startswith("{localappdata}\\Programs\\")
     assert setup["CloseApplications"] in ("yes", "force") and setup["RestartApplications"] == "no"
     assert setup["AppVersion"] == "{#AppVersion}" and "{#AppVersion}" in setup["OutputBaseFilename"]
     assert setup["VersionInfoVersion"] == "{#AppVersionNumeric}"

