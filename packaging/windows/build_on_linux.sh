@@ -36,6 +36,18 @@ version=$("$python" -c "import tomllib; print(tomllib.load(open('pyproject.toml'
 numeric=$("$python" -c "import sys; sys.path.insert(0, 'packaging'); import pyinstaller_shared as s
 print('.'.join(map(str, s.numeric_version('$version'))))")
 installer=$distdir/specd-desktop-$version-setup.exe
+# The bundle depends on these files only (not on the .iss or the build scripts).
+bundle_inputs=(desktop shared pyproject.toml packaging/pyinstaller_shared.py packaging/frozen_main.py
+               packaging/windows/specd-desktop.spec packaging/windows/specd_cli.py packaging/windows/specd_desktop.py
+               packaging/windows/hooks "$constraints")
+sources_stamp=$(find "${bundle_inputs[@]}" -type f ! -name "*.pyc" | sort | xargs sha256sum | sha256sum | cut -c1-16)
+# SPECD_WINDOWS_REUSE_ONLY=1 (what `make test` sets): use a bundle already built from these very sources, or
+# stop with exit status 3 and one line, rather than start a cold build (about 15-30 minutes on two cores).
+if [ "${SPECD_WINDOWS_REUSE_ONLY:-}" = 1 ] && [ ! -f "$windows_cache/bundles/$sources_stamp/specd-desktop/.stamp" ]; then
+  echo "no Windows bundle built from these sources (inputs $sources_stamp) in $windows_cache; a cold build" \
+       "takes 15-30 minutes on two cores: make package-windows (or make test-windows) builds it" >&2
+  exit 3
+fi
 say "specd $version: building $installer (cache $windows_cache)"
 
 need_tools
@@ -86,11 +98,6 @@ if [ "$(cat "$winpython/.stamp" 2>/dev/null)" != "$python_stamp" ]; then
   echo "$python_stamp" >"$winpython/.stamp"
 fi
 # specd itself (its dist-info carries the version the bundle reports); the spec bundles this checkout.
-# The bundle depends on these files only (not on the .iss or the build scripts).
-bundle_inputs=(desktop shared pyproject.toml packaging/pyinstaller_shared.py packaging/frozen_main.py
-               packaging/windows/specd-desktop.spec packaging/windows/specd_cli.py packaging/windows/specd_desktop.py
-               packaging/windows/hooks "$constraints")
-sources_stamp=$(find "${bundle_inputs[@]}" -type f ! -name "*.pyc" | sort | xargs sha256sum | sha256sum | cut -c1-16)
 if [ "$(cat "$site/.specd-stamp" 2>/dev/null)" != "$sources_stamp" ]; then
   rm -rf "$workdir/wheel" "$site"/specd-*.dist-info
   pip wheel --no-deps -w "$workdir/wheel" "$root"
