@@ -182,14 +182,17 @@ class GammaController:
         upper = self.gamma_max if remaining is None else max(1, min(self.gamma_max, remaining - 1))
         if self.fixed is not None:
             return min(self.fixed, upper)
-        est = self.estimate()
+        return self.fastest_gamma(upper, self.estimate())[0]
+
+    def fastest_gamma(self, upper: int, est: GammaEstimate) -> tuple[int, float]:
+        """The γ in ``[1, upper]`` with the most expected tokens per millisecond under ``est``, and that rate."""
         h = self.position_acceptance()
         best, best_rate = 1, -1.0
         for gamma in range(1, upper + 1):
             rate = self.expected_tokens(gamma, h) / max(1e-6, self.round_ms(gamma, est))
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = gamma, rate
-        return best
+        return best, best_rate
 
     def worth_drafting_ahead(self, gamma_now: int, gamma_next: int) -> bool:
         """Draft the next round during verification only when it pays on average.

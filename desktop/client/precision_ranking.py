@@ -110,12 +110,7 @@ def rank_candidates(measured: list[CandidateFigures], gamma_max: int) -> list[Ra
         own = replay(candidate.rounds, gamma_max)
         # The mean draft time over every round measured (the controller's running value follows the last ones).
         estimate = replace(pooled, alpha=own.alpha, draft_ms_per_token=candidate.draft_ms_per_token)
-        h = own.position_acceptance()
-        best_gamma, best_rate = 1, -1.0
-        for gamma in range(1, gamma_max + 1):
-            rate = own.expected_tokens(gamma, h) / max(1e-6, own.round_ms(gamma, estimate))
-            if rate > best_rate * (1 + 1e-9):
-                best_gamma, best_rate = gamma, rate
+        best_gamma, best_rate = own.fastest_gamma(gamma_max, estimate)
         verify = pooled.verify_fixed_ms + pooled.verify_per_token_ms * (best_gamma + 1)
         ranked.append(RankedCandidate(candidate.precision, 1000.0 * best_rate, best_gamma, candidate.acceptance,
                                       estimate.draft_ms_per_token, pooled.network_ms, verify,
