@@ -28,7 +28,8 @@ SAMPLE_ANSWER = [
     (" changes the list itself and returns `None`.", "draft"),
 ]
 SAMPLE_STATS = {"mode": "speculative", "rounds": 13, "tokens_per_second": 41.7, "acceptance_rate": 0.81,
-                "gamma_mean": 4.6, "device": "cpu", "backend": "onnxruntime-genai"}
+                "gamma_mean": 4.6, "tokens_per_forward": 4.46, "device": "cpu", "backend": "onnxruntime-genai",
+                "draft_precision": "int8"}
 
 
 def fill_sample(window: ChatWindow) -> None:
@@ -43,7 +44,7 @@ def fill_sample(window: ChatWindow) -> None:
     window.append_piece("`t[::-1]`", "target")
     window.append_piece(".", "draft")
     window.finish_turn(stats_line({**SAMPLE_STATS, "tokens_per_second": 44.2, "acceptance_rate": 0.77,
-                                   "gamma_mean": 4.1, "generated": 14}, "eos"))
+                                   "gamma_mean": 4.1, "tokens_per_forward": 3.5, "generated": 14}, "eos"))
     window.set_status("Connected · verifier.example.com:8765 · CPU (onnxruntime-genai)", "round trip 38 ms")
 
 
@@ -59,7 +60,7 @@ def fill_reconnecting(window: ChatWindow) -> None:
     window.append_piece("`s[::-1]`", "target")
     window.append_piece(" returns a new, reversed string.", "local")
     window.finish_turn(stats_line({**SAMPLE_STATS, "mode": "local", "tokens_per_second": 23.5, "rounds": 2,
-                                   "acceptance_rate": 0.8, "gamma_mean": 5.0, "local_tokens": 8, "generated": 19},
+                                   "acceptance_rate": 0.8, "gamma_mean": 5.0, "tokens_per_forward": 5.5, "local_tokens": 8, "generated": 19},
                                   "eos"))
     reason = f"cannot reach the verifier at {SAMPLE_SERVER}: connection refused (is specd-verifier running?)"
     status = AppStatus(state="local", endpoint=SAMPLE_SERVER, url=f"wss://{SAMPLE_SERVER}",
