@@ -65,7 +65,8 @@ def installer() -> Path:
                            text=True, timeout=3600, env={**os.environ, **reuse_only})
     if build.returncode != 0 and ("apt-get could not install" in build.stderr
                                   or (reuse_only and "no Windows bundle built from these sources" in build.stderr)):
-        lines = [line for line in build.stderr.splitlines() if line.strip() and not (line.startswith("make") and "***" in line)]
+        lines = [line for line in build.stderr.splitlines()
+                 if line.strip() and not (line.startswith("make") and "***" in line)]
         pytest.skip(lines[-1])
     assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

@@ -60,7 +60,8 @@ def fill_reconnecting(window: ChatWindow) -> None:
     window.append_piece("`s[::-1]`", "target")
     window.append_piece(" returns a new, reversed string.", "local")
     window.finish_turn(stats_line({**SAMPLE_STATS, "mode": "local", "tokens_per_second": 23.5, "rounds": 2,
-                                   "acceptance_rate": 0.8, "gamma_mean": 5.0, "tokens_per_forward": 5.5, "local_tokens": 8, "generated": 19},
+                                   "acceptance_rate": 0.8, "gamma_mean": 5.0, "tokens_per_forward": 5.5,
+                                   "local_tokens": 8, "generated": 19},
                                   "eos"))
     reason = f"cannot reach the verifier at {SAMPLE_SERVER}: connection refused (is specd-verifier running?)"
     status = AppStatus(state="local", endpoint=SAMPLE_SERVER, url=f"wss://{SAMPLE_SERVER}",
