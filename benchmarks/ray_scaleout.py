@@ -8,7 +8,12 @@ drafts (benchmarks/replay_sessions.py: every session measures the same window af
 Each of Serve's ingresses (``--ingress``, default both: Serve's Python proxy and HAProxy with direct
 ingress, tests/ray_cluster.py) gets its own local cluster in the same run. Figures per ingress:
 
-- aggregate verified tokens/s with ``--sessions`` concurrent sessions: 1 replica, 2 replicas (ratio);
+- aggregate verified tokens/s, 1 replica and 2 replicas (ratio), each deployed afresh, at three loads:
+  ``--sessions`` concurrent sessions (the headline), the same through replicas that run one session per
+  forward (``[server] batching = false``: scale-out without the batched engine's effect), and
+  ``--saturated-sessions`` (a load past which one replica's batched throughput no longer grows); with
+  each, the replicas' forward times (p50, from the verdicts) and the scaling those forward times allow
+  if every forward holds every session of its replica: what batching leaves for a second replica;
 - per-round latency (send to verdict, one session, p50) through the ingress against the standalone
   ``specd-verifier``, running beside the cluster and measured in turns with it (three windows each, so
   both see the same load from the machine's other users): the ingress's added latency per round, split
@@ -26,6 +31,7 @@ import os
 import platform
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*, benchmarks.*, run from a checkout
@@ -35,6 +41,19 @@ from tests.ray_cluster import INGRESSES, free_port, haproxy_missing, local_clust
 
 MODEL = "smollm2-135m-instruct"
 LATENCY_TURNS = 3  # latency windows per target, alternating daemon / ingress (/ replica port)
+SLOT_TOKENS = 1024  # [limits] max_total_tokens: a replayed session needs ~100 positions; keeps 32 slots small
+
+
+@dataclass(frozen=True)
+class Load:
+    """One load measured on 1 and then 2 replicas; its results are ``<key>replicas_1`` and ``_2``."""
+
+    key: str
+    sessions: int
+    batching: bool = True
+
+    def label(self) -> str:
+        return f"{self.sessions} sessions" + ("" if self.batching else ", one session per forward")
 
 
 def prompt_for(index: int, tokenizer) -> list[int]:
@@ -52,34 +71,43 @@ def paired_latency(targets: dict[str, str], fingerprint: str, prompt: list[int],
     return {key: merged(runs).__dict__ for key, runs in parts.items()}
 
 
-def run_ingress(ingress: str, folder: Path, fingerprint: str, prompts: list[list[int]], duration_s: float,
-                daemon_url: str) -> dict:
+def deploy(cluster, folder: Path, load: Load, replicas: int) -> None:
+    """The application afresh (the previous one deleted): every replica count starts from an empty router."""
     from ray import serve
 
     from specd.daemon.ray_serve import APP_NAME, build_app
 
-    sessions = len(prompts)
+    serve.delete(APP_NAME)
+    limits = {"max_sessions": load.sessions, "max_total_tokens": SLOT_TOKENS, "max_input_tokens": SLOT_TOKENS // 2}
+    serve.run(build_app({"overrides": {"models": {"target": str(folder)},
+                                       "server": {"device": "cpu", "batching": load.batching}, "limits": limits},
+                         "threads": 1,
+                         "deployment": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1}}}),
+              name=APP_NAME, route_prefix="/")
+    cluster.wait_for_replicas(replicas)
+
+
+def run_ingress(ingress: str, folder: Path, fingerprint: str, prompts: list[list[int]], loads: list[Load],
+                duration_s: float, daemon_url: str) -> dict:
     out: dict = {}
     env = {"SPECD_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with local_cluster(ingress, free_port(), env) as cluster:
-        for replicas in (1, 2):
-            serve.run(build_app({"overrides": {"models": {"target": str(folder)}, "server": {"device": "cpu"},
-                                               "limits": {"max_sessions": sessions}}, "threads": 1,
-                                 "deployment": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1}}}),
-                      name=APP_NAME, route_prefix="/")
-            cluster.wait_for_replicas(replicas)
-            if replicas == 1:
-                targets = {"daemon": daemon_url, "latency": cluster.url}
-                if ingress == "haproxy":  # straight to the replica's own port: HAProxy's hop alone
-                    targets["latency_replica_port"] = f"ws://127.0.0.1:{cluster.replica_ports()[0]}"
-                print(f"{ingress}, 1 replica: 1 session, in turns on {', '.join(targets)} (latency)", flush=True)
-                out |= paired_latency(targets, fingerprint, prompts[0], duration_s)
-            print(f"{ingress}, {replicas} replica(s): {sessions} sessions", flush=True)
-            out[f"replicas_{replicas}"] = asyncio.run(measure(cluster.url, fingerprint, prompts, duration_s)).__dict__
+        for load in loads:
+            for replicas in (1, 2):
+                deploy(cluster, folder, load, replicas)
+                if load is loads[0] and replicas == 1:
+                    targets = {"daemon": daemon_url, "latency": cluster.url}
+                    if ingress == "haproxy":  # straight to the replica's own port: HAProxy's hop alone
+                        targets["latency_replica_port"] = f"ws://127.0.0.1:{cluster.replica_ports()[0]}"
+                    print(f"{ingress}, 1 replica: 1 session, in turns on {', '.join(targets)} (latency)", flush=True)
+                    out |= paired_latency(targets, fingerprint, prompts[0], duration_s)
+                print(f"{ingress}, {replicas} replica(s): {load.label()}", flush=True)
+                got = asyncio.run(measure(cluster.url, fingerprint, prompts[:load.sessions], duration_s))
+                out[f"{load.key}replicas_{replicas}"] = got.__dict__
     return out
 
 
-def run(sessions: int, duration_s: float, ingresses: list[str]) -> dict:
+def run(loads: list[Load], duration_s: float, ingresses: list[str]) -> dict:
     from transformers import AutoTokenizer
 
     from specd.shared.fingerprint import tokenizer_fingerprint
@@ -89,15 +117,16 @@ def run(sessions: int, duration_s: float, ingresses: list[str]) -> dict:
     folder = ensure_hf_folder(MODEL, progress=lambda msg: print(msg, flush=True))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     fingerprint = tokenizer_fingerprint(tokenizer)
+    sessions = max(load.sessions for load in loads)
     prompts = [prompt_for(i, tokenizer) for i in range(sessions)]
-    results: dict = {"sessions": sessions, "duration_s": duration_s, "gamma": GAMMA, "model": MODEL,
-                     "load_average_before": os.getloadavg()}
+    results: dict = {"sessions": loads[0].sessions, "duration_s": duration_s, "gamma": GAMMA, "model": MODEL,
+                     "loads": [load.__dict__ for load in loads], "load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="specd-ray-bench-") as tmp:
         daemon = DaemonProcess(folder, Path(tmp), args=("--max-sessions", str(sessions)))
         daemon.start(timeout=300)  # idle between its latency windows, which alternate with each ingress's
         try:
             for ingress in ingresses:
-                results[ingress] = run_ingress(ingress, folder, fingerprint, prompts, duration_s, daemon.url)
+                results[ingress] = run_ingress(ingress, folder, fingerprint, prompts, loads, duration_s, daemon.url)
         finally:
             daemon.stop()
     results["load_average_after"] = os.getloadavg()
@@ -111,25 +140,41 @@ def latency_figures(got: Measured, prefix: str = "") -> dict:
             f"{prefix}outside_verifier_p50_ms": round(got.p50(got.outside_ms), 2)}
 
 
+def scaling_figures(got: dict[str, Measured], load: Load) -> dict:
+    """1 against 2 replicas at one load, with what the replicas' forward times allow."""
+    one, two = got[f"{load.key}replicas_1"], got[f"{load.key}replicas_2"]
+    forward_1, forward_2 = one.p50(one.forward_ms), two.p50(two.forward_ms)
+    # Sessions per forward: all of a replica's (batched) or one; throughput ∝ replicas × that ÷ forward time.
+    per_forward = (load.sessions, load.sessions / 2) if load.batching else (1, 1)
+    bound = (2 * per_forward[1] / forward_2) / (per_forward[0] / forward_1)
+    key = load.key
+    return {f"{key}tokens_per_s_1_replica": round(one.tokens_per_s, 1),
+            f"{key}tokens_per_s_2_replicas": round(two.tokens_per_s, 1),
+            f"{key}scaling": round(two.tokens_per_s / one.tokens_per_s, 3),
+            f"{key}sessions_per_replica_2": sorted(two.replicas.values()),
+            # the CPU the replicas got in all (cores): what the machine's other users left them
+            f"{key}replica_cores_1": one.cpu_s_per_s.get("replicas", 0.0),
+            f"{key}replica_cores_2": two.cpu_s_per_s.get("replicas", 0.0),
+            f"{key}forward_p50_ms_1_replica": round(forward_1, 1),
+            f"{key}forward_p50_ms_2_replicas": round(forward_2, 1),
+            f"{key}scaling_forwards_allow": round(bound, 3)}
+
+
 def summary(results: dict) -> dict:
+    loads = [Load(**load) for load in results.get("loads", [{"key": "", "sessions": results["sessions"]}])]
     figures: dict = {}
     for ingress in INGRESSES:
         if ingress not in results:
             continue
         got = {key: Measured(**value) for key, value in results[ingress].items()}
-        one, two = got["replicas_1"], got["replicas_2"]
         latency, daemon = latency_figures(got["latency"]), latency_figures(got["daemon"], "daemon_")
-        row = {"tokens_per_s_1_replica": round(one.tokens_per_s, 1),
-               "tokens_per_s_2_replicas": round(two.tokens_per_s, 1),
-               "scaling": round(two.tokens_per_s / one.tokens_per_s, 3),
-               "sessions_per_replica_2": sorted(two.replicas.values()),
-               # the CPU the replicas got in all (cores): what the machine's other users left them
-               "replica_cores_1": one.cpu_s_per_s.get("replicas", 0.0),
-               "replica_cores_2": two.cpu_s_per_s.get("replicas", 0.0),
-               **daemon, **latency,
-               "added_p50_ms": round(latency["round_p50_ms"] - daemon["daemon_round_p50_ms"], 2),
-               "outside_verifier_added_p50_ms": round(latency["outside_verifier_p50_ms"]
-                                                      - daemon["daemon_outside_verifier_p50_ms"], 2)}
+        row: dict = {}
+        for load in loads:
+            row |= scaling_figures(got, load)
+        row |= {**daemon, **latency,
+                "added_p50_ms": round(latency["round_p50_ms"] - daemon["daemon_round_p50_ms"], 2),
+                "outside_verifier_added_p50_ms": round(latency["outside_verifier_p50_ms"]
+                                                       - daemon["daemon_outside_verifier_p50_ms"], 2)}
         if "latency_replica_port" in got:
             row |= latency_figures(got["latency_replica_port"], "replica_port_")
         figures[ingress] = row
@@ -154,7 +199,9 @@ def report_lines(command: str, machine: str, figures: dict, results: dict) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--sessions", type=int, default=8, help="the headline load (default 8)")
+    parser.add_argument("--saturated-sessions", type=int, default=32,
+                        help="a load that saturates one replica's batched forwards (default 32; 0: skip)")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per measurement window")
     parser.add_argument("--ingress", choices=INGRESSES, action="append",
                         help="Serve's ingress to measure (repeatable; default: both)")
@@ -164,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if "haproxy" in ingresses and (reason := haproxy_missing()):
         parser.error(f"--ingress haproxy: {reason}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results = run(args.sessions, args.duration, ingresses)
+    loads = [Load("", args.sessions), Load("unbatched_", args.sessions, batching=False)]
+    if args.saturated_sessions:
+        loads.append(Load("saturated_", args.saturated_sessions))
+    results = run(loads, args.duration, ingresses)
     figures = summary(results)
     print(json.dumps(figures, indent=2))
     before, after = results["load_average_before"], results["load_average_after"]
