@@ -25,7 +25,7 @@ help:
 	@echo "make test   - run the linter and the whole test suite"
 	@echo "make package-daemon - build the specd-verifier bundle and release archive into dist/"
 	@echo "make package-windows - build the Windows installer dist/specd-desktop-<version>-setup.exe under Wine"
-	@echo "make test-windows - build (or reuse) the installer, then install, run and uninstall it under Wine (make test runs this on a cached build only)"
+	@echo "make test-windows - build (or reuse) the installer, then install, run and uninstall it under Wine (part of make test)"
 	@echo "make reliability - load (64 sessions, 60 s) and fault tests; writes benchmarks/reliability.md"
 	@echo "make desktop-libs - install the X11 libraries the desktop app needs (Debian/Ubuntu, as root)"
 	@echo "make lossless - the full end-to-end χ² harness with negative controls; writes benchmarks/lossless.md"
@@ -113,7 +113,7 @@ package-windows:
 # Only the Windows installer's test (part of `make test` too): build or reuse the installer, then install,
 # run and uninstall it in a fresh Wine prefix.
 test-windows: $(VENV)/.test-deps
-	SPECD_WINDOWS_BUILD=1 $(PY) -m pytest tests/test_windows_installer.py
+	$(PY) -m pytest tests/test_windows_installer.py
 
 clean-venv:
 	rm -rf $(VENV)

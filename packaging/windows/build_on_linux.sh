@@ -41,13 +41,6 @@ bundle_inputs=(desktop shared pyproject.toml packaging/pyinstaller_shared.py pac
                packaging/windows/specd-desktop.spec packaging/windows/specd_cli.py packaging/windows/specd_desktop.py
                packaging/windows/hooks "$constraints")
 sources_stamp=$(find "${bundle_inputs[@]}" -type f ! -name "*.pyc" | sort | xargs sha256sum | sha256sum | cut -c1-16)
-# SPECD_WINDOWS_REUSE_ONLY=1 (what `make test` sets): use a bundle already built from these very sources, or
-# stop with exit status 3 and one line, rather than start a cold build (about 15-30 minutes on two cores).
-if [ "${SPECD_WINDOWS_REUSE_ONLY:-}" = 1 ] && [ ! -f "$windows_cache/bundles/$sources_stamp/specd-desktop/.stamp" ]; then
-  echo "no Windows bundle built from these sources (inputs $sources_stamp) in $windows_cache; a cold build" \
-       "takes 15-30 minutes on two cores: make package-windows (or make test-windows) builds it" >&2
-  exit 3
-fi
 say "specd $version: building $installer (cache $windows_cache)"
 
 need_tools
