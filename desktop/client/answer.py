@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from specd.desktop.client.adaptive import GammaController, ModePolicy
+from specd.desktop.client.adaptive import GammaController, ModePolicy, Step
 from specd.desktop.client.detokenize import IncrementalDetokenizer
 from specd.shared import messages as m
 from specd.shared.config import Config
@@ -89,6 +89,9 @@ class AnswerStats:
     gammas: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_position: list[int] = field(default_factory=list)
+    # The mode chooser's decision trace: the answer's first step, every change between rounds and
+    # streaming, and every probe, each with the two rates (tok/s) that decided it.
+    mode_switches: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -119,6 +122,19 @@ class AnswerStats:
             self.drafted_by_position[i] += 1
             if i < accepted:
                 self.accepted_by_position[i] += 1
+
+    def record_step(self, step: Step) -> None:
+        """Add a mode policy's step to the decision trace when it changes the mode or probes."""
+        if self.mode_switches and self.mode_switches[-1]["to"] == step.mode != "probe":
+            return
+
+        def rate(value: float | None) -> float | None:
+            return None if value is None else round(value, 2)
+
+        self.mode_switches.append({"at_token": self.generated, "to": step.mode,
+                                   "speculative_tok_s": rate(step.speculative_tok_s),
+                                   "streaming_tok_s": rate(step.streaming_tok_s), "gamma": step.gamma,
+                                   "why": step.why})
 
     def to_json(self) -> dict:
         data = asdict(self)

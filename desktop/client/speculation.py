@@ -75,7 +75,7 @@ async def speculate(link: Link, run: Run) -> None:
     await link.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
                                     seed=run.seed, stop=list(settings.stop), mode="speculative"))
     streaming = _Streaming()
-    step = modes.next_step(run.remaining) if modes is not None else _ROUND
+    step = _next_step(run, modes)
     if step.round:
         await link.in_drafter(lambda: link.drafter.prefill(run.committed))  # while the verifier prefills
     in_flight: list[_Round] = []
@@ -90,7 +90,7 @@ async def speculate(link: Link, run: Run) -> None:
             if (active and not cancel_sent and not in_flight and ahead is None and not streaming.owed
                     and len(session.committed) == len(run.committed)):  # nothing waits in the inbox
                 if step is None:
-                    step = modes.next_step(run.remaining) if modes is not None else _ROUND
+                    step = _next_step(run, modes)
                 if step.round:
                     if streaming.since_round:
                         await _catch_up(link, run)
@@ -150,6 +150,15 @@ async def speculate(link: Link, run: Run) -> None:
             await _drop_ahead(run, ahead)
 
 
+def _next_step(run: Run, modes: ModePolicy | None) -> Step:
+    """What to send next; the mode policy's choice goes into the answer's decision trace."""
+    if modes is None:
+        return _ROUND
+    step = modes.next_step(run.remaining)
+    run.stats.record_step(step)
+    return step
+
+
 async def _forget_rounds_ahead(run: Run, in_flight: list[_Round], ahead: _AheadJob | None) -> None:
     """Forget the rounds in flight and the one being drafted ahead (the next round is drafted from
     the committed tokens; the drafter reconciles its cache itself)."""
@@ -187,6 +196,9 @@ def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
         if accepted < drafted and current.tokens[accepted] == verdict.token:
             accepted += 1
     stats.record_round(drafted, accepted)
+    # The answer's first round (unless a stream came first) pays first-call costs: the prompt's prefill
+    # in its wait, a drafter's first call: its acceptance counts, its times would mislead.
+    cold = stats.rounds == 1 and stats.cloud_tokens == 0
     stats.target_forwards += 1
     stats.verify_ms += server_ms
     network_ms = None
@@ -199,7 +211,7 @@ def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
     run.controller.observe_round(
         drafted=drafted, accepted=accepted, draft_ms=current.draft_ms if current else 0.0,
         network_ms=run.controller.estimate().network_ms if network_ms is None else network_ms,
-        verify_ms=verify_ms)
+        verify_ms=verify_ms, cold=cold)
 
 
 async def _send_round(link: Link, run: Run) -> _Round | None:
