@@ -18,6 +18,10 @@ Estimates can be wrong in either direction, so a decision is never final:
   each probe that confirms streaming clearly (rounds below ``close_call`` of its rate) doubles the
   interval, up to the probe's cost over ``probe_share``
   (≈ 2 % of the time), which bounds what probing loses where streaming really is faster.
+- **The decode step is measured, not assumed.** Before any stream it is extrapolated from the rounds'
+  forwards over γ + 1 positions, and what one position costs is a guess there (on a CPU a forward grows
+  with its positions); so the first time rounds win, the round is followed by ``step_probe`` streamed
+  tokens, once, and their forward times calibrate the extrapolation from then on.
 - **Every switch is traced**: the :class:`~specd.desktop.client.adaptive.Step` carries the two rates that
   decided it, and the answer's stats keep them (``mode_switches``).
 """
@@ -38,6 +42,7 @@ class ModeChooser:
         self.min_chunk = min_chunk
         self.first_probe_tokens = first_probe_tokens
         self.close_call = close_call  # a probe backs off only when rounds reach less than this share of streaming
+        self.step_probe = 2  # tokens streamed once, after a round, to measure the decode step
         forgetting = controller.forgetting
         self._stream_forward: ForgettingMean | None = None  # the verifier's forward per streamed token
         self._overhead = ForgettingMean(0.0, forgetting)  # what a streamed token costs beyond its forward
@@ -132,6 +137,12 @@ class ModeChooser:
                  "gamma": gamma}
         if not self.prefers_streaming(remaining, fresh=True):
             self._interval_ms = None  # speculation wins: start afresh next time streaming does
+            if self._stream_forward is None and self.controller.rounds_observed and remaining > self.step_probe + 1:
+                # The decode step was only ever extrapolated from rounds' forwards (γ + 1 positions each,
+                # and what one position costs is a guess): stream a few tokens after this round, once.
+                self._probing, self._streamed_ms = True, 0.0
+                return Step(round=True, stream=self.step_probe, why="probe: streaming rate never measured",
+                            **rates)
             return Step(round=True, why="a round is faster", **rates)
         chunk = min(remaining, max(self.min_chunk, 2 * self.lead_tokens()))
         if remaining > 1 and self.probe_due(remaining):
