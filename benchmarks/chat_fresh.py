@@ -67,6 +67,7 @@ async def measure(args: argparse.Namespace) -> dict[float, dict[str, list[dict]]
                         print(f"rtt {rtt:g} ms · {mode:<10} #{run + 1}: {stats['tokens_per_second']:.1f} tok/s, "
                               f"{stats['cloud_tokens']} streamed", file=sys.stderr, flush=True)
                 results[rtt] = cells
+                write(results, args)  # each round trip's figures as soon as they are complete
     return results
 
 
@@ -97,6 +98,12 @@ def report(results: dict[float, dict[str, list[dict]]], args: argparse.Namespace
     return "\n".join(lines) + "\n"
 
 
+def write(results: dict[float, dict[str, list[dict]]], args: argparse.Namespace) -> None:
+    load = (args.load_before, os.popen("uptime").read().strip())
+    text = report(results, args, load, time.perf_counter() - args.started)
+    args.out.write_text(text, encoding="utf-8")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -106,11 +113,8 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="the chat's --device (default: the config's)")
     parser.add_argument("--out", type=Path, required=True, help="the Markdown report")
     args = parser.parse_args()
-    before = os.popen("uptime").read().strip()
-    started = time.perf_counter()
-    results = asyncio.run(measure(args))
-    after = os.popen("uptime").read().strip()
-    args.out.write_text(report(results, args, (before, after), time.perf_counter() - started), encoding="utf-8")
+    args.load_before, args.started = os.popen("uptime").read().strip(), time.perf_counter()
+    asyncio.run(measure(args))
     print(f"Wrote {args.out}", file=sys.stderr)
     return 0
 
