@@ -17,7 +17,7 @@ from specd.desktop.drafters.torch_drafter import TorchDrafter
 from specd.shared.protocol.states import ServerState
 from tests.daemon_support import eventually
 from tests.serve_support import raw_http, serving, sse_events
-from tests.test_chat_cli import greedy_ids, specd
+from tests.test_chat_cli import greedy_ids
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -96,20 +96,23 @@ async def test_the_openai_package_sync_and_async_streamed_or_not_gets_the_target
     assert completion.usage.completion_tokens == len(raw_ids)
 
 
-async def test_greedy_answers_equal_specd_chat(served, models, tmp_path):
+async def test_greedy_answers_equal_specd_chat(served, models, tmp_path, capsys):
     verifier, api = served
+    from specd.desktop import cli
     from tests.test_chat_cli import client_config
 
     config = client_config(tmp_path, models[1])
-    code, out, err = await specd("chat", "--config", config, "--host", "127.0.0.1", "--port", str(verifier.port),
-                                 "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "24", "--json",
-                                 "--device", "cpu")
+    # The command itself (in a thread: it runs its own event loop), as `specd chat --temperature 0 --json`.
+    code = await asyncio.to_thread(cli.main, ["chat", "--config", config, "--host", "127.0.0.1", "--port",
+                                              str(verifier.port), "--prompt", PROMPT, "--temperature", "0",
+                                              "--max-new-tokens", "24", "--json", "--device", "cpu"])
+    out, err = capsys.readouterr()
     assert code == 0, err
-    cli = json.loads(out.strip().splitlines()[-1])
+    cli_answer = json.loads(out.strip().splitlines()[-1])
     aio = openai.AsyncOpenAI(base_url=f"{api.url}/v1", api_key="unused")
     answer = await aio.chat.completions.create(**chat(PROMPT, max_tokens=24))
-    assert answer.choices[0].message.content == cli["text"]
-    assert answer.usage.completion_tokens == len(cli["token_ids"])
+    assert answer.choices[0].message.content == cli_answer["text"]
+    assert answer.usage.completion_tokens == len(cli_answer["token_ids"])
 
 
 async def test_the_stream_is_framed_as_openai_sends_it(served, models, tokenizer):
