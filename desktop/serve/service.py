@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,13 +58,17 @@ def api_key(config: Config, origins: Origins | None = None) -> str | None:
 
 async def start_local_api(config: Config, origins: Origins | None = None, *, device: str | None = None,
                           drafter: bool = True, progress: Callable[[str], object] | None = None,
-                          on_status: StatusCallback | None = None,
-                          first: ClientSetup | None = None) -> LocalApi:
-    """Build the first client (unless given), connect it when the verifier answers, and listen."""
+                          on_status: StatusCallback | None = None, first: ClientSetup | None = None,
+                          verifier_key: str | None = None) -> LocalApi:
+    """Build the first client (unless given), connect it when the verifier answers, and listen.
+    ``verifier_key``: the verifier's key when it is not in the config's place (the app's keyring)."""
     key = api_key(config, origins)
 
     def build() -> ClientSetup:
-        return build_client(config, device=device, progress=progress, drafter=drafter, on_status=on_status)
+        setup = build_client(config, device=device, progress=progress, drafter=drafter, on_status=on_status)
+        if verifier_key:
+            setup.client.endpoint = dataclasses.replace(setup.client.endpoint, api_key=verifier_key)
+        return setup
 
     async def another() -> EdgeClient:
         setup = await asyncio.to_thread(build)
