@@ -44,29 +44,46 @@ async def serving(target, draft, *, limits: dict[str, Any] | None = None, verifi
 
 async def raw_http(url: str, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None,
                    read_events: int | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.0 exchange over a plain socket: the status, headers and body bytes exactly as sent (no
-    client library in between). ``read_events``: close after that many SSE events (a client leaving)."""
+    """One HTTP/1.1 exchange over a plain socket: the status, headers and body bytes exactly as sent (no
+    client library in between; only the chunked transfer coding is undone). ``read_events``: close after
+    that many SSE events have arrived (a client leaving mid-stream)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
-    head = [f"{method} {path} HTTP/1.0", f"Host: {host}", f"Content-Length: {len(data)}",
-            "Content-Type: application/json", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(data)}",
+            "Content-Type: application/json", "Connection: close",
+            *(f"{k}: {v}" for k, v in (headers or {}).items())]
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     await writer.drain()
     raw = b""
     try:
-        while read_events is None or raw.partition(b"\r\n\r\n")[2].count(b"\n\n") < read_events:
+        while read_events is None or _body(raw).count(b"\n\n") < read_events:
             chunk = await asyncio.wait_for(reader.read(65536), 60)
             if not chunk:
                 break
             raw += chunk
     finally:
         writer.close()
-    header_block, _, payload = raw.partition(b"\r\n\r\n")
+    header_block = raw.partition(b"\r\n\r\n")[0]
     lines = header_block.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers_out = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
-    return status, headers_out, payload
+    return status, headers_out, _body(raw)
+
+
+def _body(raw: bytes) -> bytes:
+    """The body of a (possibly partial) response, its chunked transfer coding undone."""
+    header_block, _, rest = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in header_block.lower():
+        return rest
+    body = b""
+    while b"\r\n" in rest:
+        size_line, _, after = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0 or len(after) < size + 2:
+            break
+        body, rest = body + after[:size], after[size + 2:]
+    return body
 
 
 def sse_events(payload: bytes) -> list[bytes]:

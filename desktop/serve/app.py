@@ -25,12 +25,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from specd.desktop.serve import ollama_routes, openai_routes
 from specd.desktop.serve.errors import AUTHENTICATION, NOT_FOUND, SERVER_ERROR, ApiError
-from specd.desktop.serve.state import CLIENT_GONE, ServeState, json_response
+from specd.desktop.serve.state import ServeState, error_json, json_response
 from specd.shared.errors import SpecdError
+
+try:  # httptools' C parser: a request's way in costs a third of h11's (benchmarks/serve_overhead.py)
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as HttpProtocol
+except ImportError:
+    from uvicorn.protocols.http.h11_impl import H11Protocol as HttpProtocol
 
 log = logging.getLogger("specd.serve")
 
@@ -55,14 +59,7 @@ def key_matches(api_key: str, header: str | None) -> bool:
 
 
 def error_response(request_path: str, error: ApiError) -> Response:
-    if error.status == CLIENT_GONE:
-        return Response(status_code=CLIENT_GONE)
-    ollama = request_path.startswith("/api/")
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    response = json_response(error.ollama_body() if ollama else error.openai_body(), error.status)
-    if headers:
-        response.headers.update(headers)
-    return response
+    return error_json(error, ollama=request_path.startswith("/api/"))
 
 
 class KeyCheck:
@@ -166,7 +163,7 @@ class ApiServer:
     async def start(self) -> None:
         sock = listening_socket(self.host, self.port)
         self.port = int(sock.getsockname()[1])
-        config = uvicorn.Config(self.app, http=H11Protocol, ws="none", lifespan="off", loop="none",
+        config = uvicorn.Config(self.app, http=HttpProtocol, ws="none", lifespan="off", loop="none",
                                 log_config=None, access_log=False, timeout_graceful_shutdown=2)
         self._server = server = _EmbeddedServer(config)
         self._task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -11,13 +11,14 @@ from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from specd.desktop.serve import wire
 from specd.desktop.serve.answering import AnswerRequest, AnswerStream, Finished
 from specd.desktop.serve.errors import ApiError
-from specd.desktop.serve.state import ServeState, first_delta, json_response, until_done
+from specd.desktop.serve.state import ServeState, json_response, until_done
+from specd.desktop.serve.streaming import AnswerResponse
 
 # The Ollama API version whose endpoints and fields specd answers (apps check it for features).
 OLLAMA_API_VERSION = "0.6.0"
@@ -51,7 +52,7 @@ async def generate(request: Request) -> Response:
 
 
 async def _answer(request: Request, parse: Callable[..., AnswerRequest], prompt_key: str,
-                  text_field: Callable[[str], dict[str, Any]]) -> Response:
+                  text_field: Callable[[str], dict[str, Any]]) -> Response | AnswerResponse:
     state: ServeState = request.app.state.serve
     body = wire.parse_json(await request.body())
     stream = wire.flag(body, "stream", True)
@@ -63,16 +64,16 @@ async def _answer(request: Request, parse: Callable[..., AnswerRequest], prompt_
         finished = await until_done(request, answer, answer.result())
         return json_response({"model": state.model, "created_at": now(), **text_field(finished.text), "done": True,
                               **counts(finished)})
+    return AnswerResponse(answer, lambda: _lines(state.model, answer, text_field), NDJSON, ollama=True)
+
+
+async def _lines(model: str, answer: AnswerStream, text_field: Callable[[str], dict[str, Any]]
+                 ) -> AsyncIterator[bytes]:
     deltas = answer.deltas()
-    first = await until_done(request, answer, first_delta(deltas))
-    return StreamingResponse(_lines(state.model, answer, deltas, first, text_field), media_type=NDJSON)
-
-
-async def _lines(model: str, answer: AnswerStream, deltas: AsyncIterator[str], first: str | None,
-                 text_field: Callable[[str], dict[str, Any]]) -> AsyncIterator[bytes]:
+    first = await anext(deltas, None)  # an error before any text is still an HTTP error (AnswerResponse)
+    if first:
+        yield line({"model": model, "created_at": now(), **text_field(first), "done": False})
     try:
-        if first:
-            yield line({"model": model, "created_at": now(), **text_field(first), "done": False})
         async for text in deltas:
             yield line({"model": model, "created_at": now(), **text_field(text), "done": False})
     except ApiError as exc:

@@ -16,13 +16,14 @@ from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from specd.desktop.serve import wire
 from specd.desktop.serve.answering import AnswerRequest, AnswerStream, Finished
 from specd.desktop.serve.errors import ApiError
-from specd.desktop.serve.state import ServeState, first_delta, json_response, until_done
+from specd.desktop.serve.state import ServeState, json_response, until_done
+from specd.desktop.serve.streaming import AnswerResponse
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -74,7 +75,7 @@ async def completions(request: Request) -> Response:
     return await _complete(request, TEXT, wire.openai_completion)
 
 
-async def _complete(request: Request, shape: Shape, parse: Callable[..., AnswerRequest]) -> Response:
+async def _complete(request: Request, shape: Shape, parse: Callable[..., AnswerRequest]) -> Response | AnswerResponse:
     state: ServeState = request.app.state.serve
     body = wire.parse_json(await request.body())
     stream = wire.flag(body, "stream", False)
@@ -88,21 +89,21 @@ async def _complete(request: Request, shape: Shape, parse: Callable[..., AnswerR
         finished = await until_done(request, answer, answer.result())
         return json_response({**head, "choices": [shape.whole(finished)], "usage": usage(finished),
                               "specd": finished.specd})
-    deltas = answer.deltas()
-    first = await until_done(request, answer, first_delta(deltas))
     chunk_head = {**head, "object": shape.chunk_object}
-    return StreamingResponse(_events(shape, chunk_head, answer, deltas, first, include_usage),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+    return AnswerResponse(answer, lambda: _events(shape, chunk_head, answer, include_usage),
+                          "text/event-stream; charset=utf-8", headers=SSE_HEADERS)
 
 
-async def _events(shape: Shape, head: dict[str, Any], answer: AnswerStream, deltas: AsyncIterator[str],
-                  first: str | None, include_usage: bool) -> AsyncIterator[bytes]:
+async def _events(shape: Shape, head: dict[str, Any], answer: AnswerStream, include_usage: bool
+                  ) -> AsyncIterator[bytes]:
     extra = {"usage": None} if include_usage else {}
+    deltas = answer.deltas()
+    first = await anext(deltas, None)  # an error before any text is still an HTTP error (AnswerResponse)
+    opening = sse({**head, "choices": [shape.choice(None, None, first=True)], **extra}) if shape.chat else b""
+    if first:
+        opening += sse({**head, "choices": [shape.choice(first, None)], **extra})
+    yield opening  # one write for the role and the first text
     try:
-        if shape.chat:
-            yield sse({**head, "choices": [shape.choice(None, None, first=True)], **extra})
-        if first:
-            yield sse({**head, "choices": [shape.choice(first, None)], **extra})
         async for text in deltas:
             yield sse({**head, "choices": [shape.choice(text, None)], **extra})
     except ApiError as exc:  # after the headers: the error travels as an event, as OpenAI sends it
@@ -110,11 +111,11 @@ async def _events(shape: Shape, head: dict[str, Any], answer: AnswerStream, delt
         return
     finished = answer.finished
     assert finished is not None
-    yield sse({**head, "choices": [shape.choice(None if shape.chat else "", finished.finish_reason)], **extra,
-               "specd": finished.specd})
+    closing = sse({**head, "choices": [shape.choice(None if shape.chat else "", finished.finish_reason)], **extra,
+                   "specd": finished.specd})
     if include_usage:
-        yield sse({**head, "choices": [], "usage": usage(finished)})
-    yield DONE
+        closing += sse({**head, "choices": [], "usage": usage(finished)})
+    yield closing + DONE
 
 
 async def models(request: Request) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -53,9 +53,14 @@ def json_response(body: dict[str, Any], status: int = 200) -> Response:
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
 
 
-async def first_delta(deltas: AsyncIterator[str]) -> str | None:
-    """The answer's first text, None when it has none (errors before any text become HTTP errors)."""
-    return await anext(deltas, None)
+def error_json(error: ApiError, *, ollama: bool) -> Response:
+    """``error`` in Ollama's shape (``/api/...``) or OpenAI's."""
+    if error.status == CLIENT_GONE:
+        return Response(status_code=CLIENT_GONE)
+    response = json_response(error.ollama_body() if ollama else error.openai_body(), error.status)
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 async def until_done(request: Request, answer: AnswerStream, work: Awaitable[T]) -> T:
