@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -48,7 +47,6 @@ from specd.desktop.serve import wire
 from specd.desktop.serve.answering import AnswerStream
 from specd.desktop.serve.service import start_local_api
 from specd.shared.config import load_config
-from specd.shared.sampling import SamplingParams
 
 MARKS: dict[str, float] = {}  # the last answer's instants inside the API (one answer at a time)
 
@@ -112,7 +110,7 @@ class Connection:
 
     async def answer(self, text: str, max_tokens: int) -> tuple[float, float, str, float, float]:
         """(total ms, first token ms, text, inside added ms, inside added first-token ms)."""
-        if self.reader is None:
+        if self.reader is None or self.reader.at_eof():  # the server may close an idle connection
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.writer is not None
         body = json.dumps({"model": "specd", "messages": [{"role": "user", "content": text}], "temperature": 0,
@@ -170,8 +168,8 @@ async def run(args: argparse.Namespace) -> dict:
             config = load_config(None, overrides={"client": {"server_url": f"ws://127.0.0.1:{port}"},
                                                   "api": {"port": 0, "api_key_env": "", "max_concurrent": 1}})
             api = await start_local_api(config, progress=lambda message: print(message, file=sys.stderr))
-            settings = replace(api.state.defaults, sampling=SamplingParams(temperature=0.0), seed=0,
-                               max_new_tokens=args.max_tokens)
+            # exactly what the API makes of the request's fields (temperature 0, seed 0, max_tokens)
+            settings = wire.Sampled(temperature=0.0, seed=0, max_tokens=args.max_tokens).settings(api.state.defaults)
             prompts = [p.text for p in PROMPTS[:args.prompts]]
             http = Connection(api.url)
             for text in prompts[:2]:  # warm-up: caches, the mode chooser's first estimates

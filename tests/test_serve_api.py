@@ -248,3 +248,15 @@ async def test_a_client_leaving_mid_stream_stops_its_answer_and_frees_the_verifi
         after = await aio.chat.completions.create(**chat(PROMPT, max_tokens=12))
         assert after.choices[0].message.content == expected(models, tokenizer, PROMPT, 12)[1]
         assert len(api.pool.clients) == 1  # the same client answered: it was back in the pool
+
+
+async def test_text_parts_developer_role_and_max_completion_tokens(served, models, tokenizer):
+    _verifier, api = served
+    _ids, text = expected(models, tokenizer, PROMPT, 5)
+    parts = [{"type": "text", "text": "w5 w9"}, {"type": "text", "text": " w11"}]
+    status, _h, payload = await raw_http(api.url, "POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": parts}], "temperature": 0, "max_completion_tokens": 5,
+        "user": "someone", "seed": 3, "top_k": 0, "presence_penalty": 0, "stream": False})
+    answer = json.loads(payload)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == text
+    assert answer["usage"]["completion_tokens"] == 5 and answer["object"] == "chat.completion"

@@ -164,7 +164,8 @@ class ApiServer:
         sock = listening_socket(self.host, self.port)
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(self.app, http=HttpProtocol, ws="none", lifespan="off", loop="none",
-                                log_config=None, access_log=False, timeout_graceful_shutdown=2)
+                                log_config=None, access_log=False, timeout_graceful_shutdown=2,
+                                timeout_keep_alive=60)  # apps ask now and then: keep their connection
         self._server = server = _EmbeddedServer(config)
         self._task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
