@@ -16,6 +16,7 @@ import sys
 from specd.desktop.commands.chat import add_client_options, config_and_origins
 from specd.desktop.commands.draft_precision import settle_precision
 from specd.desktop.commands.launch import build_client
+from specd.shared.errors import SpecdError
 
 # `specd serve`'s own flags and the [api] keys they override.
 API_FLAG_KEYS = {"--api-host": "api.host", "--api-port": "api.port", "--max-concurrent": "api.max_concurrent"}
@@ -38,7 +39,10 @@ def say(message: str) -> None:
 
 
 async def serve_async(args: argparse.Namespace) -> int:
-    from specd.desktop.serve.service import api_key, start_local_api
+    try:
+        from specd.desktop.serve.service import api_key, start_local_api
+    except ImportError as exc:  # starlette and uvicorn come with the desktop extra
+        raise SpecdError(f"specd serve needs {exc.name or 'its HTTP server'}: pip install 'specd[desktop]'") from None
 
     cfg, origins = config_and_origins(args, API_FLAG_KEYS)
     api_key(cfg, origins)  # refuse an exposed server without a key before loading any model
