@@ -122,6 +122,7 @@ class ChatWindow(QMainWindow):
         central.setLayout(layout)
         self.setCentralWidget(central)
 
+        self._status = ("Starting…", "")
         self.status_label = StatusLabel("Starting…")
         self.latency_label = QLabel("")
         self.progress = QProgressBar()
@@ -200,13 +201,16 @@ class ChatWindow(QMainWindow):
     # -- status -----------------------------------------------------------------------------------
     def set_status(self, text: str, latency: str = "", detail: str = "") -> None:
         """The one status line; ``detail`` (the whole reason, the device) goes in its tooltip."""
-        self.status_label.set_line(text, detail)
+        self._status = (text, detail)
+        if self.progress.isHidden():  # a preparation step holds the line until its work ends
+            self.status_label.set_line(text, detail)
         self.latency_label.setText(latency)
 
     def show_progress(self, message: str | None) -> None:
-        """A preparation step in the status bar; None hides the bar."""
+        """A preparation step in the status bar; None hides the bar and gives the line back to the status."""
         if message is None:
             self.progress.hide()
+            self.status_label.set_line(*self._status)
             return
         self.progress.show()
         self.status_label.set_line(message)

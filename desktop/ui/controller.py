@@ -26,6 +26,7 @@ from specd.desktop.ui.app_runtime import LOG_FILE
 from specd.desktop.ui.chat_window import ChatWindow
 from specd.desktop.ui.idle_reconnect import IdleReconnector, RetryState
 from specd.desktop.ui.log_viewer import LogDialog
+from specd.desktop.ui.progress import ProgressBoard
 from specd.desktop.ui.settings_dialog import SettingsDialog
 from specd.desktop.ui.status_line import AppStatus, milliseconds
 from specd.desktop.ui.tray_menu import TrayMenu
@@ -87,6 +88,8 @@ class DesktopApp(QObject):
         self.icon = icon or QIcon()
         self.window = ChatWindow(self.icon)
         self.window.set_highlight(self.settings.desktop.highlight_tokens)
+        # show_progress looked up at each call, so a test (or a later window) can wrap it.
+        self.progress = ProgressBoard(lambda message: self.window.show_progress(message))
         self.menu = TrayMenu()
         self.tray: QSystemTrayIcon | None = None
         if use_tray and QSystemTrayIcon.isSystemTrayAvailable():
@@ -132,8 +135,8 @@ class DesktopApp(QObject):
         return self.settings.desktop.device or self.config.devices.edge_device
 
     async def start(self) -> None:
-        self.window.show_progress("Looking for devices…")
-        self.rows = await asyncio.to_thread(self._probe, self.config)
+        with self.progress.begin("Looking for devices…"):
+            self.rows = await asyncio.to_thread(self._probe, self.config)
         self.menu.set_devices(self.rows, self.requested_device)
         await self.prepare_client()
 
@@ -144,23 +147,17 @@ class DesktopApp(QObject):
             self._prepare_task.cancel()
         self._prepare_task = asyncio.current_task()
         await self._close_client()
-        loop = asyncio.get_running_loop()
-
-        def progress(message: str) -> None:  # called from the worker thread
-            log.info("%s", message)
-            loop.call_soon_threadsafe(self.window.show_progress, message)
-
-        self.window.show_progress("Preparing the draft model…")
+        span = self.progress.begin("Preparing the draft model…")
         try:
-            setup = await asyncio.to_thread(self._build_client, progress)
+            setup = await asyncio.to_thread(self._build_client, span.post)
         except SpecdError as exc:
             self.prepare_error = f"cannot prepare the client: {exc}"
-            self.window.show_progress(None)
+            span.end()
             self._show_status()
             self._error(f"Cannot prepare the client: {exc}")
             return
         finally:
-            self.window.show_progress(None)
+            span.end()  # steps the worker posted but the loop has not shown yet are dropped from here on
         self.prepare_error = ""
         self.state, self.reason, self.latency = "offline", "", ""
         self.setup, self.client = setup, setup.client
@@ -183,10 +180,8 @@ class DesktopApp(QObject):
             # draft_precision "auto": on a first connection, build and measure the candidates (with progress).
             from specd.desktop.commands.draft_precision import settle_precision
 
-            try:
-                await settle_precision(setup, self.config, progress)
-            finally:
-                self.window.show_progress(None)
+            with self.progress.begin() as span:
+                await settle_precision(setup, self.config, span.post)
 
     def _build_client(self, progress: Callable[[str], None]) -> Any:
         build = self._build
