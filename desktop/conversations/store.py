@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from specd.desktop.conversations.schema import has_fts5, migrate
 from specd.shared.errors import SpecdError
-from specd.shared.paths import APP
+from specd.shared.paths import data_dir
 
 STORE_FILE = "conversations.db"
 TITLE_LENGTH = 60
@@ -34,8 +32,9 @@ class StoreError(SpecdError):
 
 
 def default_store_path() -> Path:
-    """``%LOCALAPPDATA%\\specd\\conversations.db`` on Windows, ``~/.local/share/specd/conversations.db``."""
-    return Path(platformdirs.user_data_dir(APP, appauthor=False)) / STORE_FILE
+    """``%LOCALAPPDATA%\\specd\\conversations.db`` on Windows, ``~/.local/share/specd/conversations.db``
+    (``$SPECD_DATA_DIR/conversations.db`` where that is set)."""
+    return data_dir() / STORE_FILE
 
 
 @dataclass(frozen=True, slots=True)
