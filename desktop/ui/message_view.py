@@ -79,7 +79,9 @@ class ConversationView(QTextBrowser):
         block before a fragment that opens with a list, table or code block: that one is removed, so a
         tail inserted piece by piece lays out exactly like the same HTML inserted at once."""
         cursor.movePosition(QTextCursor.MoveOperation.End)
-        if cursor.block().length() > 1:
+        end = cursor.position()
+        # A table is always followed by an empty block of Qt's own; what comes next starts after it.
+        if cursor.block().length() > 1 or (end > 0 and self._in_table(end - 1)):
             cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
         start = cursor.position()
         if fragment:
@@ -87,9 +89,15 @@ class ConversationView(QTextBrowser):
             cursor.insertHtml(fragment)
             probe = QTextCursor(self.document())
             probe.setPosition(start)
-            if start > 0 and probe.block().length() == 1 and probe.block().next().isValid():
+            if (start > 0 and probe.block().length() == 1 and probe.block().next().isValid()
+                    and not self._in_table(start - 1)):
                 probe.deletePreviousChar()
         return start
+
+    def _in_table(self, position: int) -> bool:
+        probe = QTextCursor(self.document())
+        probe.setPosition(position)
+        return probe.currentTable() is not None
 
     # -- streaming --------------------------------------------------------------------------------
     def update_stream(self, turn: Turn, *, highlight: bool) -> None:
@@ -104,10 +112,16 @@ class ConversationView(QTextBrowser):
         newly, tail = self._stream.update(turn.text, turn.sources if highlight else [])
         cursor = QTextCursor(self.document())
         cursor.beginEditBlock()
-        if self._tail_start > 0:  # from the end of the block before the tail: no emptied block is left
-            cursor.setPosition(self._tail_start - 1)
+        if self._tail_start > 0:
+            # From the end of the block before the tail, so no emptied block is left — unless that block
+            # is a table's last cell: a selection reaching into a table takes the whole table.
+            after_table = self._in_table(self._tail_start - 1)
+            cursor.setPosition(self._tail_start if after_table else self._tail_start - 1)
             cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
             cursor.removeSelectedText()
+            if after_table:
+                cursor.setBlockFormat(QTextBlockFormat())
+                cursor.setBlockCharFormat(QTextCharFormat())
         if newly:
             self._append(cursor, newly)
         body = tail.html if turn.text or not turn.pending else '<p style="color:#888;">…</p>'
