@@ -33,6 +33,8 @@ def greet(name):
 ```
 
 > quoted text
+
+An escaped \\*star\\* &amp; an entity.
 """
 
 
@@ -58,7 +60,7 @@ def test_markdown_in_the_window_shows_text_not_markup(qtbot):
     view.show_turns([Turn("user", "show me everything"), answer], highlight=True)
     text = view.toPlainText()
     for shown in ("A heading", "Some bold, emphasis, struck, inline code and a link.", "a bullet", "pi", "3.14",
-                  'return f"hello {name}"', "quoted text"):
+                  'return f"hello {name}"', "quoted text", "An escaped *star* & an entity."):
         assert shown in text, shown
     assert "**" not in text and "```" not in text and "|---" not in text
 

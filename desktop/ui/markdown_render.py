@@ -115,6 +115,8 @@ class _QtRenderer(RendererHTML):
         shown = tokens[idx].content
         return env["tint"].spans(shown, env["tint"].locate(shown))
 
+    text_special = text  # an escaped character (markdown-it's text_join pass is not run on streamed blocks)
+
     def code_inline(self, tokens: list[Token], idx: int, _options: Any, env: dict) -> str:
         shown = tokens[idx].content
         inner = env["tint"].spans(shown, env["tint"].locate(shown))
@@ -181,6 +183,16 @@ def _markdown() -> MarkdownIt:
 
 
 MARKDOWN = _markdown()
+# The same parser without the inline pass: streaming parses the open tail's blocks, then runs the inline
+# pass only for the blocks it renders (the inline pass is most of markdown-it's time).
+BLOCKS = _markdown().disable("inline")
+
+
+def _parse_inline(tokens: list[Token], env: dict) -> None:
+    for token in tokens:
+        if token.type == "inline" and not token.children:
+            token.children = []
+            MARKDOWN.inline.parse(token.content, MARKDOWN, env, token.children)
 
 
 def render_markdown(text: str, runs: Runs | None = None, *, base: int = 0, code_base: int = 0) -> Rendered:
@@ -192,42 +204,70 @@ def render_markdown(text: str, runs: Runs | None = None, *, base: int = 0, code_
 
 class IncrementalMarkdown:
     """One streaming answer: :meth:`update` with the whole text so far returns the HTML of the part that
-    became final since the last call and the HTML of the still-open tail (its last top-level blocks)."""
+    became final since the last call and the HTML of the still-open tail (its last top-level blocks).
+
+    Each update parses the open tail once; of its blocks only the last is rendered afresh (the one
+    before it is reused while its text is unchanged), so a piece costs about one block's work."""
 
     def __init__(self) -> None:
         self.frozen_chars = 0  # where the open tail starts in the text
         self.frozen_html: list[str] = []
         self.code_blocks: list[str] = []  # of the frozen part
+        self._cache: dict[tuple[int, str, int], Rendered] = {}
 
     def update(self, text: str, runs: Runs) -> tuple[str, Rendered]:
         """(newly frozen HTML, the tail rendered). Frozen HTML never changes once returned."""
         tail = text[self.frozen_chars:]
-        starts = _top_level_starts(tail)
+        env = {"tint": _Tint(tail, runs, self.frozen_chars), "codes": [], "code_base": len(self.code_blocks)}
+        tokens = BLOCKS.parse(tail, env)
+        groups = _top_level_groups(tokens)
+        line_starts = env["tint"].line_starts
         newly = ""
-        if len(starts) > FROZEN_TAIL_BLOCKS:
-            cut_line = starts[-FROZEN_TAIL_BLOCKS]
-            cut = _line_offset(tail, cut_line)
-            done = render_markdown(tail[:cut], runs, base=self.frozen_chars, code_base=len(self.code_blocks))
-            newly = done.html
+        if len(groups) > FROZEN_TAIL_BLOCKS:
+            done = [self._render(tokens[a:b], tail, line_starts, first, env) for a, b, first in
+                    groups[:-FROZEN_TAIL_BLOCKS]]
+            newly = "\n".join(part.html for part in done)
             self.frozen_html.append(newly)
-            self.code_blocks += done.code_blocks
+            self.code_blocks += [code for part in done for code in part.code_blocks]
+            cut = line_starts[groups[-FROZEN_TAIL_BLOCKS][2]]
             self.frozen_chars += cut
-            tail = tail[cut:]
-        rendered = render_markdown(tail, runs, base=self.frozen_chars, code_base=len(self.code_blocks))
-        return newly, rendered
+            self._cache.clear()
+            groups = groups[-FROZEN_TAIL_BLOCKS:]
+        open_parts = [self._render(tokens[a:b], tail, line_starts, first, env, cache=i < len(groups) - 1)
+                      for i, (a, b, first) in enumerate(groups)]
+        return newly, Rendered("\n".join(p.html for p in open_parts if p.html),
+                               [code for part in open_parts for code in part.code_blocks])
+
+    def _render(self, tokens: list[Token], tail: str, line_starts: list[int], first_line: int, env: dict,
+                *, cache: bool = False) -> Rendered:
+        """One top-level block; ``cache``: reuse it while its source text is unchanged."""
+        start = line_starts[first_line]
+        end_line = tokens[0].map[1] if tokens[0].map else first_line + 1
+        end = line_starts[end_line] if end_line < len(line_starts) else len(tail)
+        key = (env["tint"].base + start, tail[start:end], env["code_base"] + len(env["codes"]))
+        if cache and key in self._cache:
+            hit = self._cache[key]
+            env["codes"] += hit.code_blocks
+            return hit
+        before = len(env["codes"])
+        _parse_inline(tokens, env)
+        html_text = MARKDOWN.renderer.render(tokens, MARKDOWN.options, env).strip()
+        rendered = Rendered(html_text, env["codes"][before:])
+        self._cache[key] = rendered
+        return rendered
 
     def whole(self, text: str, runs: Runs) -> Rendered:
         _newly, tail = self.update(text, runs)
-        return Rendered("".join(self.frozen_html) + tail.html, self.code_blocks + tail.code_blocks)
+        return Rendered("\n".join([*self.frozen_html, tail.html]), self.code_blocks + tail.code_blocks)
 
 
-def _top_level_starts(text: str) -> list[int]:
-    """The first line of each top-level block of ``text``."""
-    return [t.map[0] for t in MARKDOWN.parse(text) if t.level == 0 and t.nesting >= 0 and t.map]
-
-
-def _line_offset(text: str, line: int) -> int:
-    position = 0
-    for _ in range(line):
-        position = text.index("\n", position) + 1
-    return position
+def _top_level_groups(tokens: list[Token]) -> list[tuple[int, int, int]]:
+    """(first token, end token, first line) of each top-level block."""
+    groups, start, depth = [], 0, 0
+    for i, token in enumerate(tokens):
+        if token.level == 0 and token.nesting >= 0 and depth == 0:
+            start = i
+        depth += token.nesting
+        if token.level == 0 and depth == 0:
+            groups.append((start, i + 1, tokens[start].map[0] if tokens[start].map else 0))
+    return groups
