@@ -46,6 +46,9 @@ class ConversationSidebar(QWidget):
         self.search.textChanged.connect(self.search_changed.emit)
         self.list = QListWidget()
         self.list.setObjectName("conversations")
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.list.setTextElideMode(Qt.TextElideMode.ElideRight)  # the whole title is in the tooltip
+        self.list.setUniformItemSizes(False)
         self.list.itemActivated.connect(self._activated)
         self.list.itemClicked.connect(self._activated)
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
