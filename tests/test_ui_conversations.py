@@ -131,6 +131,38 @@ def test_regenerate_replaces_the_answer_and_edit_forks(qtbot, qloop, tmp_path, f
     assert sent[0] == {"role": "system", "content": "Be brief."}
 
 
+def test_stop_keeps_what_was_written_and_a_new_chat_leaves_the_answer_alone(qtbot, qloop, tmp_path, folders):
+    async def scenario():
+        async with Verifier(verifier_config(folders["target"])) as verifier:
+            app = make_app(tmp_path, qtbot, folders, verifier.url)
+            await app.start()
+            shown = []
+            original = app.chat.on_piece
+
+            def on_piece(piece):
+                original(piece)
+                if not shown:
+                    shown.append(app.window.turns[-1].text)
+                    app.window.new_chat_requested.emit()  # Ctrl+N mid-answer: stops it, opens a new chat
+
+            app.chat.on_piece = on_piece
+            await app.send(PROMPT)
+            stored = app.chat.store.messages(1)
+            result = shown, stored, app.window.turns, app.chat.conversation_id, app.window.sidebar.titles()
+            app.chat.open(1)
+            reopened = [(t.text, t.status, t.pending) for t in app.window.turns]
+            await app.shutdown()
+            return (*result, reopened)
+
+    shown, stored, turns, current, titles, reopened = qloop.run_until_complete(asyncio.wait_for(scenario(), 120))
+    assert [m.role for m in stored] == ["user", "assistant"]
+    answer = stored[1]
+    assert answer.status == "stopped" and answer.finish_reason == "cancelled"
+    assert answer.text.startswith(shown[0]) and answer.text == "".join(s.text for s in answer.segments)
+    assert turns == [] and current is None and titles == [PROMPT]  # the new chat was left alone
+    assert reopened[1] == (answer.text, "stopped", False)
+
+
 def fill(store: ConversationStore) -> list[int]:
     ids = []
     for question, answer in [("Reverse a list", "Use `numbers[::-1]`."), ("Sort a dict", "sorted(d.items())"),
@@ -209,4 +241,26 @@ def test_keys_and_the_remembered_window(qtbot, qapp, qloop, tmp_path, folders):
     again = make_app(tmp_path, qtbot, folders)
     assert (again.window.width(), again.window.height()) == (900, 640)
     assert again.window.splitter.sizes()[0] == 300
+    qapp.setQuitOnLastWindowClosed(True)
+
+
+def test_the_default_system_prompt_is_a_setting(qtbot, qapp, qloop, tmp_path, folders):
+    qapp.setQuitOnLastWindowClosed(False)
+    app = make_app(tmp_path, qtbot, folders)
+    assert app.window.system_prompt.text() == ""
+    client = app.client
+
+    async def change():
+        dialog = app.open_settings()
+        dialog.edits[("chat", "system_prompt")].setText("Answer in French.")
+        dialog.accept()
+        while app.config.chat.system_prompt != "Answer in French.":
+            await asyncio.sleep(0.02)
+
+    qloop.run_until_complete(asyncio.wait_for(change(), 30))
+    assert read_settings(tmp_path / "user" / "settings.toml").layer == {"chat": {"system_prompt": "Answer in French."}}
+    assert app.client is client  # a new system prompt needs no new client
+    app.new_chat()
+    assert app.window.system_prompt.text() == "Answer in French."
+    assert app.conversation == [{"role": "system", "content": "Answer in French."}]
     qapp.setQuitOnLastWindowClosed(True)

@@ -45,6 +45,7 @@ class ChatSession:
         self.conversation_id: int | None = None  # None: a new chat, stored once its first question is sent
         self.positions: list[int | None] = []  # per turn on screen: its message's position (None: not stored)
         self._answer: int | None = None  # the message id of the answer streaming now
+        self._answer_in: int | None = None  # its conversation: the window may have moved on to another
         self._save_failed = False
         bar = window.sidebar
         bar.open_requested.connect(self.open)
@@ -152,6 +153,7 @@ class ChatSession:
     def _begin_answer(self) -> None:
         assert self.conversation_id is not None
         self._answer = self.store.begin_answer(self.conversation_id)
+        self._answer_in = self.conversation_id
         self.window.add_turn("assistant", pending=True)
         self.positions.append(self._last_position())
 
@@ -159,7 +161,8 @@ class ChatSession:
         """A committed piece: saved first (a kill right after loses nothing shown), then shown."""
         if self._answer is not None and not self._save_failed:
             self._save(self.store.append_piece, self._answer, piece.text, piece.source, piece.token_ids)
-        self.window.append_piece(piece.text, piece.source)
+        if self._showing_answer():
+            self.window.append_piece(piece.text, piece.source)
 
     def finish(self, answer: Any) -> None:
         stats = answer.stats.to_json()
@@ -167,17 +170,23 @@ class ChatSession:
         if self._answer is not None:
             self._save(self.store.finish_answer, self._answer, status=status,
                        finish_reason=answer.finish_reason or "", stats=stats)
+        if self._showing_answer():
+            self.window.finish_turn(stats_line(stats, answer.finish_reason), status=status)
         self._answer = None
-        self.window.finish_turn(stats_line(stats, answer.finish_reason), status=status)
         self.refresh_list()
 
     def fail(self, message: str) -> None:
         """No answer: the question and the empty answer leave the store (the question was not answered, so
         it is not part of the conversation); the error shows under it."""
+        showing = self._showing_answer()
+        self._answer = None
+        if not showing:  # the window shows another conversation now: only the store is put right
+            if self._answer_in is not None:
+                self._drop_unanswered(self._answer_in)
+            return
         if self.conversation_id is not None and len(self.positions) >= 2 and self.positions[-2] is not None:
             self._save(self.store.remove_messages_from, self.conversation_id, self.positions[-2])
             self.positions[-2:] = [None, None]
-        self._answer = None
         self.window.finish_turn("")
         self.window.add_turn("error", message)
         self.positions.append(None)
@@ -204,6 +213,15 @@ class ChatSession:
         self.window.statusBar().showMessage(f"Exported to {path}", 5000)
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _showing_answer(self) -> bool:
+        """Whether the window still shows the conversation the streaming answer belongs to."""
+        return self._answer_in is not None and self._answer_in == self.conversation_id
+
+    def _drop_unanswered(self, conversation_id: int) -> None:
+        messages = self.store.messages(conversation_id)
+        if len(messages) >= 2 and messages[-1].role == "assistant" and not messages[-1].text:
+            self._save(self.store.remove_messages_from, conversation_id, messages[-2].position)
+
     def _last_position(self) -> int:
         assert self.conversation_id is not None
         return self.store.messages(self.conversation_id)[-1].position
@@ -222,7 +240,7 @@ class ChatSession:
 
 def turn_of(message: Message) -> Turn:
     """A stored message as it was shown live: provenance runs from its segments, its stats line."""
-    turn = Turn(role=message.role, status=message.status)
+    turn = Turn(role=message.role, status=message.status, pending=message.status == "streaming")
     if message.segments:
         for segment in message.segments:
             turn.append(segment.text, segment.source)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from PySide6.QtCore import QObject, Qt, QUrl
 from PySide6.QtGui import QDesktopServices, QIcon
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
@@ -40,7 +41,7 @@ from specd.desktop.ui.user_settings import (
     settings_path,
     write_settings,
 )
-from specd.shared.config import Config, load_config, to_dict
+from specd.shared.config import ChatConfig, Config, load_config, to_dict
 from specd.shared.errors import ConfigError, SpecdError
 from specd.shared.paths import log_dir
 
@@ -312,7 +313,7 @@ class DesktopApp(QObject):
     async def apply_settings(self, settings: UserSettings | None, api_key: str | None) -> None:
         if settings is None:
             return
-        old = (self.config, self.settings.desktop.device, self.secrets.load())
+        old = (client_part(self.config), self.settings.desktop.device, self.secrets.load())
         self.config = effective_config(self.config_path, settings)
         if settings.desktop.start_on_login != self.settings.desktop.start_on_login:
             try:
@@ -326,7 +327,7 @@ class DesktopApp(QObject):
             self.secrets.save(api_key)
         self.window.set_highlight(settings.desktop.highlight_tokens)
         self.menu.set_active_device(self.requested_device)
-        if (self.config, settings.desktop.device, self.secrets.load()) != old:
+        if (client_part(self.config), settings.desktop.device, self.secrets.load()) != old:
             await self.prepare_client()
 
     def _remember_highlight(self, on: bool) -> None:
@@ -457,6 +458,11 @@ class DesktopApp(QObject):
             self._on_quit()
         elif QApplication.instance() is not None:
             QApplication.instance().quit()
+
+
+def client_part(config: Config) -> Config:
+    """What the client is built from: all but ``[chat]`` (a new system prompt needs no new client)."""
+    return msgspec.structs.replace(config, chat=ChatConfig())
 
 
 __all__ = ["ConfigError", "DesktopApp"]
