@@ -248,6 +248,7 @@ def test_the_default_system_prompt_is_a_setting(qtbot, qapp, qloop, tmp_path, fo
     qapp.setQuitOnLastWindowClosed(False)
     app = make_app(tmp_path, qtbot, folders)
     assert app.window.system_prompt.text() == ""
+    assert app.window.sampling.text() == "temperature 0 · top-p 0.95 · top-k off · up to 16 tokens · seed random"
     client = app.client
 
     async def change():

@@ -65,6 +65,27 @@ def test_markdown_in_the_window_shows_text_not_markup(qtbot):
     assert "**" not in text and "```" not in text and "|---" not in text
 
 
+def test_copy_buttons_copy_the_code_and_the_answer(qtbot):
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QGuiApplication
+
+    view = ConversationView()
+    qtbot.addWidget(view)
+    answer = Turn("assistant")
+    answer.append(EVERY_ELEMENT, "draft")
+    view.show_turns([Turn("user", "show me everything"), answer], highlight=True)
+    actions = []
+    view.action.connect(lambda kind, index: actions.append((kind, index)))
+    view.anchorClicked.emit(QUrl("specd:copy-code/0"))
+    assert QGuiApplication.clipboard().text() == 'def greet(name):\n    return f"hello {name}"'
+    view.anchorClicked.emit(QUrl("specd:copy/1"))
+    view.anchorClicked.emit(QUrl("specd:regenerate/1"))
+    view.anchorClicked.emit(QUrl("specd:edit/0"))
+    assert actions == [("copy", 1), ("regenerate", 1), ("edit", 0)]
+    html = view.toHtml()
+    assert "specd:copy/1" in html and "specd:regenerate/1" in html and "specd:edit/0" in html
+
+
 def sample_answer() -> Turn:
     turn = Turn("assistant")
     for text, source in [("# Rev", "draft"), ("ersing\n\nUse ", "target"), ("**slicing**", "draft"),
