@@ -163,6 +163,36 @@ def test_stop_keeps_what_was_written_and_a_new_chat_leaves_the_answer_alone(qtbo
     assert reopened[1] == (answer.text, "stopped", False)
 
 
+def test_deleting_the_conversation_of_a_streaming_answer_stops_it(qtbot, qloop, tmp_path, folders):
+    async def scenario():
+        async with Verifier(verifier_config(folders["target"])) as verifier:
+            app = make_app(tmp_path, qtbot, folders, verifier.url)
+            await app.start()
+            original = app.chat.on_piece
+            deleted = []
+
+            def on_piece(piece):
+                original(piece)
+                if not deleted:
+                    deleted.append(1)
+                    app.window.sidebar.delete_requested.emit(1)
+
+            app.chat.on_piece = on_piece
+            finished = []
+            finish = app.chat.finish
+            app.chat.finish = lambda answer: (finished.append(answer.finish_reason), finish(answer))
+            await app.send(PROMPT)
+            assert finished == ["cancelled"]
+            app.window.sidebar._undo_over()  # the undo time ends
+            errors = [t.text for t in app.window.turns if t.role == "error"]
+            rows = app.chat.store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            await app.shutdown()
+            return errors, rows, app.chat.store
+
+    errors, rows, store = qloop.run_until_complete(asyncio.wait_for(scenario(), 120))
+    assert errors == [] and rows == 0  # stopped, removed, and nothing said about saving
+
+
 def fill(store: ConversationStore) -> list[int]:
     ids = []
     for question, answer in [("Reverse a list", "Use `numbers[::-1]`."), ("Sort a dict", "sorted(d.items())"),

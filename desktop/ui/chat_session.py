@@ -39,9 +39,11 @@ def open_store(folder: Path | None) -> tuple[ConversationStore, str]:
 
 class ChatSession:
     def __init__(self, store: ConversationStore, window: ChatWindow, *, system_prompt: Callable[[], str],
-                 sampling: Callable[[], dict[str, Any]], on_error: Callable[[str], None]) -> None:
+                 sampling: Callable[[], dict[str, Any]], on_error: Callable[[str], None],
+                 stop_answer: Callable[[], None] = lambda: None) -> None:
         self.store, self.window = store, window
         self._default_system_prompt, self._sampling, self._on_error = system_prompt, sampling, on_error
+        self._stop_answer = stop_answer
         self.conversation_id: int | None = None  # None: a new chat, stored once its first question is sent
         self.positions: list[int | None] = []  # per turn on screen: its message's position (None: not stored)
         self._answer: int | None = None  # the message id of the answer streaming now
@@ -88,6 +90,9 @@ class ChatSession:
 
     def delete(self, conversation_id: int) -> None:
         title = self.store.conversation(conversation_id).title
+        if conversation_id == self._answer_in and self._answer is not None:  # its answer goes with it
+            self._answer = self._answer_in = None
+            self._stop_answer()
         self._save(self.store.delete, conversation_id)
         if conversation_id == self.conversation_id:
             self.new_chat()
@@ -154,6 +159,7 @@ class ChatSession:
         assert self.conversation_id is not None
         self._answer = self.store.begin_answer(self.conversation_id)
         self._answer_in = self.conversation_id
+        self._save_failed = False  # a failure is said once per answer
         self.window.add_turn("assistant", pending=True)
         self.positions.append(self._last_position())
 

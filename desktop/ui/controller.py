@@ -106,7 +106,8 @@ class DesktopApp(QObject):
         if store_error:
             self.notify("Conversations are not saved", store_error)
         self.chat = ChatSession(self.store, self.window, system_prompt=lambda: self.config.chat.system_prompt,
-                                sampling=lambda: to_dict(self.config)["sampling"], on_error=self._error)
+                                sampling=lambda: to_dict(self.config)["sampling"], on_error=self._error,
+                                stop_answer=self.stop)
         self.chat.new_chat()
         self.chat.refresh_list()
         self._wire()
