@@ -187,9 +187,9 @@ def test_deleting_the_conversation_of_a_streaming_answer_stops_it(qtbot, qloop, 
             errors = [t.text for t in app.window.turns if t.role == "error"]
             rows = app.chat.store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
             await app.shutdown()
-            return errors, rows, app.chat.store
+            return errors, rows
 
-    errors, rows, store = qloop.run_until_complete(asyncio.wait_for(scenario(), 120))
+    errors, rows = qloop.run_until_complete(asyncio.wait_for(scenario(), 120))
     assert errors == [] and rows == 0  # stopped, removed, and nothing said about saving
 
 
