@@ -215,7 +215,9 @@ def test_sidebar_search_rename_delete_undo_and_export(qtbot, tmp_path, folders):
     bar.search.setText("items")  # searches the text too
     assert bar.titles() == ["Sort a dict"]
     bar.search.setText("")
-    bar.rename_requested.emit(ids[0], "Lists")
+    dialog = bar._rename(ids[0], "Reverse a list")  # what the menu's Rename… opens
+    dialog.setTextValue("Lists")
+    dialog.accept()
     assert "Lists" in bar.titles() and store.conversation(ids[0]).title == "Lists"
     app.chat.open(ids[1])
     bar.delete_requested.emit(ids[1])

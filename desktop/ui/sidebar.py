@@ -144,7 +144,12 @@ class ConversationSidebar(QWidget):
         menu.addAction("Delete", lambda: self.delete_requested.emit(conversation_id))
         menu.popup(self.list.viewport().mapToGlobal(where))
 
-    def _rename(self, conversation_id: int, title: str) -> None:
-        text, ok = QInputDialog.getText(self, "Rename conversation", "Title:", text=title)
-        if ok and text.strip():
-            self.rename_requested.emit(conversation_id, text.strip())
+    def _rename(self, conversation_id: int, title: str) -> QInputDialog:
+        dialog = QInputDialog(self)
+        dialog.setWindowTitle("Rename conversation")
+        dialog.setLabelText("Title:")
+        dialog.setTextValue(title)
+        dialog.textValueSelected.connect(
+            lambda text: self.rename_requested.emit(conversation_id, text.strip()) if text.strip() else None)
+        dialog.open()  # not exec(): a nested loop would stall a streaming answer
+        return dialog
