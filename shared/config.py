@@ -116,6 +116,11 @@ class LimitsConfig(_Section):
     kv_cache_gib: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
 
 
+class ChatConfig(_Section):
+    # The system prompt a new conversation starts with (each conversation can change its own).
+    system_prompt: str = ""
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     client: ClientConfig = ClientConfig()
@@ -124,6 +129,7 @@ class Config(_Section):
     speculation: SpeculationConfig = SpeculationConfig()
     devices: DevicesConfig = DevicesConfig()
     limits: LimitsConfig = LimitsConfig()
+    chat: ChatConfig = ChatConfig()
 
 
 def _check(cfg: Config, origins: Origins) -> None:
