@@ -177,7 +177,14 @@ async def _serve(config: Any, origins: Origins, port_file: Path | None) -> bool:
         loop.add_signal_handler(signum, stop.set)
     notifier = Notifier()
     verifier = Verifier(config, notifier=notifier, origins=origins)
-    loop.add_signal_handler(signal.SIGHUP, verifier.reload_keys)  # systemctl reload specd-verifier
+    reloads: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references to tasks)
+
+    def reload_keys() -> None:  # SIGHUP: systemctl reload specd-verifier
+        task = loop.create_task(verifier.reload_keys())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_keys)
     starting = loop.create_task(verifier.start())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

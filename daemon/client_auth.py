@@ -11,6 +11,7 @@ its sessions, kept across reloads) and its token budget.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -151,10 +152,17 @@ class ClientKeys:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _load(self) -> None:
+        self._apply(*self.read())
+
+    def read(self) -> tuple[tuple[int, int, int] | None, dict[str, KeyRecord]]:
+        """The file's state and its keys (touches nothing here: a reload runs it on a worker thread)."""
         stamp = self._stat()
         records = read_keys_file(self.path) if self.path is not None and stamp is not None else {}
         if stamp is None and self._file_seen:
             raise ConfigError(f"the keys file {self.path} is gone")
+        return stamp, records
+
+    def _apply(self, stamp: tuple[int, int, int] | None, records: dict[str, KeyRecord]) -> None:
         table = {record.digest: record for record in records.values()}
         if self.env_key is not None:
             digest = key_digest(self.env_key)
@@ -191,10 +199,11 @@ class ClientKeys:
         """Whether the file differs from the one last read (a cheap stat, for the poll)."""
         return self._stat() != self._stamp
 
-    def reload(self) -> bool:
-        """Re-read the file; on failure keep the keys in force. True when the new table is in force."""
+    async def reload(self) -> bool:
+        """Re-read the file (parsed off the event loop: 1,000 keys take a while); on failure keep the keys in
+        force. True when the new table is in force."""
         try:
-            self._load()
+            self._apply(*await asyncio.to_thread(self.read))
         except ConfigError as exc:
             self._stamp = self._stat()  # do not retry the same broken file every poll
             log.error("keys not reloaded, the previous ones stay in force: %s", exc)

@@ -85,9 +85,9 @@ class KeyGate:
         record = self._sessions.get(driver)
         return record.name if record is not None else "-"
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
         """Re-read the keys; end the open sessions of every key no longer in force."""
-        if not self.keys.reload():
+        if not await self.keys.reload():
             return
         for driver, record in list(self._sessions.items()):
             if not self.keys.in_force(record.digest):
@@ -101,7 +101,7 @@ class KeyGate:
         while True:
             await asyncio.sleep(KEYS_POLL_S)
             if self.keys.changed():
-                self.reload()
+                await self.reload()
             if loop.time() - saved_at >= USAGE_SAVE_S:
                 saved_at = loop.time()
                 self.keys.save_usage()

@@ -184,9 +184,9 @@ class Verifier:
         self._keys_watch = loop.create_task(self.gate.watch())
         self.ready = True
 
-    def reload_keys(self) -> None:
+    async def reload_keys(self) -> None:
         """SIGHUP: re-read the keys file; sessions of revoked keys end, the others go on."""
-        self.gate.reload()
+        await self.gate.reload()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight rounds finish, close clients with 1001, free the model."""

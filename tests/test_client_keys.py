@@ -161,7 +161,7 @@ async def test_a_keys_file_others_can_read_is_refused_naming_it(tiny_folder, tmp
     async with Verifier(keyed_config(tiny_folder, keys_file)) as v:
         keys(capsys, keys_file, "add", "frank")
         keys_file.chmod(0o604)  # loosened while serving: the reload is refused and the keys in force stay
-        v.reload_keys()
+        await v.reload_keys()
         client = await Client.open(v.url, FINGERPRINT, api_key=key)
         await client.close()
         assert "frank" not in v.gate.keys.usage
