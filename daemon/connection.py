@@ -251,10 +251,10 @@ class SessionDriver:
         # The rejected drafts stay in the KV until the next job rolls them back (O(1)).
         actions = self.session.verdict(result, queue_ms=queue_s * 1000.0, forward_ms=run_s * 1000.0)
         self.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s)
+        await self._perform(actions)
         if self.client is not None:
             self.client.round()
             self.client.charge(result.accepted + 1)
-        await self._perform(actions)
 
     async def _generate(self, request: int) -> None:
         """The target alone: sample one token per step and stream it, until a stop rule, cancel, or (for a

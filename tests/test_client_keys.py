@@ -5,7 +5,9 @@ in `keys list`, and a lookup by hash that compares nothing with the presented ke
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -65,7 +67,9 @@ async def refused(url: str, key: str | None) -> int:
     return info.value.response.status_code
 
 
-async def test_revoking_a_key_refuses_it_and_closes_its_sessions_but_no_others(tiny_folder, tmp_path, capsys):
+async def test_revoking_a_key_refuses_it_and_closes_its_sessions_but_no_others(tiny_folder, tmp_path, capsys,
+                                                                                caplog):
+    caplog.set_level(logging.INFO, logger="specd.daemon")
     keys_file = tmp_path / "keys.toml"
     alice, bob = keys(capsys, keys_file, "add", "alice"), keys(capsys, keys_file, "add", "bob")
     assert oct(keys_file.stat().st_mode & 0o777) == "0o600"
@@ -89,23 +93,35 @@ async def test_revoking_a_key_refuses_it_and_closes_its_sessions_but_no_others(t
 
         await bob_session.start([1, 7, 8], max_new_tokens=4, sampling=GREEDY, mode="cloud")  # untouched
         assert len(await bob_session.stream_all()) == 4
+        await bob_session.start([1, 9, 10], max_new_tokens=8, sampling=GREEDY)  # and a speculative round
+        verdict = await bob_session.round([5, 6])
         text = await metrics(v)
         assert 'specd_client_sessions_total{client="alice"} 1' in text
         assert 'specd_client_sessions{client="bob"} 1' in text
-        assert 'specd_client_rounds_total{client="bob"} 0' in text
+        assert 'specd_client_rounds_total{client="bob"} 1' in text
         assert 'specd_client_refusals_total{client="alice",reason="key_revoked"} 2' in text  # the close, the 401
-        # bob's prompts: 2 tokens run for the first (its last one goes with the first step), 1 for the second
-        # (its first token is reused from the session's cache); then 8 tokens generated.
-        assert "specd_prefill_tokens_total 3" in text and 'specd_client_prompt_tokens_total{client="bob"} 3' in text
-        assert 'specd_client_tokens_total{client="bob"} 11' in text
+        # Only bob ran prompts: all of the verifier's prefill is his; then 8 streamed tokens and the round's.
+        prefilled = int(re.search(r"^specd_prefill_tokens_total (\d+)$", text, re.M).group(1))
+        assert f'specd_client_prompt_tokens_total{{client="bob"}} {prefilled}' in text
+        bob_tokens = prefilled + 8 + len(verdict.new_tokens)
+        assert f'specd_client_tokens_total{{client="bob"}} {bob_tokens}' in text
         await bob_session.close()
+        await eventually(lambda: v.sessions == 0, "bob's session closed")
+    # The journal: one line per session opened and closed, with the key's name and the peer, never the key.
+    journal = [r.getMessage() for r in caplog.records]
+    for name in ("alice", "bob"):
+        assert sum(bool(re.fullmatch(rf"session \w+ opened from 127\.0\.0\.1:\d+, key {name}", line))
+                   for line in journal) == 1
+        assert sum(bool(re.fullmatch(rf"session \w+ closed \(\d+\) from 127\.0\.0\.1:\d+, key {name}", line))
+                   for line in journal) == 1
+    assert not any(alice in line or bob in line for line in journal)
     capsys.readouterr()
     assert keys_main(["list", "--keys-file", str(keys_file)]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].split()[:5] == ["NAME", "STATUS", "CREATED", "LAST", "USED"]
     rows = {line.split()[0]: line.split() for line in listing[1:]}
     assert rows["alice"][1] == "revoked" and rows["bob"][1] == "active"
-    assert rows["bob"][4] == "11" and rows["bob"][5] == "1"  # tokens used and sessions, kept across restarts
+    assert rows["bob"][4] == str(bob_tokens) and rows["bob"][5] == "1"  # tokens used and sessions, kept across restarts
     assert alice not in "\n".join(listing) and bob not in "\n".join(listing)
 
 
