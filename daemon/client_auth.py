@@ -104,6 +104,7 @@ class ClientUsage:
 
     def round(self) -> None:
         self.counters.rounds += 1
+        self.dirty = True
 
     def refused(self, reason: str) -> None:
         self.counters.refusals[reason] += 1

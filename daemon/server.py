@@ -178,9 +178,15 @@ class Verifier:
         self.engine.on_forward = self.metrics.batch
         self._context = SessionContext(engine=self.engine, metrics=self.metrics, limits=self.limits,
                                        idle_timeout_s=lim.idle_timeout_s, server_name=self.server_name)
-        if self.gate.required and not self.gate.keys.active:
+        keys = self.gate.keys
+        if keys.path is not None and not keys.path.exists():
+            log.info("no keys file at %s (yet): `specd-verifier keys add NAME` makes one; it is read when it appears",
+                     keys.path)
+        elif keys.required and not keys.active:
             log.warning("no active client key in %s: every client is refused until `specd-verifier keys add NAME`",
-                        self.gate.keys.where)
+                        keys.where)
+        elif keys.required:
+            log.info("client keys: %d active (%s)", keys.active, keys.where)
         self._keys_watch = loop.create_task(self.gate.watch())
         self.ready = True
 
