@@ -54,7 +54,7 @@ class ReplicaMetrics:
     """Copies the replica's counters (daemon/metrics.py) into Ray Serve's metrics, once a second.
 
     Ray adds the deployment, replica and application tags, so the cluster's Prometheus sees rounds,
-    accepted tokens and sessions per replica.
+    accepted tokens and sessions per replica, and tokens, rounds and sessions per client key.
     """
 
     def __init__(self) -> None:
@@ -64,6 +64,12 @@ class ReplicaMetrics:
         self.streamed = serve_metrics.Counter("specd_cloud_tokens", description="Tokens generated in cloud mode.")
         self.sessions = serve_metrics.Gauge("specd_sessions", description="Open WebSocket sessions.")
         self._last = {"rounds": 0, "drafted": 0, "accepted": 0, "streamed": 0}
+        # Per client key (the keys file), tagged client=NAME: what `keys list` shows for a single verifier.
+        self.clients = {name: serve_metrics.Counter(f"specd_client_{name}", description=text, tag_keys=("client",))
+                        for name, text in (("tokens", "Prompt tokens run plus tokens generated, by client key."),
+                                           ("rounds", "Draft rounds verified, by client key."),
+                                           ("sessions", "Sessions accepted, by client key."))}
+        self._last_client: dict[tuple[str, str], int] = {}
 
     def publish(self, verifier: Verifier) -> None:
         current = verifier.metrics
@@ -74,6 +80,13 @@ class ReplicaMetrics:
                 counter.inc(value - self._last[name])
             self._last[name] = value
         self.sessions.set(verifier.sessions)
+        for counters in verifier.gate.keys.counters():
+            for name, value in (("tokens", counters.tokens), ("rounds", counters.rounds),
+                                ("sessions", counters.sessions_total)):
+                last = self._last_client.get((counters.name, name), 0)
+                if value > last:
+                    self.clients[name].inc(value - last, tags={"client": counters.name})
+                self._last_client[(counters.name, name)] = value
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, graceful_shutdown_timeout_s=20.0, health_check_period_s=5.0)
