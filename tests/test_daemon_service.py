@@ -115,7 +115,7 @@ def test_help_documents_every_flag():
     for flag in ("--host", "--port", "--model", "--device", "--dtype", "--max-sessions", "--max-input-tokens",
                  "--max-total-tokens", "--max-draft", "--max-frame-bytes", "--idle-timeout", "--config",
                  "--api-key-file", "--tls-cert", "--tls-key", "--insecure-no-auth", "--log-level", "--threads",
-                 "--port-file"):
+                 "--port-file", "--keys-file"):
         assert flag in result.stdout
     assert result.returncode == 0
 

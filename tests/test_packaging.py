@@ -601,6 +601,6 @@ def test_the_readme_says_how_to_install_both_sides():
     readme = (ROOT / "README.md").read_text()
     for heading in ("## Install the verifier on a Linux server", "## Install the desktop app on Windows"):
         assert heading in readme
-    for fact in ("make package-daemon", "install.sh", "/etc/specd/verifier.env", "journalctl -u specd-verifier",
+    for fact in ("make package-daemon", "install.sh", "/etc/specd/keys.toml", "journalctl -u specd-verifier",
                  "build.ps1", "%LOCALAPPDATA%"):
         assert fact in readme, fact
