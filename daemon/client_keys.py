@@ -124,8 +124,8 @@ def read_keys_file(path: Path) -> dict[str, KeyRecord]:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         return {}
-    except PermissionError:
-        raise ConfigError(f"cannot read the keys file {path}: permission denied") from None
+    except OSError as exc:  # permission denied, a folder, ...
+        raise ConfigError(f"cannot read the keys file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"the keys file {path} is not valid TOML: {exc}") from None
     unknown = set(raw) - {"keys"}
