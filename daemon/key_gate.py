@@ -100,11 +100,14 @@ class KeyGate:
         saved_at = loop.time()
         while True:
             await asyncio.sleep(KEYS_POLL_S)
-            if self.keys.changed():
-                await self.reload()
-            if loop.time() - saved_at >= USAGE_SAVE_S:
-                saved_at = loop.time()
-                self.keys.save_usage()
+            try:
+                if self.keys.changed():
+                    await self.reload()
+                if loop.time() - saved_at >= USAGE_SAVE_S:
+                    saved_at = loop.time()
+                    self.keys.save_usage()
+            except Exception:  # a surprise must not end the watching: the next change is still read
+                log.exception("watching the keys file failed; trying again")
 
     def save_usage(self) -> None:
         self.keys.save_usage()
