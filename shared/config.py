@@ -41,6 +41,7 @@ class ServerConfig(_Section):
     port: Port = 8765
     api_key_env: str = "SPECD_API_KEY"
     api_key_file: str = ""
+    keys_file: str = ""  # named client keys; "": keys.toml beside the config file in use
     tls_cert: str = ""
     tls_key: str = ""
     insecure_no_auth: bool = False
