@@ -42,6 +42,7 @@ class ServerConfig(_Section):
     port: Port = 8765
     api_key_env: str = "SPECD_API_KEY"
     api_key_file: str = ""
+    keys_file: str = ""  # named client keys; "": keys.toml beside the config file in use
     tls_cert: str = ""
     tls_key: str = ""
     insecure_no_auth: bool = False
@@ -127,6 +128,11 @@ class ApiConfig(_Section):
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call it; "*" only if listed here
 
 
+class ChatConfig(_Section):
+    # The system prompt a new conversation starts with (each conversation can change its own).
+    system_prompt: str = ""
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     client: ClientConfig = ClientConfig()
@@ -136,6 +142,7 @@ class Config(_Section):
     devices: DevicesConfig = DevicesConfig()
     limits: LimitsConfig = LimitsConfig()
     api: ApiConfig = ApiConfig()
+    chat: ChatConfig = ChatConfig()
 
 
 def _check(cfg: Config, origins: Origins) -> None:
