@@ -226,16 +226,7 @@ async def test_four_streams_at_once_are_each_answered_whole(served, models, toke
     assert len(api.pool.clients) == 4 and api.pool.in_flight == 0
 
 
-async def test_a_client_leaving_mid_stream_stops_its_answer_and_frees_the_verifier(models, tokenizer, monkeypatch):
-    slow = TorchDrafter.next_logits
-
-    def next_logits(self):  # a laptop-slow draft model (tiny models finish before anyone can leave)
-        import time
-
-        time.sleep(0.01)
-        return slow(self)
-
-    monkeypatch.setattr(TorchDrafter, "next_logits", next_logits)
+async def test_a_client_leaving_mid_stream_stops_its_answer_and_frees_the_verifier(models, tokenizer, slow_drafter):
     async with serving(*models, speculation={"mode_switching": False}) as (verifier, api):
         status, _h, payload = await raw_http(api.url, "POST", "/v1/chat/completions",
                                              chat(LONG, max_tokens=400, stream=True), read_events=2)
@@ -260,3 +251,36 @@ async def test_text_parts_developer_role_and_max_completion_tokens(served, model
     answer = json.loads(payload)
     assert status == 200 and answer["choices"][0]["message"]["content"] == text
     assert answer["usage"]["completion_tokens"] == 5 and answer["object"] == "chat.completion"
+
+
+@pytest.fixture
+def slow_drafter(monkeypatch):
+    """A laptop-slow draft model: tiny models answer before a second request could arrive or a client leave."""
+    import time
+
+    fast = TorchDrafter.next_logits
+
+    def next_logits(self):
+        time.sleep(0.01)
+        return fast(self)
+
+    monkeypatch.setattr(TorchDrafter, "next_logits", next_logits)
+
+
+async def test_requests_beyond_max_concurrent_wait_in_order(models, tokenizer, slow_drafter):
+    async with serving(*models, api={"max_concurrent": 1}, speculation={"mode_switching": False}) as (_v, api):
+        finished: list[int] = []
+
+        async def one(index: int, text: str) -> str:
+            _status, _h, payload = await raw_http(api.url, "POST", "/v1/chat/completions", chat(text, max_tokens=12))
+            finished.append(index)
+            return json.loads(payload)["choices"][0]["message"]["content"]
+
+        prompts = ["w5 w9 w11", "w33 w34 w35", "w7 w8"]
+        tasks = []
+        for index, text in enumerate(prompts):
+            tasks.append(asyncio.ensure_future(one(index, text)))
+            await eventually(lambda n=index: api.pool.in_flight + api.pool.waiting == n + 1, "the request arrived")
+        answers = await asyncio.gather(*tasks)
+        assert answers == [expected(models, tokenizer, p, 12)[1] for p in prompts]
+        assert finished == [0, 1, 2] and len(api.pool.clients) == 1
