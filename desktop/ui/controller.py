@@ -27,6 +27,7 @@ from specd.desktop.ui.app_runtime import LOG_FILE
 from specd.desktop.ui.chat_session import ChatSession, open_store
 from specd.desktop.ui.chat_window import ChatWindow
 from specd.desktop.ui.idle_reconnect import IdleReconnector, RetryState
+from specd.desktop.ui.local_api import LocalApiRunner
 from specd.desktop.ui.log_viewer import LogDialog
 from specd.desktop.ui.progress import ProgressBoard
 from specd.desktop.ui.settings_dialog import SettingsDialog
@@ -81,6 +82,7 @@ class DesktopApp(QObject):
         self.prepare_error = ""  # why there is no client at all
         self.latency = ""
         self.reconnector = IdleReconnector(self._on_retry)
+        self.local_api = LocalApiRunner(on_change=self._show_status)
         self._lost = False  # the connection dropped since it was last up: say so when it comes back
         self._answer_task: asyncio.Task | None = None
         self._prepare_task: asyncio.Task | None = None
@@ -129,6 +131,7 @@ class DesktopApp(QObject):
         menu.settings.connect(self.open_settings)
         menu.view_logs.connect(self.view_logs)
         menu.quit.connect(lambda: self.spawn(self.shutdown()))
+        menu.copy_api_url.connect(lambda: QApplication.clipboard().setText(self.local_api.url))
 
     def spawn(self, coro: Any) -> asyncio.Task:
         """Run ``coro`` on the loop, keeping a reference so it is not collected and can be cancelled."""
@@ -154,6 +157,7 @@ class DesktopApp(QObject):
             self.rows = await asyncio.to_thread(self._probe, self.config)
         self.menu.set_devices(self.rows, self.requested_device)
         await self.prepare_client()
+        await self.sync_local_api()
 
     async def prepare_client(self, *, announce: bool = False) -> None:
         """(Re)build the client for the current config and device; the old one is closed first, quietly
@@ -300,6 +304,7 @@ class DesktopApp(QObject):
         write_settings(self.settings_file, self.settings)
         self.menu.set_active_device(device)
         await self.prepare_client(announce=True)
+        await self.sync_local_api()
 
     def open_settings(self) -> SettingsDialog:
         base = load_config(self.config_path)
@@ -315,6 +320,7 @@ class DesktopApp(QObject):
         if settings is None:
             return
         old = (client_part(self.config), self.settings.desktop.device, self.secrets.load())
+        api_was = self.settings.desktop.local_api
         self.config = effective_config(self.config_path, settings)
         if settings.desktop.start_on_login != self.settings.desktop.start_on_login:
             try:
@@ -330,6 +336,15 @@ class DesktopApp(QObject):
         self.menu.set_active_device(self.requested_device)
         if (client_part(self.config), settings.desktop.device, self.secrets.load()) != old:
             await self.prepare_client()
+            await self.sync_local_api()
+        elif settings.desktop.local_api != api_was:
+            await self.sync_local_api()
+
+    async def sync_local_api(self) -> None:
+        """Run the local API when Settings has it on, with the current config and device."""
+        await self.local_api.apply(self.settings.desktop.local_api, self.config,
+                                   device=self.settings.desktop.device or None, verifier_key=self.secrets.load())
+        self._show_status()
 
     def _remember_highlight(self, on: bool) -> None:
         self._remember(highlight_tokens=on)
@@ -394,7 +409,8 @@ class DesktopApp(QObject):
             url=self.client.endpoint.url if self.client is not None else "",
             device=f"{choice.row.name} ({choice.row.backend})" if choice is not None else "",
             cloud_only_reason=(self.setup.drafter_error or "") if self.setup is not None else "",
-            reason=self.reason, retry=self.reconnector.state, not_ready=self.prepare_error, latency=self.latency)
+            reason=self.reason, retry=self.reconnector.state, not_ready=self.prepare_error, latency=self.latency,
+            api_in_flight=self.local_api.in_flight if self.local_api.api is not None else None)
 
     def status_text(self) -> str:
         return self.app_status().line()
@@ -403,6 +419,7 @@ class DesktopApp(QObject):
         status = self.app_status()
         line, detail = status.line(), status.detail()
         self.menu.set_status(line, detail)
+        self.menu.set_local_api(self.local_api.url, self.local_api.error)
         self.window.set_status(line, status.shown_latency(), detail)
         if self.tray is not None:
             self.tray.setToolTip(f"specd — {line}")
@@ -448,6 +465,7 @@ class DesktopApp(QObject):
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+        await self.local_api.stop()
         await self._close_client()
         self._remember_geometry()
         self.store.close()

@@ -108,8 +108,13 @@ class SettingsDialog(QDialog):
         self.start_on_login.setChecked(settings.desktop.start_on_login)
         self.highlight = QCheckBox("Highlight where each token came from (drafted here, from the verifier, local)")
         self.highlight.setChecked(settings.desktop.highlight_tokens)
+        self.local_api = QCheckBox(f"Local API: serve specd to other apps at http://{base.api.host}:{base.api.port}/v1 "
+                                   "(OpenAI) and /api (Ollama)")
+        self.local_api.setObjectName("desktop.local_api")
+        self.local_api.setChecked(settings.desktop.local_api)
         checks.addWidget(self.start_on_login)
         checks.addWidget(self.highlight)
+        checks.addWidget(self.local_api)
 
         self.error = QLabel()
         self.error.setObjectName("error")
@@ -179,7 +184,7 @@ class SettingsDialog(QDialog):
             layer = self.form_layer()
             candidate = UserSettings(layer=layer, desktop=self.settings.desktop).with_desktop(
                 device=self.device.currentData() or "", start_on_login=self.start_on_login.isChecked(),
-                highlight_tokens=self.highlight.isChecked())
+                highlight_tokens=self.highlight.isChecked(), local_api=self.local_api.isChecked())
             effective_config(self.config_path, candidate)
         except ConfigError as exc:
             self.error.setText(f"Not saved: {exc}")
