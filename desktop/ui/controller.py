@@ -3,47 +3,41 @@
 Everything slow runs off the Qt thread — device probing and model preparation in worker threads
 (``asyncio.to_thread``), the network on the qasync event loop — so the window stays responsive.
 The window and the tray menu only emit signals; this object turns them into tasks.
+
+This module holds the app's state, wiring, status and quitting; its other concerns are mixed in:
+:mod:`~specd.desktop.ui.edge_client_lifecycle` (build, connect, settle and close the edge client),
+:mod:`~specd.desktop.ui.chat_answers` (ask and answer in the open conversation) and
+:mod:`~specd.desktop.ui.settings_changes` (the device, the Settings dialog, remembered preferences).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from PySide6.QtCore import QObject, Qt, QUrl
 from PySide6.QtGui import QDesktopServices, QIcon
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
-from specd.desktop.client.connection import ConnectionFailed
 from specd.desktop.drafters.devices import DeviceRow, probe_devices
 from specd.desktop.ui.app_runtime import LOG_FILE
+from specd.desktop.ui.chat_answers import ChatAnswers
 from specd.desktop.ui.chat_session import ChatSession, open_store
 from specd.desktop.ui.chat_window import ChatWindow
-from specd.desktop.ui.idle_reconnect import IdleReconnector, RetryState
+from specd.desktop.ui.edge_client_lifecycle import EdgeClientLifecycle
+from specd.desktop.ui.idle_reconnect import IdleReconnector
 from specd.desktop.ui.local_api import LocalApiRunner
 from specd.desktop.ui.log_viewer import LogDialog
 from specd.desktop.ui.progress import ProgressBoard
-from specd.desktop.ui.settings_dialog import SettingsDialog
-from specd.desktop.ui.status_line import AppStatus, milliseconds
+from specd.desktop.ui.settings_changes import SettingsChanges
+from specd.desktop.ui.status_line import AppStatus
 from specd.desktop.ui.tray_menu import TrayMenu
-from specd.desktop.ui.user_settings import (
-    SecretStore,
-    UserSettings,
-    effective_config,
-    read_settings,
-    set_start_on_login,
-    settings_path,
-    write_settings,
-)
-from specd.shared.config import ChatConfig, Config, load_config, to_dict
-from specd.shared.errors import ConfigError, SpecdError
+from specd.desktop.ui.user_settings import SecretStore, effective_config, read_settings, settings_path
+from specd.shared.config import Config, to_dict
+from specd.shared.errors import ConfigError
 from specd.shared.paths import log_dir
 
 log = logging.getLogger("specd.desktop")
@@ -52,7 +46,7 @@ Probe = Callable[[Config], list[DeviceRow]]
 OpenUrl = Callable[[QUrl], bool]
 
 
-class DesktopApp(QObject):
+class DesktopApp(EdgeClientLifecycle, ChatAnswers, SettingsChanges, QObject):
     """One running app: call :meth:`start` on the qasync loop, :meth:`shutdown` to quit cleanly."""
 
     def __init__(self, *, config_path: Path | None, settings_folder: Path | None = None,
@@ -147,217 +141,13 @@ class DesktopApp(QObject):
             loop = asyncio.get_event_loop()
             loop.call_exception_handler({"message": "a task of the tray app failed", "exception": exc})
 
-    # -- start-up and the client ------------------------------------------------------------------
-    @property
-    def requested_device(self) -> str:
-        return self.settings.desktop.device or self.config.devices.edge_device
-
+    # -- start-up and logs ------------------------------------------------------------------------
     async def start(self) -> None:
         with self.progress.begin("Looking for devices…"):
             self.rows = await asyncio.to_thread(self._probe, self.config)
         self.menu.set_devices(self.rows, self.requested_device)
         await self.prepare_client()
         await self.sync_local_api()
-
-    async def prepare_client(self, *, announce: bool = False) -> None:
-        """(Re)build the client for the current config and device; the old one is closed first, quietly
-        (a reconnect the app makes itself is no outage). ``announce``: say which device is now used."""
-        if self._prepare_task is not None and not self._prepare_task.done():
-            self._prepare_task.cancel()
-        self._prepare_task = asyncio.current_task()
-        await self._close_client()
-        span = self.progress.begin("Preparing the draft model…")
-        try:
-            setup = await asyncio.to_thread(self._build_client, span.post)
-        except SpecdError as exc:
-            self.prepare_error = f"cannot prepare the client: {exc}"
-            span.end()
-            self._show_status()
-            self._error(f"Cannot prepare the client: {exc}")
-            return
-        finally:
-            span.end()  # steps the worker posted but the loop has not shown yet are dropped from here on
-        self.prepare_error = ""
-        self.state, self.reason, self.latency = "offline", "", ""
-        self.setup, self.client = setup, setup.client
-        key = self.secrets.load()
-        if key:
-            setup.client.endpoint = dataclasses.replace(setup.client.endpoint, api_key=key)
-        setup.client.on_status = self._on_status
-        choice = setup.choice
-        self.menu.set_running_device(choice.row.id if choice is not None else None)
-        if choice is not None:
-            if choice.fell_back:
-                self.notify("Device fell back", choice.summary())
-            elif announce:
-                self.notify("Device", f"Switched to {choice.row.name} ({choice.row.backend})")
-        elif setup.drafter_error:
-            self.notify("No draft model", f"Answers are cloud-only: {setup.drafter_error}")
-        self._show_status()
-        await self.connect()
-        if self.client is setup.client and setup.client.connected and choice is not None:
-            # draft_precision "auto": on a first connection, build and measure the candidates (with progress).
-            from specd.desktop.commands.draft_precision import settle_precision
-
-            with self.progress.begin() as span:
-                await settle_precision(setup, self.config, span.post)
-
-    def _build_client(self, progress: Callable[[str], None]) -> Any:
-        build = self._build
-        if build is None:
-            from specd.desktop.commands.launch import build_client as build
-        device = self.settings.desktop.device or None
-        return build(self.config, device=device, progress=progress)
-
-    async def connect(self) -> None:
-        if self.client is None:
-            return
-        started = asyncio.get_running_loop().time()
-        try:
-            await self.client.connect()
-            self.latency = "handshake " + milliseconds(1000 * (asyncio.get_running_loop().time() - started))
-        except ConnectionFailed as exc:
-            log.warning("cannot connect: %s", exc)
-            self._on_status("offline", str(exc), retry=exc.retry)
-        except SpecdError as exc:
-            log.warning("cannot connect: %s", exc)
-            self._on_status("offline", str(exc), retry=False)
-        self._show_status()
-
-    async def _close_client(self) -> None:
-        client, self.client, self.setup = self.client, None, None
-        self.reconnector.stop()
-        if client is not None:
-            client.on_status = None  # closing it on purpose: not a lost connection
-            client.cancel()
-            with contextlib.suppress(Exception):
-                await client.close()
-            drafter = getattr(client, "drafter", None)
-            if drafter is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(drafter.close)
-
-    # -- conversations and answers ----------------------------------------------------------------
-    @property
-    def conversation(self) -> list[dict[str, str]]:
-        """The open conversation as it is sent to the model (system prompt, questions, answers)."""
-        return self.chat.prompt_messages()
-
-    async def send(self, text: str, *, edit_of: int | None = None) -> None:
-        """Ask ``text`` in the open conversation; ``edit_of``: an earlier question edited, the conversation
-        forks there."""
-        if not self._can_answer():
-            return
-        if edit_of is not None:
-            self.chat.fork_and_ask(edit_of, text)
-        else:
-            self.chat.ask(text)
-        await self._answer(self.setup.settings)
-
-    async def regenerate(self) -> None:
-        """The last answer again, with a new seed (a fixed seed in the config would repeat it)."""
-        if self._can_answer() and self.chat.ask_again():
-            await self._answer(dataclasses.replace(self.setup.settings, seed=secrets.randbits(63)))
-
-    def _can_answer(self) -> bool:
-        if self._answer_task is not None and not self._answer_task.done():
-            return False
-        if self.client is None:
-            if self.prepare_error:
-                self._error(f"Cannot answer: {self.prepare_error}. Change it in Settings….")
-            else:
-                self._error("The client is not ready yet (the draft model is still being prepared).")
-            return False
-        return True
-
-    async def _answer(self, settings: Any) -> None:
-        self._answer_task = asyncio.current_task()
-        await self.reconnector.pause()  # the answer reconnects by itself; one handshake at a time
-        self.window.set_busy(True)
-        try:
-            answer = await self.client.chat(self.chat.prompt_messages(), settings, self.chat.on_piece)
-        except SpecdError as exc:
-            self.chat.fail(str(exc))
-            self._show_status()
-            return
-        finally:
-            self.window.set_busy(False)
-            self._answer_task = None
-            self._retry_while_idle()
-        self.chat.finish(answer)
-        if answer.stats.rounds and answer.stats.network_ms:
-            self.latency = "round trip " + milliseconds(answer.stats.network_ms / answer.stats.rounds)
-        self._show_status()
-
-    def stop(self) -> None:
-        if self.client is not None:
-            self.client.cancel()
-
-    def new_chat(self) -> None:
-        self.stop()
-        self.chat.new_chat()
-
-    # -- device, settings, logs -------------------------------------------------------------------
-    async def pick_device(self, device: str) -> None:
-        """Use ``device`` (a row id or "auto") from now on, remembered across restarts."""
-        self.settings = self.settings.with_desktop(device=device)
-        write_settings(self.settings_file, self.settings)
-        self.menu.set_active_device(device)
-        await self.prepare_client(announce=True)
-        await self.sync_local_api()
-
-    def open_settings(self) -> SettingsDialog:
-        base = load_config(self.config_path)
-        dialog = SettingsDialog(base=base, settings=self.settings, api_key=self.secrets.load(),
-                                key_store=self.secrets.where, rows=self.rows, config_path=self.config_path,
-                                parent=self.window if self.window.isVisible() else None)
-        dialog.accepted.connect(lambda: self.spawn(self.apply_settings(dialog.result_settings,
-                                                                      dialog.result_api_key)))
-        dialog.open()  # not exec(): a nested loop would stall the asyncio tasks
-        return dialog
-
-    async def apply_settings(self, settings: UserSettings | None, api_key: str | None) -> None:
-        if settings is None:
-            return
-        old = (client_part(self.config), self.settings.desktop.device, self.secrets.load())
-        api_was = self.settings.desktop.local_api
-        self.config = effective_config(self.config_path, settings)
-        if settings.desktop.start_on_login != self.settings.desktop.start_on_login:
-            try:
-                where = set_start_on_login(settings.desktop.start_on_login, home_config=self.autostart_home)
-                log.info("start on login %s: %s", "on" if settings.desktop.start_on_login else "off", where)
-            except OSError as exc:
-                self._error(f"Cannot change start on login: {exc}")
-        self.settings = settings
-        write_settings(self.settings_file, settings)
-        if api_key is not None:
-            self.secrets.save(api_key)
-        self.window.set_highlight(settings.desktop.highlight_tokens)
-        self.menu.set_active_device(self.requested_device)
-        if (client_part(self.config), settings.desktop.device, self.secrets.load()) != old:
-            await self.prepare_client()
-            await self.sync_local_api()
-        elif settings.desktop.local_api != api_was:
-            await self.sync_local_api()
-
-    async def sync_local_api(self) -> None:
-        """Run the local API when Settings has it on, with the current config and device."""
-        await self.local_api.apply(self.settings.desktop.local_api, self.config,
-                                   device=self.settings.desktop.device or None, verifier_key=self.secrets.load())
-        self._show_status()
-
-    def _remember_highlight(self, on: bool) -> None:
-        self._remember(highlight_tokens=on)
-
-    def _remember_geometry(self) -> None:
-        width, height, sidebar = self.window.geometry_to_remember()
-        self._remember(window_width=width, window_height=height, sidebar_width=sidebar)
-
-    def _remember(self, **prefs: Any) -> None:
-        if any(getattr(self.settings.desktop, name) != value for name, value in prefs.items()):
-            self.settings = self.settings.with_desktop(**prefs)
-            with contextlib.suppress(OSError):
-                write_settings(self.settings_file, self.settings)
 
     def view_logs(self) -> LogDialog | None:
         """Open the log folder in the file manager; where there is none, show the log in a dialog."""
@@ -372,36 +162,6 @@ class DesktopApp(QObject):
         return dialog
 
     # -- status and notifications -----------------------------------------------------------------
-    def _on_status(self, state: str, message: str, *, retry: bool = True) -> None:
-        """The edge client's state changed (``message`` says why); ``retry``: whether reconnecting may help."""
-        previous, self.state = self.state, state
-        if state == "connected":
-            self.reason = ""
-        else:
-            self.reason, self.latency = message, ""
-        if previous == "connected" and state != "connected":
-            self._lost = True
-            self.notify("Connection lost", message)
-        elif state == "connected" and self._lost:
-            self._lost = False
-            self.notify("Connected again", message)
-        if retry:
-            self._retry_while_idle()
-        self._show_status()
-
-    def _retry_while_idle(self) -> None:
-        """Between answers nobody else reconnects: keep trying in the background."""
-        answering = self._answer_task is not None and not self._answer_task.done()
-        # The client's state, not `client.connected`: a reader reporting the loss is still running.
-        if self.client is None or answering or self.closed.is_set() or self.state == "connected":
-            return
-        self.reconnector.start(self.client, self.reason or "the verifier is not connected")
-
-    def _on_retry(self, retry: RetryState | None) -> None:
-        if retry is not None:
-            self.reason = retry.reason
-        self._show_status()
-
     def app_status(self) -> AppStatus:
         choice = self.setup.choice if self.setup is not None else None
         return AppStatus(
@@ -477,11 +237,6 @@ class DesktopApp(QObject):
             self._on_quit()
         elif QApplication.instance() is not None:
             QApplication.instance().quit()
-
-
-def client_part(config: Config) -> Config:
-    """What the client is built from: all but ``[chat]`` (a new system prompt needs no new client)."""
-    return msgspec.structs.replace(config, chat=ChatConfig())
 
 
 __all__ = ["ConfigError", "DesktopApp"]
