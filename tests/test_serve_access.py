@@ -137,3 +137,24 @@ async def test_specd_serve_as_a_user_runs_it(models, tmp_path):
             proc.send_signal(signal.SIGINT)
             _out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
+
+
+async def test_web_pages_cannot_use_the_api_behind_the_users_back(models):
+    """A page on another site (a simple POST needs no preflight) or under a rebound name is refused; apps,
+    which send no Origin, and pages served from this machine are answered."""
+    async with serving(*models, verifier=False) as (_none, api):
+        rebound = {"Host": "attacker.example:11435"}
+        status, _h, payload = await raw_http(api.url, "GET", "/v1/models", headers=rebound)
+        assert status == 403 and json.loads(payload)["error"]["code"] == "foreign_host"
+        page = {"Origin": "https://attacker.example", "Content-Type": "text/plain"}
+        status, _h, payload = await raw_http(api.url, "POST", "/v1/chat/completions", CHAT, headers=page)
+        error = json.loads(payload)["error"]
+        assert status == 403 and error["code"] == "foreign_origin" and "[api] cors_origins" in error["message"]
+        status, _h, payload = await raw_http(api.url, "POST", "/api/chat", CHAT, headers=page)
+        assert status == 403 and "cors_origins" in json.loads(payload)["error"]  # Ollama's shape
+        for fine in ({}, {"Origin": "http://localhost:3000"}, {"Host": "localhost"}):
+            status, _h, _p = await raw_http(api.url, "GET", "/v1/models", headers=fine)
+            assert status == 200, fine
+    async with serving(*models, verifier=False, api={"cors_origins": ["https://attacker.example"]}) as (_none, api):
+        status, _h, _p = await raw_http(api.url, "GET", "/v1/models", headers={"Origin": "https://attacker.example"})
+        assert status == 200  # listed by the user

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from specd.desktop.serve import ollama_routes, openai_routes
+from specd.desktop.serve.browser_guard import BrowserGuard
 from specd.desktop.serve.errors import AUTHENTICATION, NOT_FOUND, SERVER_ERROR, ApiError
 from specd.desktop.serve.state import ServeState, error_json, json_response
 from specd.shared.errors import SpecdError
@@ -104,8 +105,11 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok", "model": state.model, **state.metadata()})
 
 
-def build_app(state: ServeState, *, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> Starlette:
-    middleware = [Middleware(KeyCheck, api_key=api_key)]
+def build_app(state: ServeState, *, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
+              host: str = "127.0.0.1") -> Starlette:
+    """``host``: where the API listens; on loopback, requests addressed elsewhere are refused (browser_guard)."""
+    middleware = [Middleware(BrowserGuard, loopback_only=is_loopback(host), cors_origins=cors_origins),
+                  Middleware(KeyCheck, api_key=api_key)]
     if cors_origins:  # browsers only; never a wildcard unless [api] cors_origins lists "*"
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                                         allow_headers=["Authorization", "Content-Type"]))

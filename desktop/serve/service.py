@@ -81,7 +81,8 @@ async def start_local_api(config: Config, origins: Origins | None = None, *, dev
     await _connect(setup.client)
     state = ServeState(pool=pool, defaults=setup.settings, tokenizer=setup.tokenizer,
                        configured_model=config.models.target, verifier_url=config.client.server_url)
-    server = ApiServer(build_app(state, api_key=key, cors_origins=config.api.cors_origins), config.api.host,
+    server = ApiServer(build_app(state, api_key=key, cors_origins=config.api.cors_origins,
+                                 host=config.api.host), config.api.host,
                        config.api.port)
     try:
         await server.start()
