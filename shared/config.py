@@ -114,6 +114,7 @@ class LimitsConfig(_Section):
     max_messages_per_second: Annotated[int, msgspec.Meta(ge=0)] = 200
     max_batch_tokens: Positive = 512
     kv_cache_gib: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    goodput_budget: bool = True
 
 
 class Config(_Section):
