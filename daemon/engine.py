@@ -165,28 +165,28 @@ class Engine:
         return engine
 
     def calibrate(self) -> None:
-        """On the model thread, before any session: time forwards of a few shapes on free slots (the
-        second of each, the first warms up) and fit the forward cost model to them."""
+        """On the model thread, before any session: time forwards of a few shapes on free slots (three
+        passes over the shapes, the fastest of each: a burst of load elsewhere hits one pass, not one
+        shape) and fit the forward cost model to them."""
         most = max(1, min(self.backend.max_rows, len(self._free)))
         widest = max(1, min(9, self.limits.slot_len, self.limits.max_draft + 1))
-        shapes = sorted({(rows, min(width, widest)) for rows in (1, max(1, most // 4), most) for width in (1, 3, 9)
-                         if rows * min(width, widest) <= max(self.limits.max_batch_tokens, width)})
-        samples = []
-        for rows, width in shapes:
-            slots = self._free[:rows]
-            batch = [BatchRow(slot=slot, start=0, ids=[0] * width) for slot in slots]
-            timings = []
-            for _ in range(2):
+        room = max(self.limits.max_batch_tokens, widest)
+        rows_timed = sorted({min(most, 4 ** i) for i in range(8) if 4 ** i < most * 4})
+        shapes = [(rows, width) for rows in rows_timed
+                  for width in sorted({1, min(3, widest), min(widest, room // rows)}) if width >= 1]
+        fastest = dict.fromkeys(shapes, float("inf"))
+        for _pass in range(3):
+            for rows, width in shapes:
+                slots = self._free[:rows]
+                batch = [BatchRow(slot=slot, start=0, ids=[0] * width) for slot in slots]
                 began = time.perf_counter()
                 self.backend.forward(batch, [1] * rows)
-                timings.append(time.perf_counter() - began)
+                fastest[rows, width] = min(fastest[rows, width], time.perf_counter() - began)
                 for slot in slots:
                     self.backend.truncate(slot, 0)
-            samples.append((rows, width, timings[-1]))
+        samples = [(rows, width, seconds) for (rows, width), seconds in fastest.items()]
         self.cost.calibrate(samples)
-        a, b, c = self.cost.coefficients()
-        log.info("forward cost on %s: %.2f ms + %.3f ms per session + %.4f ms per position (from %d shapes)",
-                 self.target.device, a * 1e3, b * 1e3, c * 1e3, len(samples))
+        log.info("forward cost on %s (%d shapes timed): %s", self.target.device, len(samples), self.cost.describe())
 
     # -- sessions ---------------------------------------------------------------------------------
     @property

@@ -13,7 +13,7 @@ choice. It is the one that maximises expected committed tokens per second of the
 ``E_i(k) = 1 + Σ_{j ≤ k} Π_{l ≤ j} h_l`` from the session's measured acceptance ``h_l`` of the l-th draft
 given the earlier ones were accepted (:class:`Acceptance`), and ``T`` from :class:`ForwardCost`, an
 online least-squares model of the engine's own forward seconds against rows and positions, measured on
-the device it runs on (a calibration at start, then every forward).
+the device it runs on (its shape timed at start, its level followed on every forward).
 
 The same choice with every session offering ``ceiling`` drafts gives the γ the verdict suggests for the
 next round (``suggested_gamma``): what this load would verify, so a client need not draft more.
@@ -22,6 +22,7 @@ Nothing here touches a model or a clock: the engine hands in what it measured.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,10 +31,10 @@ PRIOR_ACCEPTANCE = 0.6
 PRIOR_WEIGHT = 2.0
 # Older rounds count less: a session's acceptance moves with what it writes.
 ACCEPTANCE_FORGETTING = 0.1
-# Forward timings: older ones count less (load and context length drift); the calibration is worth this
-# many forwards and decays with them.
-COST_FORGETTING = 0.02
-CALIBRATION_WEIGHT = 8.0
+# Weight of each forward's measured ÷ predicted seconds in the cost model's level, and in its correction
+# of the shape at that forward's width and rows.
+COST_FORGETTING = 0.1
+SHAPE_FORGETTING = 0.2
 # A narrower forward is chosen only when it beats the wider ones by this much.
 MARGIN = 0.02
 
@@ -88,88 +89,84 @@ def expected_tokens(h: Sequence[float], drafts: int) -> float:
 
 
 class ForwardCost:
-    """Seconds of one forward ≈ ``a + b·rows + c·rows·width``, by discounted least squares with a ridge
-    towards the calibration's fit (so forwards of one shape cannot bend the other coefficients)."""
+    """Seconds of one forward of ``rows`` sessions padded to ``width`` positions each.
 
-    FEATURES = 3
+    The *shape* comes from timing forwards on the device (:meth:`calibrate`): for each number of rows
+    timed, a line in the width (``a_R + b_R·width``), and between those rows a linear blend. Every forward
+    the engine runs then corrects it (:meth:`observe`): the *level*, a discounted ratio of measured to
+    predicted seconds over all forwards, so a machine that slows down (another process, a hotter GPU)
+    moves every prediction alike; and, per width and nearest timed rows, a discounted correction of the
+    shape relative to that level, so the forwards the engine really runs (their context, their rows)
+    replace the calibration's guess where they have been seen.
+    """
 
     def __init__(self) -> None:
-        n = self.FEATURES
-        self._xx = [[0.0] * n for _ in range(n)]
-        self._xy = [0.0] * n
-        self._prior: list[float] | None = None
-        self._coef: list[float] | None = None
+        self._lines: dict[int, tuple[float, float]] = {}  # rows -> (a, b)
+        self.scale = 1.0
+        self._shape_fix: dict[tuple[int, int], float] = {}  # (nearest timed rows, width) -> measured / level
         self.observations = 0
-
-    @staticmethod
-    def _features(rows: int, width: int) -> list[float]:
-        return [1.0, float(rows), float(rows * width)]
 
     @property
     def calibrated(self) -> bool:
-        return self._prior is not None
+        return bool(self._lines)
 
     def calibrate(self, samples: Sequence[tuple[int, int, float]]) -> None:
-        """Fit ``(rows, width, seconds)`` forwards of chosen shapes; the fit is the ridge's anchor."""
-        xx = [[0.0] * self.FEATURES for _ in range(self.FEATURES)]
-        xy = [0.0] * self.FEATURES
+        """Fit ``(rows, width, seconds)`` timings: a least-squares line in the width for each rows."""
+        by_rows: dict[int, list[tuple[int, float]]] = {}
         for rows, width, seconds in samples:
-            _accumulate(xx, xy, self._features(rows, width), seconds, 1.0)
-        for i in range(self.FEATURES):
-            xx[i][i] += 1e-9
-        self._prior = [max(0.0, c) for c in _solve(xx, xy)]
-        for rows, width, seconds in samples:
-            _accumulate(self._xx, self._xy, self._features(rows, width), seconds, CALIBRATION_WEIGHT / len(samples))
-        self._coef = None
+            by_rows.setdefault(rows, []).append((width, seconds))
+        lines = {}
+        for rows, points in by_rows.items():
+            n = len(points)
+            mean_w = sum(w for w, _ in points) / n
+            mean_t = sum(t for _, t in points) / n
+            spread = sum((w - mean_w) ** 2 for w, _ in points)
+            slope = max(0.0, sum((w - mean_w) * (t - mean_t) for w, t in points) / spread) if spread else 0.0
+            lines[rows] = (max(1e-9, mean_t - slope * mean_w), slope)
+        self._lines = dict(sorted(lines.items()))
+        self.scale = 1.0
+
+    def _shape(self, rows: int, width: int) -> float:
+        if not self._lines:
+            return float(rows * width)  # uncalibrated: in proportion to positions
+        known = list(self._lines)
+
+        def at(r: int) -> float:
+            a, b = self._lines[r]
+            return a + b * width
+
+        if rows <= known[0]:
+            return at(known[0]) * (rows / known[0] if len(known) > 1 and rows < known[0] else 1.0)
+        if rows >= known[-1]:
+            return at(known[-1]) * rows / known[-1]
+        hi = next(r for r in known if r >= rows)
+        lo = known[known.index(hi) - 1]
+        return at(lo) + (at(hi) - at(lo)) * (rows - lo) / (hi - lo)
+
+    def _bucket(self, rows: int) -> int:
+        if not self._lines:
+            return rows
+        return min(self._lines, key=lambda r: abs(math.log(r) - math.log(max(rows, 1))))
 
     def observe(self, rows: int, width: int, seconds: float) -> None:
-        decay = 1.0 - COST_FORGETTING
-        for i in range(self.FEATURES):
-            self._xy[i] *= decay
-            for j in range(self.FEATURES):
-                self._xx[i][j] *= decay
-        _accumulate(self._xx, self._xy, self._features(rows, width), seconds, 1.0)
+        """A forward the engine ran: the level follows the measured ÷ predicted ratio, and the shape's
+        correction at this width and rows follows the measured ÷ levelled prediction."""
+        shape = self._shape(rows, width)
+        if shape <= 0 or seconds <= 0:
+            return
+        key = (self._bucket(rows), width)
+        fix = self._shape_fix.get(key, 1.0)
+        self.scale += COST_FORGETTING * (seconds / (shape * fix) - self.scale)
+        self._shape_fix[key] = fix + SHAPE_FORGETTING * (seconds / (shape * self.scale) - fix)
         self.observations += 1
-        self._coef = None
-
-    def coefficients(self) -> list[float]:
-        if self._coef is None:
-            prior = self._prior or [0.0, 0.0, 1.0]  # uncalibrated: cost in proportion to positions
-            xx = [row[:] for row in self._xx]
-            xy = self._xy[:]
-            for i in range(self.FEATURES):  # a light ridge: collinear forwards leave the anchor's value
-                weight = 1e-2 * xx[i][i] + 1e-12
-                xx[i][i] += weight
-                xy[i] += weight * prior[i]
-            self._coef = [max(0.0, c) for c in _solve(xx, xy)]
-        return self._coef
 
     def seconds(self, rows: int, width: int) -> float:
-        a, b, c = self.coefficients()
-        return max(1e-9, a + b * rows + c * rows * width)
+        fix = self._shape_fix.get((self._bucket(rows), width), 1.0)
+        return max(1e-9, self.scale * fix * self._shape(rows, width))
 
-
-def _accumulate(xx: list[list[float]], xy: list[float], x: list[float], y: float, weight: float) -> None:
-    for i, xi in enumerate(x):
-        xy[i] += weight * xi * y
-        for j, xj in enumerate(x):
-            xx[i][j] += weight * xi * xj
-
-
-def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (a 3×3 system); a singular column gets 0."""
-    n = len(b)
-    m = [[*row, b[i]] for i, row in enumerate(a)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-300:
-            continue
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(n):
-            if r != col and m[r][col] != 0.0:
-                f = m[r][col] / m[col][col]
-                m[r] = [x - f * y for x, y in zip(m[r], m[col], strict=True)]
-    return [m[i][n] / m[i][i] if abs(m[i][i]) >= 1e-300 else 0.0 for i in range(n)]
+    def describe(self) -> str:
+        return "; ".join(f"{rows} row(s): {a * 1e3:.2f} ms + {b * 1e3:.3f} ms per position of width"
+                         for rows, (a, b) in self._lines.items())
 
 
 @dataclass(frozen=True, slots=True)
