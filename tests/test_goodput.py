@@ -172,7 +172,8 @@ async def test_trimmed_rounds_give_the_targets_own_greedy_answer(engine_factory,
     prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 20, 21, 22, 23], [1, 3]]
     drafts = [4, 4, 4]  # rarely the target's choice: acceptance falls, the budget trims
     logs: list[list[tuple[int, int]]] = [[] for _ in prompts]
-    answers = await asyncio.gather(*(_greedy_session(engine, p, 12, drafts, log) for p, log in zip(prompts, logs, strict=True)))
+    answers = await asyncio.gather(*(_greedy_session(engine, p, 12, drafts, log)
+                                     for p, log in zip(prompts, logs, strict=True)))
     await engine.close_all()
     for prompt, answer in zip(prompts, answers, strict=True):
         assert answer == _greedy_reference(model, prompt, 12)
