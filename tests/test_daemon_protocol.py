@@ -147,6 +147,7 @@ async def test_a_growing_chat_reuses_the_cache_and_stale_rounds_are_discarded(ve
     (event,) = await client.events()
     assert isinstance(event, RoundDiscarded)
     assert len(target.forward_positions) == forwards
+    assert verifier.metrics.discarded == 1  # counted from the message the session encoded
     verdict = await client.round([5, 6, 7])
     assert target.forward_positions[-1] == 4
     assert verdict.verdict.position == len(first) + 2
