@@ -39,7 +39,8 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture
 async def verifier(tiny_folder):
-    async with Verifier(daemon_config(tiny_folder)) as v:
+    # Every round is verified whole (no goodput budget): these tests count the positions of each forward.
+    async with Verifier(daemon_config(tiny_folder, goodput_budget=False)) as v:
         yield v
 
 
