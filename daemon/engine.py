@@ -165,7 +165,7 @@ class Engine:
         return engine
 
     def calibrate(self) -> None:
-        """On the model thread, before any session: time forwards of a few shapes on free slots (three
+        """On the model thread, before any session: time forwards of a few shapes on free slots (two
         passes over the shapes, the fastest of each: a burst of load elsewhere hits one pass, not one
         shape) and fit the forward cost model to them."""
         most = max(1, min(self.backend.max_rows, len(self._free)))
@@ -175,7 +175,7 @@ class Engine:
         shapes = [(rows, width) for rows in rows_timed
                   for width in sorted({1, min(3, widest), min(widest, room // rows)}) if width >= 1]
         fastest = dict.fromkeys(shapes, float("inf"))
-        for _pass in range(3):
+        for _pass in range(2):
             for rows, width in shapes:
                 slots = self._free[:rows]
                 batch = [BatchRow(slot=slot, start=0, ids=[0] * width) for slot in slots]
