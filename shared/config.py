@@ -41,6 +41,7 @@ class ServerConfig(_Section):
     port: Port = 8765
     api_key_env: str = "SPECD_API_KEY"
     api_key_file: str = ""
+    keys_file: str = ""  # named client keys; "": keys.toml beside the config file in use
     tls_cert: str = ""
     tls_key: str = ""
     insecure_no_auth: bool = False
@@ -117,6 +118,11 @@ class LimitsConfig(_Section):
     goodput_budget: bool = True
 
 
+class ChatConfig(_Section):
+    # The system prompt a new conversation starts with (each conversation can change its own).
+    system_prompt: str = ""
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     client: ClientConfig = ClientConfig()
@@ -125,6 +131,7 @@ class Config(_Section):
     speculation: SpeculationConfig = SpeculationConfig()
     devices: DevicesConfig = DevicesConfig()
     limits: LimitsConfig = LimitsConfig()
+    chat: ChatConfig = ChatConfig()
 
 
 def _check(cfg: Config, origins: Origins) -> None:

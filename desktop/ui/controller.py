@@ -11,21 +11,24 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from PySide6.QtCore import QObject, Qt, QUrl
 from PySide6.QtGui import QDesktopServices, QIcon
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from specd.desktop.client.connection import ConnectionFailed
-from specd.desktop.client.stats_line import stats_line
 from specd.desktop.drafters.devices import DeviceRow, probe_devices
 from specd.desktop.ui.app_runtime import LOG_FILE
+from specd.desktop.ui.chat_session import ChatSession, open_store
 from specd.desktop.ui.chat_window import ChatWindow
 from specd.desktop.ui.idle_reconnect import IdleReconnector, RetryState
 from specd.desktop.ui.log_viewer import LogDialog
+from specd.desktop.ui.progress import ProgressBoard
 from specd.desktop.ui.settings_dialog import SettingsDialog
 from specd.desktop.ui.status_line import AppStatus, milliseconds
 from specd.desktop.ui.tray_menu import TrayMenu
@@ -38,7 +41,7 @@ from specd.desktop.ui.user_settings import (
     settings_path,
     write_settings,
 )
-from specd.shared.config import Config, load_config
+from specd.shared.config import ChatConfig, Config, load_config, to_dict
 from specd.shared.errors import ConfigError, SpecdError
 from specd.shared.paths import log_dir
 
@@ -55,7 +58,8 @@ class DesktopApp(QObject):
                  secrets: SecretStore | None = None, use_tray: bool = True, probe: Probe | None = None,
                  build: Callable[..., Any] | None = None, icon: QIcon | None = None,
                  autostart_home: Path | None = None, on_quit: Callable[[], None] | None = None,
-                 open_url: OpenUrl | None = None, log_folder: Path | None = None) -> None:
+                 open_url: OpenUrl | None = None, log_folder: Path | None = None,
+                 data_folder: Path | None = None) -> None:
         super().__init__()
         self._on_quit = on_quit
         self._open_url = open_url or QDesktopServices.openUrl
@@ -71,7 +75,6 @@ class DesktopApp(QObject):
         self.rows: list[DeviceRow] = []
         self.setup: Any = None  # launch.ClientSetup once the client is ready
         self.client: Any = None
-        self.conversation: list[dict[str, str]] = []
         self.notifications: list[tuple[str, str]] = []
         self.state = "offline"
         self.reason = ""  # why the verifier is not connected, for the status tooltip and tray menu
@@ -87,6 +90,8 @@ class DesktopApp(QObject):
         self.icon = icon or QIcon()
         self.window = ChatWindow(self.icon)
         self.window.set_highlight(self.settings.desktop.highlight_tokens)
+        # show_progress looked up at each call, so a test (or a later window) can wrap it.
+        self.progress = ProgressBoard(lambda message: self.window.show_progress(message))
         self.menu = TrayMenu()
         self.tray: QSystemTrayIcon | None = None
         if use_tray and QSystemTrayIcon.isSystemTrayAvailable():
@@ -95,13 +100,26 @@ class DesktopApp(QObject):
             self.tray.activated.connect(self._tray_activated)
             self.tray.show()
         self.window.hide_on_close = self.tray is not None  # no tray: the window is the app
+        prefs = self.settings.desktop
+        self.window.restore_geometry(prefs.window_width, prefs.window_height, prefs.sidebar_width)
+        self.store, store_error = open_store(data_folder)
+        if store_error:
+            self.notify("Conversations are not saved", store_error)
+        self.chat = ChatSession(self.store, self.window, system_prompt=lambda: self.config.chat.system_prompt,
+                                sampling=lambda: to_dict(self.config)["sampling"], on_error=self._error,
+                                stop_answer=self.stop)
+        self.chat.new_chat()
+        self.chat.refresh_list()
         self._wire()
         self._show_status()
 
     def _wire(self) -> None:
         w, menu = self.window, self.menu
         w.send_requested.connect(lambda text: self.spawn(self.send(text)))
+        w.regenerate_requested.connect(lambda: self.spawn(self.regenerate()))
+        w.edit_sent.connect(lambda index, text: self.spawn(self.send(text, edit_of=index)))
         w.stop_requested.connect(self.stop)
+        w.closing.connect(self._remember_geometry)
         w.new_chat_requested.connect(self.new_chat)
         w.settings_requested.connect(self.open_settings)
         w.close_requested.connect(self._window_closed)
@@ -132,8 +150,8 @@ class DesktopApp(QObject):
         return self.settings.desktop.device or self.config.devices.edge_device
 
     async def start(self) -> None:
-        self.window.show_progress("Looking for devices…")
-        self.rows = await asyncio.to_thread(self._probe, self.config)
+        with self.progress.begin("Looking for devices…"):
+            self.rows = await asyncio.to_thread(self._probe, self.config)
         self.menu.set_devices(self.rows, self.requested_device)
         await self.prepare_client()
 
@@ -144,23 +162,17 @@ class DesktopApp(QObject):
             self._prepare_task.cancel()
         self._prepare_task = asyncio.current_task()
         await self._close_client()
-        loop = asyncio.get_running_loop()
-
-        def progress(message: str) -> None:  # called from the worker thread
-            log.info("%s", message)
-            loop.call_soon_threadsafe(self.window.show_progress, message)
-
-        self.window.show_progress("Preparing the draft model…")
+        span = self.progress.begin("Preparing the draft model…")
         try:
-            setup = await asyncio.to_thread(self._build_client, progress)
+            setup = await asyncio.to_thread(self._build_client, span.post)
         except SpecdError as exc:
             self.prepare_error = f"cannot prepare the client: {exc}"
-            self.window.show_progress(None)
+            span.end()
             self._show_status()
             self._error(f"Cannot prepare the client: {exc}")
             return
         finally:
-            self.window.show_progress(None)
+            span.end()  # steps the worker posted but the loop has not shown yet are dropped from here on
         self.prepare_error = ""
         self.state, self.reason, self.latency = "offline", "", ""
         self.setup, self.client = setup, setup.client
@@ -183,10 +195,8 @@ class DesktopApp(QObject):
             # draft_precision "auto": on a first connection, build and measure the candidates (with progress).
             from specd.desktop.commands.draft_precision import settle_precision
 
-            try:
-                await settle_precision(setup, self.config, progress)
-            finally:
-                self.window.show_progress(None)
+            with self.progress.begin() as span:
+                await settle_precision(setup, self.config, span.post)
 
     def _build_client(self, progress: Callable[[str], None]) -> Any:
         build = self._build
@@ -223,38 +233,54 @@ class DesktopApp(QObject):
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(drafter.close)
 
-    # -- answers ----------------------------------------------------------------------------------
-    async def send(self, text: str) -> None:
-        if self._answer_task is not None and not self._answer_task.done():
+    # -- conversations and answers ----------------------------------------------------------------
+    @property
+    def conversation(self) -> list[dict[str, str]]:
+        """The open conversation as it is sent to the model (system prompt, questions, answers)."""
+        return self.chat.prompt_messages()
+
+    async def send(self, text: str, *, edit_of: int | None = None) -> None:
+        """Ask ``text`` in the open conversation; ``edit_of``: an earlier question edited, the conversation
+        forks there."""
+        if not self._can_answer():
             return
+        if edit_of is not None:
+            self.chat.fork_and_ask(edit_of, text)
+        else:
+            self.chat.ask(text)
+        await self._answer(self.setup.settings)
+
+    async def regenerate(self) -> None:
+        """The last answer again, with a new seed (a fixed seed in the config would repeat it)."""
+        if self._can_answer() and self.chat.ask_again():
+            await self._answer(dataclasses.replace(self.setup.settings, seed=secrets.randbits(63)))
+
+    def _can_answer(self) -> bool:
+        if self._answer_task is not None and not self._answer_task.done():
+            return False
         if self.client is None:
             if self.prepare_error:
                 self._error(f"Cannot answer: {self.prepare_error}. Change it in Settings….")
             else:
                 self._error("The client is not ready yet (the draft model is still being prepared).")
-            return
+            return False
+        return True
+
+    async def _answer(self, settings: Any) -> None:
         self._answer_task = asyncio.current_task()
         await self.reconnector.pause()  # the answer reconnects by itself; one handshake at a time
-        self.conversation.append({"role": "user", "content": text})
-        self.window.add_turn("user", text)
-        self.window.add_turn("assistant", pending=True)
         self.window.set_busy(True)
         try:
-            answer = await self.client.chat(list(self.conversation), self.setup.settings,
-                                            lambda piece: self.window.append_piece(piece.text, piece.source))
+            answer = await self.client.chat(self.chat.prompt_messages(), settings, self.chat.on_piece)
         except SpecdError as exc:
-            self.conversation.pop()
-            self.window.finish_turn("")
-            self.window.add_turn("error", str(exc))
+            self.chat.fail(str(exc))
             self._show_status()
             return
         finally:
             self.window.set_busy(False)
             self._answer_task = None
             self._retry_while_idle()
-        self.conversation.append({"role": "assistant", "content": answer.text})
-        stats = answer.stats.to_json()
-        self.window.finish_turn(stats_line(stats, answer.finish_reason))
+        self.chat.finish(answer)
         if answer.stats.rounds and answer.stats.network_ms:
             self.latency = "round trip " + milliseconds(answer.stats.network_ms / answer.stats.rounds)
         self._show_status()
@@ -265,8 +291,7 @@ class DesktopApp(QObject):
 
     def new_chat(self) -> None:
         self.stop()
-        self.conversation.clear()
-        self.window.clear_conversation()
+        self.chat.new_chat()
 
     # -- device, settings, logs -------------------------------------------------------------------
     async def pick_device(self, device: str) -> None:
@@ -289,7 +314,7 @@ class DesktopApp(QObject):
     async def apply_settings(self, settings: UserSettings | None, api_key: str | None) -> None:
         if settings is None:
             return
-        old = (self.config, self.settings.desktop.device, self.secrets.load())
+        old = (client_part(self.config), self.settings.desktop.device, self.secrets.load())
         self.config = effective_config(self.config_path, settings)
         if settings.desktop.start_on_login != self.settings.desktop.start_on_login:
             try:
@@ -303,12 +328,19 @@ class DesktopApp(QObject):
             self.secrets.save(api_key)
         self.window.set_highlight(settings.desktop.highlight_tokens)
         self.menu.set_active_device(self.requested_device)
-        if (self.config, settings.desktop.device, self.secrets.load()) != old:
+        if (client_part(self.config), settings.desktop.device, self.secrets.load()) != old:
             await self.prepare_client()
 
     def _remember_highlight(self, on: bool) -> None:
-        if on != self.settings.desktop.highlight_tokens:
-            self.settings = self.settings.with_desktop(highlight_tokens=on)
+        self._remember(highlight_tokens=on)
+
+    def _remember_geometry(self) -> None:
+        width, height, sidebar = self.window.geometry_to_remember()
+        self._remember(window_width=width, window_height=height, sidebar_width=sidebar)
+
+    def _remember(self, **prefs: Any) -> None:
+        if any(getattr(self.settings.desktop, name) != value for name, value in prefs.items()):
+            self.settings = self.settings.with_desktop(**prefs)
             with contextlib.suppress(OSError):
                 write_settings(self.settings_file, self.settings)
 
@@ -417,6 +449,8 @@ class DesktopApp(QObject):
         if pending:
             await asyncio.wait(pending, timeout=5)
         await self._close_client()
+        self._remember_geometry()
+        self.store.close()
         if self.tray is not None:
             self.tray.hide()
         self.window.hide_on_close = False
@@ -425,6 +459,11 @@ class DesktopApp(QObject):
             self._on_quit()
         elif QApplication.instance() is not None:
             QApplication.instance().quit()
+
+
+def client_part(config: Config) -> Config:
+    """What the client is built from: all but ``[chat]`` (a new system prompt needs no new client)."""
+    return msgspec.structs.replace(config, chat=ChatConfig())
 
 
 __all__ = ["ConfigError", "DesktopApp"]

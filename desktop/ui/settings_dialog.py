@@ -1,4 +1,4 @@
-"""Settings…: server, API key, TLS, draft model, device, sampling, γ, pipelining, start on login.
+"""Settings…: server, API key, TLS, draft model, device, sampling, γ, pipelining, system prompt, start on login.
 
 The dialog edits a :class:`UserSettings` layer over ``config.toml``. On OK the merged result is
 loaded with ``load_config``; a bad value keeps the dialog open with the reason (the same message the
@@ -45,6 +45,7 @@ TEXT_FIELDS = (
     ("sampling", "seed", "Seed (-1 = random)", int),
     ("speculation", "gamma", "γ, draft tokens per round (auto or a number)", "gamma"),
     ("speculation", "gamma_max", "Largest adaptive γ", int),
+    ("chat", "system_prompt", "System prompt of a new chat", str),
 )
 CHECK_FIELDS = (
     ("client", "tls_verify", "Verify the server's TLS certificate"),

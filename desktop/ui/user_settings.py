@@ -39,6 +39,9 @@ class DesktopPrefs:
     device: str = ""  # a row id from device probing ("openvino:CPU"), a kind, "auto"; "" = the config's
     start_on_login: bool = False
     highlight_tokens: bool = True
+    window_width: int = 0  # the chat window's size and sidebar width when last closed; 0: the default
+    window_height: int = 0
+    sidebar_width: int = 0
 
 
 @dataclass(frozen=True, slots=True)
