@@ -114,3 +114,19 @@ def test_every_frame_the_server_session_sends_carries_its_message():
     kinds = [type(a.message) for a in sends]
     assert kinds == [m.Welcome, m.Error, m.Error]
     assert all(m.decode_server(a.data) == a.message for a in sends)
+
+
+def test_the_gamma_controller_caps_an_adaptive_gamma_at_the_verifiers_suggestion():
+    from specd.desktop.client.adaptive import GammaController
+
+    controller = GammaController(8)
+    for _ in range(20):  # every draft accepted, a slow verifier: γ climbs to the top
+        controller.observe_round(drafted=8, accepted=8, draft_ms=1.0, network_ms=50.0, verify_ms=60.0)
+    assert controller.choose() == 8
+    controller.observe_server_gamma(3)
+    assert controller.choose() == 3 and controller.choose(remaining=3) == 2
+    controller.observe_server_gamma(0)  # a verdict without a suggestion (an older verifier)
+    assert controller.choose() == 8
+    fixed = GammaController(8, fixed=6)
+    fixed.observe_server_gamma(2)
+    assert fixed.choose() == 6  # an explicit γ stays what the user set; the verifier trims if it must
