@@ -155,14 +155,30 @@ class ForwardCost:
         if shape <= 0 or seconds <= 0:
             return
         key = (self._bucket(rows), width)
-        fix = self._shape_fix.get(key, 1.0)
+        fix = self._shape_fix.get(key, self._fix(rows, width))
         self.scale += COST_FORGETTING * (seconds / (shape * fix) - self.scale)
         self._shape_fix[key] = fix + SHAPE_FORGETTING * (seconds / (shape * self.scale) - fix)
         self.observations += 1
 
+    def _fix(self, rows: int, width: int) -> float:
+        """The shape's correction at ``width``: measured where forwards of that width ran, else blended
+        linearly between the nearest widths measured on either side (the nearest one past the ends), so a
+        width not yet run is judged on the same footing as its neighbours."""
+        bucket = self._bucket(rows)
+        seen = sorted((w, f) for (b, w), f in self._shape_fix.items() if b == bucket)
+        if not seen:
+            return 1.0
+        below = [(w, f) for w, f in seen if w <= width]
+        above = [(w, f) for w, f in seen if w >= width]
+        if not below:
+            return above[0][1]
+        if not above:
+            return below[-1][1]
+        (w0, f0), (w1, f1) = below[-1], above[0]
+        return f0 if w1 == w0 else f0 + (f1 - f0) * (width - w0) / (w1 - w0)
+
     def seconds(self, rows: int, width: int) -> float:
-        fix = self._shape_fix.get((self._bucket(rows), width), 1.0)
-        return max(1e-9, self.scale * fix * self._shape(rows, width))
+        return max(1e-9, self.scale * self._fix(rows, width) * self._shape(rows, width))
 
     def describe(self) -> str:
         return "; ".join(f"{rows} row(s): {a * 1e3:.2f} ms + {b * 1e3:.3f} ms per position of width"

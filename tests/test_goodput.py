@@ -108,7 +108,7 @@ def test_the_cost_level_follows_measured_forwards_and_keeps_its_shape():
         cost.observe(16, 2, 2 * cost._shape(16, 2))
     assert cost.seconds(16, 2) == pytest.approx(2 * cost._shape(16, 2), rel=1e-3)
     assert cost.seconds(16, 3) / cost.seconds(16, 1) == pytest.approx(before)
-    assert cost.seconds(8, 3) == pytest.approx((cost.seconds(4, 3) + cost.seconds(16, 3)) / 2 * 1, rel=0.35)
+    assert cost.seconds(4, 3) == pytest.approx(cost.scale * cost._shape(4, 3))  # rows never run: the level only
 
 
 def test_acceptance_counts_only_judged_drafts():
@@ -204,3 +204,15 @@ async def test_a_sampled_round_trimmed_to_k_is_judged_as_a_round_of_k(engine_fac
         trimmed = whole(logits[:k + 1])
         assert trimmed.verified == k and trimmed == alone(logits[:k + 1])
     assert whole(logits[:1]).verified == 0
+
+
+def test_a_width_never_run_is_judged_between_the_widths_that_ran():
+    """Forwards of widths 1 and 3 ran cheaper than calibrated: width 2 is not left at the old shape (which
+    would make it look dearer than both and lock the budget at width 1)."""
+    cost = scripted(per_row_ms=0.0, per_position_ms=10.0)
+    for _ in range(60):
+        for width in (1, 3):
+            cost.observe(64, width, 0.5 * cost._shape(64, width))
+    assert cost.seconds(64, 1) < cost.seconds(64, 2) < cost.seconds(64, 3)
+    ratio = cost.seconds(64, 2) / cost.seconds(64, 1)
+    assert ratio == pytest.approx(2.0, rel=0.05)  # the calibrated shape's ratio, at the measured level
