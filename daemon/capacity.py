@@ -115,6 +115,7 @@ class Cell:
     mean_batch: float  # sessions per forward
     budget: bool = False  # the goodput budget chose each forward's verified drafts
     verified_gamma: float | None = None  # mean drafts verified per round
+    mean_width: float = 0.0  # positions per row of a forward (rows are padded to the widest)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,7 +214,8 @@ async def measure(target: TargetModel, recording: list[RecordedSession], *, mode
                 device_s_per_1k=round(sum(s.seconds for s in stats) / generated * 1000, 4),
                 acceptance=round(accepted / drafted, 4) if drafted else None, forwards=len(stats),
                 mean_batch=round(statistics.fmean(s.sessions for s in stats), 3) if stats else 0.0,
-                budget=budget, verified_gamma=round(drafted / len(latencies), 3) if mode == "speculative" else None)
+                budget=budget, verified_gamma=round(drafted / len(latencies), 3) if mode == "speculative" else None,
+                mean_width=round(statistics.fmean(s.width for s in stats), 3) if stats else 0.0)
 
 
 async def calibrated_cost(target: TargetModel, *, sessions: int, max_batch_tokens: int, gamma: int,

@@ -19,7 +19,7 @@ from specd.daemon.capacity import Cell
 _COLUMNS = (("mode", "mode"), ("sessions", "N"), ("gamma", "γ"), ("aggregate_tps", "tok/s all"),
             ("per_user_tps", "tok/s user"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
             ("device_s_per_1k", "dev-s/1k"), ("acceptance", "accept"), ("verified_gamma", "verified"),
-            ("mean_batch", "batch"))
+            ("mean_width", "width"), ("mean_batch", "batch"))
 
 
 def label(cell: Cell) -> str:
