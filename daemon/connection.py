@@ -150,7 +150,7 @@ class SessionDriver:
     async def _perform(self, actions: list[ServerAction]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self._count(action.data)
+                self._count(action.message)
                 await self._send(action.data)
             elif isinstance(action, Close):
                 self._closing = True
@@ -196,17 +196,15 @@ class SessionDriver:
             while True:
                 await self.ws.recv()
 
-    def _count(self, data: bytes) -> None:
-        metrics = self.metrics
-        if b"error" in data or b"discarded" in data:  # cheap pre-check before decoding
-            msg = m.decode_server(data)
-            if isinstance(msg, m.Error):
-                metrics.refusals[msg.code] += 1
-                if self.client is not None:
-                    self.client.refused(msg.code)
-                log.info("session %s (%s): %s: %s", self.id, self.peer, msg.code, msg.message)
-            elif isinstance(msg, m.Discarded):
-                metrics.discarded += 1
+    def _count(self, msg: m.ServerMessage | None) -> None:
+        """Count what the session encoded (the message itself, never the frame decoded back)."""
+        if isinstance(msg, m.Error):
+            self.metrics.refusals[msg.code] += 1
+            if self.client is not None:
+                self.client.refused(msg.code)
+            log.info("session %s (%s): %s: %s", self.id, self.peer, msg.code, msg.message)
+        elif isinstance(msg, m.Discarded):
+            self.metrics.discarded += 1
 
     # -- model work -----------------------------------------------------------------------------
     async def _start(self, action: StartRequested) -> None:
@@ -243,14 +241,16 @@ class SessionDriver:
         committed = self.session.committed
         verdict = round_verdict(drafts, self.params, self.seed, len(committed))
         try:
-            result, queue_s, run_s = await self.engine.run(self.kv, committed[:-1],
-                                                           [committed[-1], *draft.tokens], verdict)
+            result, queue_s, run_s = await self.engine.run(self.kv, committed[:-1], [committed[-1], *draft.tokens],
+                                                           verdict, drafts=len(draft.tokens))
         except Exception as exc:
             await self._internal(exc, draft.request)
             return
         # The rejected drafts stay in the KV until the next job rolls them back (O(1)).
-        actions = self.session.verdict(result, queue_ms=queue_s * 1000.0, forward_ms=run_s * 1000.0)
-        self.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s)
+        self.kv.acceptance.observe(result.verified, result.accepted)
+        actions = self.session.verdict(result, queue_ms=queue_s * 1000.0, forward_ms=run_s * 1000.0,
+                                       verified=result.verified, suggested_gamma=self.kv.suggested_gamma)
+        self.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s, verified=result.verified)
         await self._perform(actions)
         if self.client is not None:
             self.client.round()

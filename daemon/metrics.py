@@ -96,6 +96,7 @@ class Metrics:
     discarded: int = 0
     drafted: int = 0
     accepted: int = 0
+    unverified: int = 0  # drafts the goodput budget left out of their round
     streamed: int = 0
     prefill_tokens: int = 0
     cached_tokens: int = 0
@@ -105,10 +106,11 @@ class Metrics:
     batch_sessions: Histogram = field(default_factory=lambda: Histogram(SESSION_BUCKETS))
     batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
 
-    def round(self, drafted: int, accepted: int, forward_s: float, queue_s: float) -> None:
+    def round(self, drafted: int, accepted: int, forward_s: float, queue_s: float, verified: int | None = None) -> None:
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.unverified += drafted - (drafted if verified is None else verified)
         self.forward.observe(forward_s)
         self.queue.observe(queue_s)
 
@@ -119,7 +121,8 @@ class Metrics:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        judged = self.drafted - self.unverified
+        return self.accepted / judged if judged else 0.0
 
     def render(self, model: str, device: str, clients: Iterable[ClientCounters] = ()) -> str:
         def one(name: str, kind: str, help_text: str, value: float | int) -> list[str]:
@@ -145,7 +148,9 @@ class Metrics:
             *one("specd_drafted_tokens_total", "counter", "Draft tokens received in verified rounds.",
                  self.drafted),
             *one("specd_accepted_tokens_total", "counter", "Draft tokens accepted.", self.accepted),
-            *one("specd_acceptance_rate", "gauge", "Accepted / drafted tokens since start.",
+            *one("specd_unverified_drafts_total", "counter",
+                 "Draft tokens the goodput budget left unverified (not judged, not rejected).", self.unverified),
+            *one("specd_acceptance_rate", "gauge", "Accepted / verified draft tokens since start.",
                  round(self.acceptance_rate, 6)),
             *one("specd_cloud_tokens_total", "counter", "Tokens generated in cloud-only mode.", self.streamed),
             *one("specd_prefill_tokens_total", "counter", "Prompt tokens run through the target at start.",

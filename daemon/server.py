@@ -171,7 +171,8 @@ class Verifier:
         self.limits = self._effective_limits(self.target)
         engine_limits = EngineLimits(max_sessions=lim.max_sessions, slot_len=self.limits.max_total_tokens,
                                      max_batch_tokens=lim.max_batch_tokens, kv_cache_gib=lim.kv_cache_gib,
-                                     one_session_per_forward=not srv.batching)
+                                     one_session_per_forward=not srv.batching,
+                                     goodput_budget=lim.goodput_budget, max_draft=lim.max_draft)
         self.engine = await loop.run_in_executor(self._model_thread, Engine.create, self.target, engine_limits,
                                                  self._model_thread)
         self.metrics = Metrics()

@@ -116,6 +116,7 @@ class LimitsConfig(_Section):
     max_messages_per_second: Annotated[int, msgspec.Meta(ge=0)] = 200
     max_batch_tokens: Positive = 512
     kv_cache_gib: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    goodput_budget: bool = True
 
 
 class ApiConfig(_Section):

@@ -24,7 +24,10 @@ Plug points, for every new path a token can take:
   every token of the answer after the prompt. ``tests/mode_switches.py`` ``switching_answer`` switches
   between speculative rounds and the verifier streaming alone at seeded points, both ways.
 - ``rule=``: the negative controls (tests/wrong_rules.py) replace the function the verifier calls to
-  judge a round, through :func:`round_rule` — the one test-only seam, in-process verifiers only.
+  judge a round, through :func:`round_rule` — a test-only seam, in-process verifiers only.
+- ``Case.trimmed``: the verifier's goodput budget verifies a seeded random prefix of every round's
+  drafts (0 … γ, whatever the load), through :func:`trimmed_rounds` — the other test-only seam (the
+  budget's choice, ``specd.daemon.engine.choose``), in-process verifiers only.
 
 ``python -m tests.lossless_harness`` (``make lossless``) runs the full-size cases and the negative
 controls, repeated to measure power, and writes a Markdown report.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import tempfile
 import time
 from collections import Counter
@@ -69,6 +73,13 @@ DRAFT_NOISE = 0.5
 # ``(draft_ids, ids, q, p, generator)``. A negative control swaps it for a wrong rule; if the verifier's
 # round path moves, this is the one name to update.
 VERIFIER_ROUND_RULE = "specd.daemon.rounds.verify_validated"
+
+# The goodput budget's choice of each rounds forward's width, as the engine calls it; trimmed cases
+# replace it with a seeded random width.
+VERIFIER_BUDGET_CHOICE = "specd.daemon.engine.choose"
+
+# What the last trimmed_rounds did: forwards chosen for, rounds trimmed, rounds cut to one target step.
+TRIMS: Counter = Counter()
 
 VerifierFactory = Callable[[Path], contextlib.AbstractAsyncContextManager[str]]
 # One answer from a client: the answers it took (one, or several when it switches mode mid-answer);
@@ -166,6 +177,30 @@ def round_rule(rule: Callable[..., Any] | None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def trimmed_rounds(seed: int | None) -> Iterator[None]:
+    """Make the in-process verifier's goodput budget verify a random prefix of each forward's rounds:
+    the forward's width is drawn from 1 … γ + 1 (``random.Random(seed)``), so rounds are judged with
+    every γ' ≤ γ, none included (a cloud step). None: the shipped budget."""
+    if seed is None:
+        yield
+        return
+    from specd.daemon.goodput import Choice
+
+    draw = random.Random(seed)
+    TRIMS.clear()
+
+    def random_width(offers: Any, _cost: Any, *, max_rows: int, max_positions: int, idle_s: float = 0.0) -> Choice:
+        width = draw.randint(1, max(o.drafts for o in offers) + 1)
+        TRIMS["forwards"] += 1
+        TRIMS["rounds trimmed"] += sum(o.drafts > width - 1 for o in offers)
+        TRIMS["rounds to one step"] += sum(o.drafts > 0 for o in offers) if width == 1 else 0
+        return Choice(width=width, rows=max(1, min(len(offers), max_rows, max_positions // width)), goodput=0.0)
+
+    with mock.patch(VERIFIER_BUDGET_CHOICE, random_width):
+        yield
+
+
 # -- answers ------------------------------------------------------------------------------------
 
 async def speculative_answer(client: EdgeClient, prompt: list[int], settings: Settings) -> list[Answer]:
@@ -195,6 +230,7 @@ class Case:
     answers: int = 2000
     sessions: int = 2
     first_seed: int = 0
+    trimmed: bool = False  # the verifier verifies a random prefix of each round (trimmed_rounds)
 
     def __post_init__(self) -> None:
         if self.gamma < 2 or self.tokens < self.gamma + 2:
@@ -324,9 +360,10 @@ async def run_case(case: Case, models: Models, *, verifier: VerifierFactory = in
                    prompt: tuple[int, ...] = PROMPT) -> CaseResult:
     """Sample ``case`` through a verifier from ``verifier`` (judging rounds with ``rule`` when given)
     and test every position of the answers against the target's exact law."""
-    if rule is not None and verifier is not in_process_verifier:
-        raise ValueError("a wrong rule reaches only the in-process verifier (it patches this process)")
-    with round_rule(rule):
+    if (rule is not None or case.trimmed) and verifier is not in_process_verifier:
+        raise ValueError("a wrong rule or trimmed rounds reach only the in-process verifier (they patch this "
+                         "process)")
+    with round_rule(rule), trimmed_rounds(case.first_seed if case.trimmed else None):
         async with verifier(models.target) as url:
             sample = await sample_answers(url, models, case, drive, prompt)
     law = target_law(models.target, case.sampling, prompt)

@@ -58,6 +58,9 @@ SWITCHING_CASE = Case("temperature-1, switching modes", SamplingParams(temperatu
                       first_seed=7 * 10**6)
 SUBPROCESS_CASE = Case("temperature-1, specd-verifier subprocess", SamplingParams(temperature=1.0), gamma=2,
                        tokens=4, pipeline=False, first_seed=5 * 10**6)
+# Concurrent sessions whose rounds the verifier's goodput budget trims to a random prefix (0 … γ drafts).
+TRIMMED_CASE = Case("temperature-1, rounds trimmed by the budget", SamplingParams(temperature=1.0), gamma=3,
+                    tokens=6, sessions=4, trimmed=True, first_seed=8 * 10**6)
 CONTROL_CASE = Case("negative control", SamplingParams(temperature=1.0), gamma=2, tokens=4, pipeline=False,
                     first_seed=6 * 10**6)
 CONTROLS = {"wrong residual (only p(d) lowered)": lower_only_p_of_d,
@@ -67,14 +70,14 @@ FULL = {"case": 2000, "control": 1000}
 
 
 def short_alpha() -> float:
-    """The level each case of the short run is tested at (the short cases and the switching one)."""
-    return FAMILY_ALPHA / (len(SHORT_CASES) + 1)
+    """The level each case of the short run is tested at (the short cases, the switching and the trimmed one)."""
+    return FAMILY_ALPHA / (len(SHORT_CASES) + 2)
 
 
 async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict:
     full = {k: max(50, int(v * scale)) for k, v in FULL.items()}
     out: dict = {"cases": [], "controls": [], "power": {}}
-    for case in [*CASES, SWITCHING_CASE, SUBPROCESS_CASE]:
+    for case in [*CASES, SWITCHING_CASE, TRIMMED_CASE, SUBPROCESS_CASE]:
         verifier = subprocess_verifier if case is SUBPROCESS_CASE else in_process_verifier
         drive = switching_answer if case is SWITCHING_CASE else speculative_answer
         result = await run_case(replace(case, answers=full["case"]), models, verifier=verifier, drive=drive)

@@ -107,7 +107,8 @@ async def test_greedy_equals_the_target_with_and_without_pipelining(folders):
 
 
 async def test_seeded_sampling_is_reproducible_and_pipelining_changes_nothing(folders):
-    async with Verifier(verifier_config(folders["target"])) as verifier:
+    # Token-for-token reproduction needs every round verified whole (docs/protocol.md §5): no goodput budget.
+    async with Verifier(verifier_config(folders["target"], goodput_budget=False)) as verifier:
         first = await generate(verifier.url, folders["draft"], SAMPLED)
         again = await generate(verifier.url, folders["draft"], SAMPLED)
         plain = await generate(verifier.url, folders["draft"], replace(SAMPLED, pipeline=False))
@@ -374,8 +375,9 @@ async def test_a_round_drafted_ahead_follows_a_verdict_the_reader_applied_first(
 
     settings = replace(GREEDY, max_new_tokens=60, gamma=3)
     expected = reference_greedy(folders["target"], PROMPT, settings.max_new_tokens)
-    async with (Verifier(verifier_config(folders["target"])) as verifier,  # drafting ahead beats the verdict
-                DelayProxy("127.0.0.1", verifier.port, rtt_ms=20) as proxy):
+    # every round verified whole (no goodput budget): each round after the first is the one drafted ahead
+    async with (Verifier(verifier_config(folders["target"], goodput_budget=False)) as verifier,
+                DelayProxy("127.0.0.1", verifier.port, rtt_ms=20) as proxy):  # drafting ahead beats the verdict
         client = client_for(proxy.url(), folders["target"], client_class=VerdictFirstClient)
         answer = await _answer_with(client, settings)
     assert answer.token_ids == expected
@@ -401,7 +403,9 @@ async def test_the_client_keeps_under_the_verifiers_message_rate(folders):
     target paces its rounds under it instead of being cut off with 'rate_limited'."""
     settings = replace(GREEDY, max_new_tokens=100, gamma=1, pipeline=False)
     expected = reference_greedy(folders["target"], LONG_PROMPT, settings.max_new_tokens)
-    async with Verifier(verifier_config(folders["target"], max_messages_per_second=20)) as verifier:
+    # every round verified whole (no goodput budget), so the count of rounds below is exact
+    async with Verifier(verifier_config(folders["target"], max_messages_per_second=20,
+                                        goodput_budget=False)) as verifier:
         client = client_for(verifier.url, folders["target"])
         answer = await _answer_with(client, settings, LONG_PROMPT)
     assert answer.token_ids == expected

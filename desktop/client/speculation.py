@@ -179,7 +179,8 @@ def _streamed(run: Run, event: TokensStreamed, streaming: _Streaming, modes: Mod
 def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
     verdict, stats = event.verdict, run.stats
     server_ms = verdict.queue_ms + verdict.forward_ms
-    drafted, accepted = event.drafted, verdict.accepted
+    drafted, accepted = event.verified, verdict.accepted  # drafts the budget left unverified were not judged
+    run.controller.observe_server_gamma(event.suggested_gamma)
     if verdict.finished and current is not None:
         # The request ended inside the round: drafts after the stop were never judged, and a draft that
         # was itself the stop token comes back as the verdict's token although it was right.
