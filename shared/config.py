@@ -349,8 +349,16 @@ def read_secret(env_name: str, file_name: str) -> str | None:
 def to_dict(cfg: Config, *, changed_only: bool = False) -> dict[str, Any]:
     """The config as plain nested dicts (as it would be written to TOML); ``changed_only``: only the
     values that differ from the defaults."""
-    tree = msgspec.to_builtins(cfg)
-    return _changes(tree, msgspec.to_builtins(Config())) if changed_only else tree
+    tree = _lists(msgspec.to_builtins(cfg))  # TOML has arrays, not tuples: a tuple field reads back as a list
+    return _changes(tree, _lists(msgspec.to_builtins(Config()))) if changed_only else tree
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    return value
 
 
 def _changes(tree: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
