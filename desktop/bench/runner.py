@@ -32,8 +32,8 @@ from specd.desktop.bench.netem import ThreadedProxy
 from specd.desktop.bench.prompts import BenchPrompt
 from specd.desktop.client.answer import Answer, Settings
 from specd.desktop.client.stats_line import stats_line
-from specd.desktop.commands.draft_precision import settle_precision
 from specd.desktop.commands.launch import ClientSetup, build_client, with_draft
+from specd.desktop.precision.measure import settle_precision
 from specd.shared.config import Config
 from specd.shared.errors import SpecdError
 

@@ -9,7 +9,8 @@ conversation: the committed tokens are the single source of truth, so nothing is
 
 The client's estimates (acceptance, draft and verify times, round trip, the verifier's streaming rate)
 outlive an answer: each answer starts in the mode they favour, the first from priors and the round trip
-of the handshake. ``modes`` is the policy that chooses between rounds and streaming (a test may swap it).
+of the handshake (``estimates`` starts from a given controller instead, e.g. one that records the rounds).
+``modes`` is the policy that chooses between rounds and streaming (a test may swap it).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ StatusCallback = Callable[[str, str], Any]  # (state, human message)
 class EdgeClient:
     def __init__(self, endpoint: Endpoint, *, tokenizer: Any, fingerprint: str, drafter: Drafter | None = None,
                  on_disconnect: str = "local", reconnect_max_s: float = 30.0,
-                 on_status: StatusCallback | None = None) -> None:
+                 on_status: StatusCallback | None = None, estimates: GammaController | None = None) -> None:
         self.endpoint = endpoint
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
@@ -76,7 +77,7 @@ class EdgeClient:
         self._run: Run | None = None
         self._eos: frozenset[int] | None = None
         self._pace = RateLimiter(0)  # the server's message rate limit, from its welcome
-        self._controller: GammaController | None = None  # kept across answers (see _estimates)
+        self._controller = estimates  # kept across answers (see _estimates); None: made at the first answer
         self.modes: ModePolicy | None = None
         self._handshake_ms: float | None = None
 

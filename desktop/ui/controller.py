@@ -181,7 +181,7 @@ class DesktopApp(QObject):
         await self.connect()
         if self.client is setup.client and setup.client.connected and choice is not None:
             # draft_precision "auto": on a first connection, build and measure the candidates (with progress).
-            from specd.desktop.commands.draft_precision import settle_precision
+            from specd.desktop.precision.measure import settle_precision
 
             try:
                 await settle_precision(setup, self.config, progress)
