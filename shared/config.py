@@ -85,6 +85,7 @@ class SpeculationConfig(_Section):
     proposal_top_k: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     pipeline: bool = True
     mode_switching: bool = True
+    context_proposer: bool = True
 
 
 class GpuConfig(_Section):

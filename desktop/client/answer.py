@@ -12,6 +12,7 @@ from typing import Any
 from specd.desktop.client.adaptive import GammaController, ModePolicy
 from specd.desktop.client.answer_stats import AnswerStats, Source
 from specd.desktop.client.detokenize import IncrementalDetokenizer
+from specd.desktop.client.round_planner import SourceAcceptance
 from specd.shared import messages as m
 from specd.shared.config import Config
 from specd.shared.protocol import (
@@ -41,6 +42,8 @@ class Settings:
     # Per round, speculate or let the verifier stream alone, whichever is faster (the product's default,
     # from the config; off here so that a test of the rounds themselves gets rounds only).
     mode_switching: bool = False
+    # Also draft from the conversation itself (``[speculation] context_proposer``; off here for the same reason).
+    context_proposer: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
@@ -48,7 +51,8 @@ class Settings:
         return cls(sampling=SamplingParams.of(s),
                    max_new_tokens=s.max_new_tokens, seed=None if s.seed < 0 else s.seed,
                    gamma=None if spec.gamma == "auto" else int(spec.gamma), gamma_max=spec.gamma_max,
-                   support_k=spec.proposal_top_k, pipeline=spec.pipeline, mode_switching=spec.mode_switching)
+                   support_k=spec.proposal_top_k, pipeline=spec.pipeline, mode_switching=spec.mode_switching,
+                   context_proposer=spec.context_proposer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,7 @@ class Run:
     controller: GammaController
     on_piece: PieceCallback | None
     modes: ModePolicy | None = None  # None: speculative rounds only
+    context_acceptance: SourceAcceptance | None = None  # the lookup's acceptance so far (None: a fresh estimate)
     stats: AnswerStats = field(default_factory=AnswerStats)
     pieces: list[Piece] = field(default_factory=list)
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -132,9 +137,11 @@ class Run:
     @classmethod
     def begin(cls, prompt_ids: list[int], settings: Settings, seed: int, tokenizer: Any,
               on_piece: PieceCallback | None, *, controller: GammaController | None = None,
-              modes: ModePolicy | None = None) -> Run:
-        """``controller`` carries estimates over from earlier answers (a fresh one when None)."""
+              modes: ModePolicy | None = None, context_acceptance: SourceAcceptance | None = None) -> Run:
+        """``controller`` and ``context_acceptance`` carry estimates over from earlier answers (fresh ones
+        when None)."""
         return cls(settings=settings, seed=seed, prompt_len=len(prompt_ids), held=list(prompt_ids),
+                   context_acceptance=context_acceptance,
                    detok=IncrementalDetokenizer(tokenizer),
                    controller=controller or GammaController(settings.gamma_max, settings.gamma), on_piece=on_piece,
                    modes=modes if settings.mode_switching else None)

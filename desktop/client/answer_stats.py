@@ -43,6 +43,9 @@ class AnswerStats:
     gammas: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_position: list[int] = field(default_factory=list)
+    # Drafts by where they came from: the draft model, or the context lookup (free drafts from the conversation).
+    proposed_by_source: dict[str, int] = field(default_factory=lambda: {"model": 0, "context": 0})
+    accepted_by_source: dict[str, int] = field(default_factory=lambda: {"model": 0, "context": 0})
 
     # -- derived ----------------------------------------------------------------------------------
     @property
@@ -86,9 +89,16 @@ class AnswerStats:
             self.speculative_tokens += count
             self.speculative_s += elapsed_s
 
-    def on_round_verdict(self, drafted: int, accepted: int, verify_ms: float, network_ms: float | None) -> None:
-        """A round of ``drafted`` drafts came back with ``accepted`` of them; the verifier spent ``verify_ms``
-        (queue and forward) and the network ``network_ms`` (None: not timed, a round sent ahead)."""
+    def on_round_verdict(self, drafted: int, accepted: int, verify_ms: float, network_ms: float | None,
+                         context: int = 0) -> None:
+        """A round of ``drafted`` drafts, the first ``context`` of them looked up in the conversation, came back
+        with ``accepted`` of them; the verifier spent ``verify_ms`` (queue and forward) and the network
+        ``network_ms`` (None: not timed, a round sent ahead)."""
+        looked_up = min(context, drafted)
+        self.proposed_by_source["context"] += looked_up
+        self.accepted_by_source["context"] += min(accepted, looked_up)
+        self.proposed_by_source["model"] += drafted - looked_up
+        self.accepted_by_source["model"] += accepted - min(accepted, looked_up)
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted

@@ -39,6 +39,7 @@ from specd.desktop.client.connection import (
     plain_close_reason,
     reconnect,
 )
+from specd.desktop.client.round_planner import SourceAcceptance
 from specd.desktop.client.speculation import Speculation
 from specd.desktop.drafters.base import Drafter
 from specd.shared import __version__
@@ -80,6 +81,7 @@ class EdgeClient:
         self._controller = estimates  # kept across answers (see _estimates); None: made at the first answer
         self.modes: ModePolicy | None = None
         self._handshake_ms: float | None = None
+        self._context_acceptance = SourceAcceptance()  # the context lookup's, kept across answers like the controller
 
     # -- connection -----------------------------------------------------------------------------
     @property
@@ -261,7 +263,7 @@ class EdgeClient:
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         controller = self._estimates(settings)
         run = Run.begin(prompt_ids, settings, seed, self.tokenizer, on_piece, controller=controller,
-                        modes=self.modes)
+                        modes=self.modes, context_acceptance=self._context_acceptance)
         stats = run.stats
         if self.drafter is not None:
             drafter = self.drafter

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 from specd.desktop.client.adaptive import Step
 from specd.desktop.client.answer import Run, common_event, take_streamed
+from specd.desktop.client.context_lookup import ContextLookup
 from specd.desktop.client.drafting_ahead import DraftingAhead
 from specd.desktop.client.link import Link
-from specd.desktop.client.rounds import SentRound, propose_timed
+from specd.desktop.client.round_planner import RoundPlanner
+from specd.desktop.client.rounds import SentRound, propose_timed, with_lookup
 from specd.shared.protocol import RoundDiscarded, RoundVerdict, TokensStreamed
 
 _ROUND = Step(round=True)
@@ -53,6 +55,8 @@ class Speculation:
         self.ahead: DraftingAhead | None = None
         self.cancel_sent = False
         self.step: Step | None = None  # what to send once nothing is in flight (None: ask the policy then)
+        lookup = ContextLookup() if run.settings.context_proposer else None
+        self.planner = RoundPlanner(run.controller, lookup, run.context_acceptance)
 
     async def run_to_end(self) -> None:
         """Send the request and handle its events until it ends; connection loss raises out of here."""
@@ -112,17 +116,20 @@ class Speculation:
             await self._ask_stream(step.stream)
 
     async def _send_round(self) -> SentRound:
-        link, run = self.link, self.run
-        gamma = min(run.controller.choose(run.remaining), link.max_gamma(len(run.committed)))
+        link, run, settings = self.link, self.run, self.run.settings
         prefix = list(run.committed)
-        settings = run.settings
-        proposal, draft_ms = await link.in_drafter(lambda: propose_timed(
-            link.drafter, prefix, gamma, settings.sampling, settings.support_k, run.seed, run.stop_ids))
-        run.stats.on_drafting(draft_ms)
+        plan = self.planner.plan(prefix, run.remaining, link.max_gamma(len(prefix)), run.stop_ids)
+        model, draft_ms = None, 0.0
+        if plan.model_gamma:
+            after = [*prefix, *plan.lookup]
+            model, draft_ms = await link.in_drafter(lambda: propose_timed(
+                link.drafter, after, plan.model_gamma, settings.sampling, settings.support_k, run.seed, run.stop_ids))
+            run.stats.on_drafting(draft_ms)
+        proposal = with_lookup(plan.lookup, model, settings.sampling.greedy)
         number, frame = link.session.draft(proposal.tokens, proposal.wire())
         await link.send(frame)
         return SentRound(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
-                         sent_at=time.perf_counter())
+                         sent_at=time.perf_counter(), context=len(plan.lookup))
 
     async def _catch_up(self) -> None:
         """Let the drafter read the streamed tokens before the round is timed: that forward is the price of
@@ -203,11 +210,19 @@ class Speculation:
         if current is not None and not current.ahead:
             # Rounds sent ahead waited for the previous verdict too; only plain rounds time the network.
             network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
-        run.stats.on_round_verdict(drafted, accepted, server_ms, network_ms)
+        looked_up = min(current.context, drafted) if current is not None else 0
+        run.stats.on_round_verdict(drafted, accepted, server_ms, network_ms, context=looked_up)
+        self.planner.observe(looked_up, accepted)
+        if looked_up and (accepted < looked_up or drafted == looked_up):
+            # The model's drafts were not judged (or there were none): the round says nothing of its
+            # acceptance or drafting time, only of the round trip.
+            if network_ms is not None:
+                run.controller.observe_network(network_ms)
+            return
         # A round sent ahead queues behind the previous one; that wait is overlap, not verification cost.
         verify_ms = verdict.forward_ms if current is not None and current.ahead else server_ms
         run.controller.observe_round(
-            drafted=drafted, accepted=accepted, draft_ms=current.draft_ms if current else 0.0,
+            drafted=drafted - looked_up, accepted=accepted - looked_up, draft_ms=current.draft_ms if current else 0.0,
             network_ms=run.controller.estimate().network_ms if network_ms is None else network_ms,
             verify_ms=verify_ms)
 
