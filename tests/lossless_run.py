@@ -56,6 +56,12 @@ SHORT_CASES = CASES[:3]
 # Answers that switch between rounds and the verifier streaming alone, at seeded points (tests/mode_switches.py).
 SWITCHING_CASE = Case("temperature-1, switching modes", SamplingParams(temperature=1.0), gamma=2, tokens=6,
                       first_seed=7 * 10**6)
+# Drafts looked up in the conversation: the prompt ends with "17 42", which occurs just before, so every
+# answer's first round is the two looked-up tokens continued by one model draft (a mixed round); later
+# rounds are looked up, mixed or the model's, as the sampled answer repeats itself or not.
+CONTEXT_PROMPT = (1, 9, 17, 42, 17, 42)
+CONTEXT_CASE = Case("temperature-1, context proposer", SamplingParams(temperature=1.0), gamma=3, tokens=6,
+                    context_proposer=True, prompt=CONTEXT_PROMPT, first_seed=8 * 10**6)
 SUBPROCESS_CASE = Case("temperature-1, specd-verifier subprocess", SamplingParams(temperature=1.0), gamma=2,
                        tokens=4, pipeline=False, first_seed=5 * 10**6)
 CONTROL_CASE = Case("negative control", SamplingParams(temperature=1.0), gamma=2, tokens=4, pipeline=False,
@@ -67,14 +73,14 @@ FULL = {"case": 2000, "control": 1000}
 
 
 def short_alpha() -> float:
-    """The level each case of the short run is tested at (the short cases and the switching one)."""
-    return FAMILY_ALPHA / (len(SHORT_CASES) + 1)
+    """The level each case of the short run is tested at (the short cases, the switching and the context one)."""
+    return FAMILY_ALPHA / (len(SHORT_CASES) + 2)
 
 
 async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict:
     full = {k: max(50, int(v * scale)) for k, v in FULL.items()}
     out: dict = {"cases": [], "controls": [], "power": {}}
-    for case in [*CASES, SWITCHING_CASE, SUBPROCESS_CASE]:
+    for case in [*CASES, SWITCHING_CASE, CONTEXT_CASE, SUBPROCESS_CASE]:
         verifier = subprocess_verifier if case is SUBPROCESS_CASE else in_process_verifier
         drive = switching_answer if case is SWITCHING_CASE else speculative_answer
         result = await run_case(replace(case, answers=full["case"]), models, verifier=verifier, drive=drive)

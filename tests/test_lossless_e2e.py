@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from tests.lossless_harness import VERIFIER_ROUND_RULE, build_models, default_threads, run_case
-from tests.lossless_run import CONTROL_CASE, CONTROLS, SHORT, SHORT_CASES, SWITCHING_CASE, short_alpha
+from tests.lossless_run import (
+    CONTEXT_CASE,
+    CONTROL_CASE,
+    CONTROLS,
+    SHORT,
+    SHORT_CASES,
+    SWITCHING_CASE,
+    short_alpha,
+)
 from tests.mode_switches import switching_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -43,6 +51,16 @@ async def test_answers_that_switch_modes_follow_the_targets_law(models):
     print(result.summary())  # shown with -s
     kinds = result.sample.kinds
     assert kinds["streamed"] and kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
+    assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+async def test_rounds_from_the_context_proposer_follow_the_targets_law(models):
+    """Drafts looked up in the conversation (q = 1 on each), alone and continued by the model."""
+    result = await run_case(replace(CONTEXT_CASE, answers=SHORT["case"]), models)
+    print(result.summary())  # shown with -s
+    kinds = result.sample.kinds
+    assert kinds["looked-up drafts"] >= 2 * SHORT["case"] and kinds["model drafts"], result.summary()
+    assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
 
 
