@@ -115,6 +115,16 @@ def test_the_planner_chooses_the_source_by_expected_tokens_per_second():
     assert off.plan(copy, 40, 16, frozenset()).lookup == ()
 
 
+def test_a_looked_up_round_in_flight_is_followed_by_one_looked_up_ahead():
+    copy = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3]
+    good = planner(0.9, draft_ms=30.0)
+    assert good.look_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset()) == (7, [8, 9, 10, 11])
+    assert good.look_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset({9})) == (7, [8, 9])
+    assert good.look_ahead(copy, [4, 5, 6], room=0, max_gamma=4, stop=frozenset()) is None
+    assert good.look_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset({5})) is None  # the answer ends
+    assert planner(0.2, draft_ms=30.0).look_ahead(copy, [4, 5, 6], 20, 4, frozenset()) is None  # rarely used
+
+
 def test_lookup_acceptance_is_measured_per_source():
     acceptance = SourceAcceptance(prior=0.5)
     for _ in range(30):

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from specd.desktop.client.adaptive import GammaController
 from specd.desktop.client.context_lookup import ContextLookup
 
+# Send a looked-up round ahead when it is used at least this often (it costs nothing to draft).
+AHEAD_WORTH = 0.3
+
 
 class SourceAcceptance:
     """Per-token acceptance of one draft source as discounted successes / trials of the geometric
@@ -84,6 +87,23 @@ class RoundPlanner:
                 if rate > best_rate * (1 + 1e-9):
                     best, best_rate = RoundPlan(tuple(found[:length]), model_gamma), rate
         return best
+
+    def look_ahead(self, committed: Sequence[int], in_flight: Sequence[int], room: int, max_gamma: int,
+                   stop: frozenset[int]) -> tuple[int, list[int]] | None:
+        """A round to send ahead of a looked-up round in flight, by lookup alone: the lookup's next token as
+        the guess of the verifier's, then what follows it; None when there is none or it would rarely be
+        used (the in-flight drafts and the guess must all come true, each about as often as a looked-up
+        token is accepted; a wrong one costs the verifier nothing, it discards the round)."""
+        if self.lookup is None or room < 1 or any(token in stop for token in in_flight):
+            return None
+        if self.acceptance.alpha ** (len(in_flight) + 1) < AHEAD_WORTH:
+            return None
+        self.lookup.sync(committed)
+        upper = max(1, min(max_gamma, self.controller.fixed or self.controller.gamma_max, room))
+        found = self.lookup.continuation(in_flight, upper + 1)
+        if len(found) < 2 or found[0] in stop:
+            return None
+        return found[0], _until_stop(found[1:], stop)
 
     def observe(self, plan_lookup: int, accepted: int) -> None:
         """A verdict accepted ``accepted`` drafts of a round that began with ``plan_lookup`` looked-up tokens."""

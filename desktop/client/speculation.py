@@ -83,6 +83,7 @@ class Speculation:
             self.cancel_sent = True
         if not self.cancel_sent and not self.in_flight and self.ahead is None and not self.streaming.owed:
             await self._send_step()
+        await self._maybe_look_ahead()
         self._maybe_draft_ahead()
         event = await link.next_event(self.ahead.task if self.ahead else None, run.cancel_event)
         if event is None:  # the round drafted ahead is ready, or the user asked to cancel
@@ -144,6 +145,28 @@ class Speculation:
         tokens = min(tokens, session.welcome.limits.max_stream_tokens)
         await self.link.send(session.stream(tokens))
         self.streaming.owed += tokens
+
+    async def _maybe_look_ahead(self) -> None:
+        """While a looked-up round is verified, send the next one ahead if the lookup has it: no drafting."""
+        run, in_flight, session = self.run, self.in_flight, self.link.session
+        if (len(in_flight) != 1 or self.ahead is not None or self.cancel_sent or self.streaming.owed
+                or not run.settings.pipeline or in_flight[0].context < len(in_flight[0].tokens)
+                or session.committed != in_flight[0].prefix):
+            return
+        current = in_flight[0]
+        room = run.remaining - len(current.tokens) - 1
+        position = len(current.prefix) + len(current.tokens) + 1
+        found = self.planner.look_ahead(current.prefix, current.tokens, room, self.link.max_gamma(position),
+                                        run.stop_ids)
+        if found is None:
+            return
+        guess, tokens = found
+        proposal = with_lookup(tokens, None, run.settings.sampling.greedy)
+        number, frame = session.draft(proposal.tokens, proposal.wire(), assumed=[*current.tokens, guess])
+        await self.link.send(frame)
+        run.stats.on_round_sent_ahead()
+        in_flight.append(SentRound(number=number, prefix=[*current.prefix, *current.tokens, guess], tokens=tokens,
+                                   draft_ms=0.0, ahead=True, sent_at=time.perf_counter(), context=len(tokens)))
 
     def _maybe_draft_ahead(self) -> None:
         run, in_flight = self.run, self.in_flight
