@@ -16,6 +16,8 @@ from tests.lossless_run import (
     SHORT,
     SHORT_CASES,
     SWITCHING_CASE,
+    context_prompt,
+    look_ahead_always,
     short_alpha,
 )
 from tests.mode_switches import switching_answer
@@ -55,11 +57,15 @@ async def test_answers_that_switch_modes_follow_the_targets_law(models):
 
 
 async def test_rounds_from_the_context_proposer_follow_the_targets_law(models):
-    """Drafts looked up in the conversation (q = 1 on each), alone and continued by the model."""
-    result = await run_case(replace(CONTEXT_CASE, answers=SHORT["case"]), models)
+    """Drafts looked up in the conversation (q = 1 on each): looked-up rounds, sent ahead too, and rounds
+    where the model continues the lookup."""
+    case = replace(CONTEXT_CASE, answers=SHORT["case"], prompt=context_prompt(models))
+    with look_ahead_always():
+        result = await run_case(case, models)
     print(result.summary())  # shown with -s
     kinds = result.sample.kinds
-    assert kinds["looked-up drafts"] >= 2 * SHORT["case"] and kinds["model drafts"], result.summary()
+    assert kinds["looked-up drafts"] >= 3 * SHORT["case"] and kinds["model drafts"], result.summary()
+    assert kinds["ahead rounds"] > SHORT["case"] // 10, result.summary()
     assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
 
