@@ -5,8 +5,11 @@ asked for with ``stream`` in the same request.
 :class:`Speculation` is a small event loop: when nothing is in flight it sends what the policy says (a
 round, a stream, or both), then hands each server event to its handler — :meth:`~Speculation.on_verdict`,
 :meth:`~Speculation.on_streamed`, :meth:`~Speculation.on_discarded`. The committed sequence is the
-session's, extended as the events are received here, so nothing mirrors it. Each round is drafted with
-``drafter.propose(prefix, γ, …)``, and the drafter reconciles its own cache with ``prefix``.
+session's, extended as the events are received here, so nothing mirrors it. Each round's drafts come
+from where the :class:`~specd.desktop.client.round_planner.RoundPlanner` says — the draft model
+(``drafter.propose(prefix, γ, …)``, which reconciles its own cache with ``prefix``), the context lookup
+(context_lookup.py, which reconciles its index the same way), or the lookup continued by the model; a
+looked-up round in flight may be followed by the lookup's next one, sent ahead without drafting.
 
 Switching keeps the request, so the verifier keeps its KV cache and each position is produced once: by
 a round or by a streamed step, chosen from what was measured so far (docs/protocol.md §5).
