@@ -96,7 +96,10 @@ def planner(alpha_context: float, draft_ms: float) -> RoundPlanner:
     controller = GammaController(8)
     for _ in range(20):
         controller.observe_round(drafted=4, accepted=2, draft_ms=4 * draft_ms, network_ms=20.0, verify_ms=30.0)
-    acceptance = SourceAcceptance(prior=alpha_context)
+    acceptance = SourceAcceptance()
+    for matched in (2, 4, 8):  # every match length: looked-up rounds accepted in full, or not at all
+        for _ in range(30):
+            acceptance.observe(drafted=8, accepted=8 if alpha_context > 0.5 else 0, matched=matched)
     return RoundPlanner(controller, ContextLookup(), acceptance)
 
 
@@ -118,21 +121,27 @@ def test_the_planner_chooses_the_source_by_expected_tokens_per_second():
 def test_a_looked_up_round_in_flight_is_followed_by_one_looked_up_ahead():
     copy = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3]
     good = planner(0.9, draft_ms=30.0)
-    assert good.look_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset()) == (7, [8, 9, 10, 11])
-    assert good.look_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset({9})) == (7, [8, 9])
-    assert good.look_ahead(copy, [4, 5, 6], room=0, max_gamma=4, stop=frozenset()) is None
-    assert good.look_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset({5})) is None  # the answer ends
-    assert planner(0.2, draft_ms=30.0).look_ahead(copy, [4, 5, 6], 20, 4, frozenset()) is None  # rarely used
+    ahead = good.look_ahead(copy, [4, 5, 6], 3, room=20, max_gamma=4, stop=frozenset())
+    assert ahead == (7, [8, 9, 10, 11], 6)  # the match grew by the drafts in flight
+    assert good.look_ahead(copy, [4, 5, 6], 3, room=20, max_gamma=4, stop=frozenset({9})) == (7, [8, 9], 6)
+    assert good.look_ahead(copy, [4, 5, 6], 3, room=0, max_gamma=4, stop=frozenset()) is None
+    assert good.look_ahead(copy, [4, 5, 6], 3, room=20, max_gamma=4, stop=frozenset({5})) is None  # it ends
+    assert planner(0.2, draft_ms=30.0).look_ahead(copy, [4, 5, 6], 3, 20, 4, frozenset()) is None  # rarely used
 
 
-def test_lookup_acceptance_is_measured_per_source():
-    acceptance = SourceAcceptance(prior=0.5)
+def test_lookup_acceptance_is_measured_per_source_and_match_length():
+    acceptance = SourceAcceptance()
+    assert acceptance.first(2) < acceptance.first(4) < acceptance.first(8)  # a long match: more likely a copy
     for _ in range(30):
-        acceptance.observe(drafted=5, accepted=5)
-    assert acceptance.alpha > 0.95
+        acceptance.observe(drafted=5, accepted=5, matched=8)
+        acceptance.observe(drafted=5, accepted=0, matched=2)
+    assert acceptance.first(9) > 0.95 and acceptance.next(9) > 0.95
+    assert acceptance.first(3) < 0.05
+    accepted, all_accepted = acceptance.expected_accepted(4, matched=8)
+    assert 3.5 < accepted < 4.0 and all_accepted > 0.85
     for _ in range(30):
-        acceptance.observe(drafted=5, accepted=0)
-    assert acceptance.alpha < 0.05
+        acceptance.observe(drafted=5, accepted=1, matched=8)  # the first is right, the copy stops there
+    assert acceptance.first(8) > 0.95 and acceptance.next(8) < 0.05
 
 
 def test_the_config_turns_the_context_proposer_on_by_default():

@@ -15,7 +15,9 @@ The adaptive modes switch to the verifier streaming alone where that is faster, 
 
 All verifier traffic goes through a :class:`~specd.desktop.bench.netem.ThreadedProxy` whose delay is set
 to each ``--rtt-ms`` in turn. Modes take turns prompt by prompt, so a change in the machine's load (other
-programs, thermal limits) touches every mode alike rather than one of them.
+programs, thermal limits) touches every mode alike rather than one of them; their order rotates from
+prompt to prompt, since the first edge mode of a prompt pays for reading it (the drafter's prefill, the
+verifier's prompt cache) and the others find it cached.
 """
 
 from __future__ import annotations
@@ -207,7 +209,10 @@ class BenchRunner:
                               prompt: BenchPrompt, index: int, iteration: int, rtt: float) -> None:
         seed = answer_seed(self.plan.settings.seed, index, iteration)
         base = replace(self.plan.settings, seed=seed)
-        for mode in self.plan.modes:
+        # The first edge mode of a prompt pays for reading it (the drafter's prefill, the verifier's prompt
+        # cache); the order rotates from prompt to prompt so that no mode always does.
+        turn = (index + iteration) % len(self.plan.modes)
+        for mode in (*self.plan.modes[turn:], *self.plan.modes[:turn]):
             if mode == BASELINE:
                 if cloud is not None:
                     answer = await cloud.client.chat(_conversation(prompt), base)

@@ -83,8 +83,12 @@ class ContextLookup:
     def continuation(self, extra: Sequence[int], limit: int) -> list[int]:
         """Up to ``limit`` tokens that followed the longest earlier match of ``committed + extra`` (the indexed
         tokens, then ``extra``, e.g. drafts in flight); [] when fewer than ``min_match`` tokens match."""
+        return self.find(extra, limit)[0]
+
+    def find(self, extra: Sequence[int], limit: int) -> tuple[list[int], int]:
+        """:meth:`continuation`, and how many tokens matched (0 when nothing is proposed)."""
         if limit <= 0 or not self._tokens:
-            return []
+            return [], 0
         end = len(self._tokens) - 1
         # The longest suffix of the indexed tokens that occurs earlier too: the suffix link of the whole.
         state = self._link[self._last]
@@ -105,6 +109,6 @@ class ContextLookup:
             state = self._link[state]
             matched = self._length[state]
         if state <= 0 or matched < self.min_match:
-            return []
+            return [], 0
         start = self._first_end[state] + 1
-        return self._tokens[start:start + limit]
+        return self._tokens[start:start + limit], matched

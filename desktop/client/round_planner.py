@@ -2,11 +2,13 @@
 model — whichever the γ controller's own estimate of expected tokens per second favours.
 
 A round of L looked-up tokens then m model drafts yields, in expectation,
-1 + A_c(L) + α_c^L · A_m(m) tokens, with A_c(L) = Σ_{i≤L} α_c^i the accepted lookup tokens (α_c: the
-lookup's own measured acceptance) and A_m(m) = E(m) − 1 the model's accepted drafts (the controller's
-per-position estimate); it costs m·t_draft + RTT + t_verify(L + m) — a lookup costs no drafting. The plan
-with the most tokens per millisecond wins, against the model's best γ alone. Acceptance is measured per
-source: the lookup's here (:class:`SourceAcceptance`), the model's by the controller as before.
+1 + A_c(L) + P_c(L) · A_m(m) tokens, with A_c(L) = Σ_{i≤L} a_1·a_2^(i−1) the accepted lookup tokens and
+P_c(L) = a_1·a_2^(L−1) the chance all are (a_1, a_2: the lookup's own measured acceptance of a round's
+first looked-up token and of each next one, by match length), and A_m(m) = E(m) − 1 the model's accepted
+drafts (the controller's per-position estimate); it costs m·t_draft + RTT + t_verify(L + m) — a lookup
+costs no drafting. The plan with the most tokens per millisecond wins, against the model's best γ alone.
+Acceptance is measured per source: the lookup's here (:class:`SourceAcceptance`), the model's by the
+controller as before.
 """
 
 from __future__ import annotations
@@ -19,26 +21,66 @@ from specd.desktop.client.context_lookup import ContextLookup
 
 # Send a looked-up round ahead when it is used at least this often (it costs nothing to draft).
 AHEAD_WORTH = 0.3
+# Looked-up drafts by how many tokens matched (2–3, 4–7, 8 or more): a long match is better evidence that
+# the text is being copied. Priors for the first looked-up token of a round, and for each next one once the
+# ones before it were accepted (a copy, once it starts, tends to go on).
+MATCH_BUCKETS = (4, 8)
+FIRST_PRIORS = (0.4, 0.6, 0.75)
+NEXT_PRIOR = 0.9
+
+
+class _Rate:
+    """Discounted successes / trials, starting from ``prior`` worth two trials."""
+
+    def __init__(self, prior: float, forgetting: float) -> None:
+        self.decay = 1.0 - forgetting
+        self.success, self.trials = prior * 2.0, 2.0
+
+    def observe(self, successes: float, trials: float) -> None:
+        self.success = self.decay * self.success + successes
+        self.trials = self.decay * self.trials + trials
+
+    @property
+    def value(self) -> float:
+        return min(0.99, max(0.01, self.success / self.trials))
 
 
 class SourceAcceptance:
-    """Per-token acceptance of one draft source as discounted successes / trials of the geometric
-    acceptance process (the γ controller's estimator)."""
+    """How often looked-up drafts are accepted, measured on their own: the first of a round, and each next
+    one given the ones before it were (per position, like the γ controller's h_i, pooled after the first),
+    for each match length bucket."""
 
-    def __init__(self, prior: float = 0.6, forgetting: float = 0.15) -> None:
-        self.forgetting = forgetting
-        self._success, self._trials = prior * 2.0, 2.0
+    def __init__(self, forgetting: float = 0.15) -> None:
+        self._first = [_Rate(prior, forgetting) for prior in FIRST_PRIORS]
+        self._next = [_Rate(NEXT_PRIOR, forgetting) for _ in FIRST_PRIORS]
 
-    def observe(self, drafted: int, accepted: int) -> None:
+    @staticmethod
+    def bucket(matched: int) -> int:
+        return sum(matched >= edge for edge in MATCH_BUCKETS)
+
+    def observe(self, drafted: int, accepted: int, matched: int = 0) -> None:
         if drafted <= 0:
             return
-        decay = 1.0 - self.forgetting
-        self._success = decay * self._success + accepted
-        self._trials = decay * self._trials + accepted + (1.0 if accepted < drafted else 0.0)
+        b = self.bucket(matched)
+        self._first[b].observe(1.0 if accepted > 0 else 0.0, 1.0)
+        if accepted > 0 and drafted > 1:  # positions 2… that were judged
+            judged = min(drafted, accepted + 1) - 1
+            self._next[b].observe(float(accepted - 1), float(judged))
 
-    @property
-    def alpha(self) -> float:
-        return min(0.99, max(0.01, self._success / self._trials))
+    def first(self, matched: int) -> float:
+        return self._first[self.bucket(matched)].value
+
+    def next(self, matched: int) -> float:
+        return self._next[self.bucket(matched)].value
+
+    def expected_accepted(self, length: int, matched: int) -> tuple[float, float]:
+        """Expected accepted tokens among ``length`` looked-up drafts, and the chance all are accepted."""
+        first, following = self.first(matched), self.next(matched)
+        total, survive = 0.0, first
+        for _ in range(length):
+            total += survive
+            survive *= following
+        return total, (first * following ** (length - 1) if length else 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +89,7 @@ class RoundPlan:
 
     lookup: tuple[int, ...]
     model_gamma: int
+    matched: int = 0  # how many tokens the lookup matched
 
     @property
     def gamma(self) -> int:
@@ -69,45 +112,48 @@ class RoundPlanner:
             return RoundPlan((), gamma)
         upper = max(1, min(max_gamma, controller.fixed or controller.gamma_max, remaining - 1))
         self.lookup.sync(committed)
-        found = _until_stop(self.lookup.continuation((), upper), stop)
+        found, matched = self.lookup.find((), upper)
+        found = _until_stop(found, stop)
         if not found:
             return RoundPlan((), gamma)
         if controller.fixed is not None:  # a fixed γ: the lookup, continued by the model up to γ
-            return RoundPlan(tuple(found[:upper]), upper - min(len(found), upper))
+            return RoundPlan(tuple(found[:upper]), upper - min(len(found), upper), matched)
         best, best_rate = RoundPlan((), gamma), controller.rate(gamma)
         est = controller.estimate()
-        alpha, h = self.acceptance.alpha, controller.position_acceptance()
+        h = controller.position_acceptance()
         for length in range(1, len(found) + 1):
-            accepted_lookup = sum(alpha ** i for i in range(1, length + 1))
-            reach = alpha ** length
+            accepted_lookup, reach = self.acceptance.expected_accepted(length, matched)
             for model_gamma in range(0, upper - length + 1):
                 tokens = 1.0 + accepted_lookup + reach * (controller.expected_tokens(model_gamma, h) - 1.0)
                 ms = controller.round_ms(length + model_gamma, est) - length * est.draft_ms_per_token
                 rate = tokens / max(1e-6, ms)
                 if rate > best_rate * (1 + 1e-9):
-                    best, best_rate = RoundPlan(tuple(found[:length]), model_gamma), rate
+                    best, best_rate = RoundPlan(tuple(found[:length]), model_gamma, matched), rate
         return best
 
-    def look_ahead(self, committed: Sequence[int], in_flight: Sequence[int], room: int, max_gamma: int,
-                   stop: frozenset[int]) -> tuple[int, list[int]] | None:
+    def look_ahead(self, committed: Sequence[int], in_flight: Sequence[int], matched: int, room: int,
+                   max_gamma: int, stop: frozenset[int]) -> tuple[int, list[int], int] | None:
         """A round to send ahead of a looked-up round in flight, by lookup alone: the lookup's next token as
         the guess of the verifier's, then what follows it; None when there is none or it would rarely be
         used (the in-flight drafts and the guess must all come true, each about as often as a looked-up
-        token is accepted; a wrong one costs the verifier nothing, it discards the round)."""
+        token is accepted; a wrong one costs the verifier nothing, it discards the round). ``matched``: how
+        many tokens the lookup of the round in flight matched. Returns the guess, the drafts and the match."""
         if self.lookup is None or room < 1 or any(token in stop for token in in_flight):
             return None
-        if self.acceptance.alpha ** (len(in_flight) + 1) < AHEAD_WORTH:
+        _accepted, all_accepted = self.acceptance.expected_accepted(len(in_flight), matched)
+        if all_accepted * self.acceptance.next(matched) < AHEAD_WORTH:
             return None
         self.lookup.sync(committed)
         upper = max(1, min(max_gamma, self.controller.fixed or self.controller.gamma_max, room))
-        found = self.lookup.continuation(in_flight, upper + 1)
+        found, longer = self.lookup.find(in_flight, upper + 1)
         if len(found) < 2 or found[0] in stop:
             return None
-        return found[0], _until_stop(found[1:], stop)
+        return found[0], _until_stop(found[1:], stop), longer
 
-    def observe(self, plan_lookup: int, accepted: int) -> None:
-        """A verdict accepted ``accepted`` drafts of a round that began with ``plan_lookup`` looked-up tokens."""
-        self.acceptance.observe(plan_lookup, min(accepted, plan_lookup))
+    def observe(self, plan_lookup: int, accepted: int, matched: int = 0) -> None:
+        """A verdict accepted ``accepted`` drafts of a round that began with ``plan_lookup`` looked-up tokens,
+        found by a match of ``matched`` tokens."""
+        self.acceptance.observe(plan_lookup, min(accepted, plan_lookup), matched)
 
 
 def _until_stop(tokens: list[int], stop: frozenset[int]) -> list[int]:

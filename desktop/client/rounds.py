@@ -23,6 +23,7 @@ class SentRound:
     ahead: bool  # drafted during the previous round's verification (it assumed that round's outcome)
     sent_at: float = 0.0
     context: int = 0  # how many of the drafts, from the first, the context lookup proposed
+    matched: int = 0  # how many tokens the lookup matched to find them
 
 
 def propose_timed(drafter: Drafter, prefix: list[int], gamma: int, sampling: SamplingParams, support_k: int,

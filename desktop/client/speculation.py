@@ -133,7 +133,7 @@ class Speculation:
         number, frame = link.session.draft(proposal.tokens, proposal.wire())
         await link.send(frame)
         return SentRound(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
-                         sent_at=time.perf_counter(), context=len(plan.lookup))
+                         sent_at=time.perf_counter(), context=len(plan.lookup), matched=plan.matched)
 
     async def _catch_up(self) -> None:
         """Let the drafter read the streamed tokens before the round is timed: that forward is the price of
@@ -159,17 +159,18 @@ class Speculation:
         current = in_flight[0]
         room = run.remaining - len(current.tokens) - 1
         position = len(current.prefix) + len(current.tokens) + 1
-        found = self.planner.look_ahead(current.prefix, current.tokens, room, self.link.max_gamma(position),
-                                        run.stop_ids)
+        found = self.planner.look_ahead(current.prefix, current.tokens, current.matched, room,
+                                        self.link.max_gamma(position), run.stop_ids)
         if found is None:
             return
-        guess, tokens = found
+        guess, tokens, matched = found
         proposal = with_lookup(tokens, None, run.settings.sampling.greedy)
         number, frame = session.draft(proposal.tokens, proposal.wire(), assumed=[*current.tokens, guess])
         await self.link.send(frame)
         run.stats.on_round_sent_ahead()
         in_flight.append(SentRound(number=number, prefix=[*current.prefix, *current.tokens, guess], tokens=tokens,
-                                   draft_ms=0.0, ahead=True, sent_at=time.perf_counter(), context=len(tokens)))
+                                   draft_ms=0.0, ahead=True, sent_at=time.perf_counter(), context=len(tokens),
+                                   matched=matched))
 
     def _maybe_draft_ahead(self) -> None:
         run, in_flight = self.run, self.in_flight
@@ -238,7 +239,7 @@ class Speculation:
             network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
         looked_up = min(current.context, drafted) if current is not None else 0
         run.stats.on_round_verdict(drafted, accepted, server_ms, network_ms, context=looked_up)
-        self.planner.observe(looked_up, accepted)
+        self.planner.observe(looked_up, accepted, current.matched if current is not None else 0)
         if looked_up and (accepted < looked_up or drafted == looked_up):
             # The model's drafts were not judged (or there were none): the round says nothing of its
             # acceptance or drafting time, only of the round trip.
