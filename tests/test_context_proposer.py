@@ -144,6 +144,24 @@ def test_lookup_acceptance_is_measured_per_source_and_match_length():
     assert acceptance.first(8) > 0.95 and acceptance.next(8) < 0.05
 
 
+def test_lookups_are_measured_from_rounds_the_model_drafted_too():
+    """A looked-up token equals the committed one as often as the rule would accept it, so the rounds the
+    model drafts measure the lookup as well: it is learnt without being tried."""
+    copying = RoundPlanner(GammaController(8), ContextLookup())
+    before = copying.acceptance.first(8)
+    for _ in range(20):
+        copying.observe(0, 3, matched=8, found=(5, 6, 7, 8), committed=[5, 6, 7, 8, 9])
+    assert copying.acceptance.first(8) > 0.95 > before and copying.acceptance.next(8) > 0.95
+    chatting = RoundPlanner(GammaController(8), ContextLookup())
+    for _ in range(20):
+        chatting.observe(0, 3, matched=2, found=(5, 6, 7, 8), committed=[4, 6, 7, 8])
+    assert chatting.acceptance.first(2) < 0.05
+    used = RoundPlanner(GammaController(8), ContextLookup())
+    for _ in range(20):
+        used.observe(4, 1, matched=8, found=(5, 6, 7, 8), committed=[5, 9])  # looked up: the verdict counts
+    assert used.acceptance.first(8) > 0.95 and used.acceptance.next(8) < 0.05
+
+
 def test_the_config_turns_the_context_proposer_on_by_default():
     from specd.desktop.client.answer import Settings
     from specd.shared.config import load_config

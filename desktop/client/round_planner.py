@@ -90,6 +90,7 @@ class RoundPlan:
     lookup: tuple[int, ...]
     model_gamma: int
     matched: int = 0  # how many tokens the lookup matched
+    found: tuple[int, ...] = ()  # what the lookup proposed, used or not (its acceptance is measured either way)
 
     @property
     def gamma(self) -> int:
@@ -117,8 +118,8 @@ class RoundPlanner:
         if not found:
             return RoundPlan((), gamma)
         if controller.fixed is not None:  # a fixed γ: the lookup, continued by the model up to γ
-            return RoundPlan(tuple(found[:upper]), upper - min(len(found), upper), matched)
-        best, best_rate = RoundPlan((), gamma), controller.rate(gamma)
+            return RoundPlan(tuple(found[:upper]), upper - min(len(found), upper), matched, tuple(found))
+        best, best_rate = RoundPlan((), gamma, matched, tuple(found)), controller.rate(gamma)
         est = controller.estimate()
         h = controller.position_acceptance()
         for length in range(1, len(found) + 1):
@@ -128,7 +129,7 @@ class RoundPlanner:
                 ms = controller.round_ms(length + model_gamma, est) - length * est.draft_ms_per_token
                 rate = tokens / max(1e-6, ms)
                 if rate > best_rate * (1 + 1e-9):
-                    best, best_rate = RoundPlan(tuple(found[:length]), model_gamma, matched), rate
+                    best, best_rate = RoundPlan(tuple(found[:length]), model_gamma, matched, tuple(found)), rate
         return best
 
     def look_ahead(self, committed: Sequence[int], in_flight: Sequence[int], matched: int, room: int,
@@ -150,10 +151,21 @@ class RoundPlanner:
             return None
         return found[0], _until_stop(found[1:], stop), longer
 
-    def observe(self, plan_lookup: int, accepted: int, matched: int = 0) -> None:
-        """A verdict accepted ``accepted`` drafts of a round that began with ``plan_lookup`` looked-up tokens,
-        found by a match of ``matched`` tokens."""
-        self.acceptance.observe(plan_lookup, min(accepted, plan_lookup), matched)
+    def observe(self, looked_up: int, accepted: int, matched: int, found: Sequence[int],
+                committed: Sequence[int]) -> None:
+        """A verdict accepted ``accepted`` drafts of a round that began with ``looked_up`` looked-up tokens
+        (found by a match of ``matched`` tokens) and committed ``committed``. A round that did not use what
+        the lookup ``found`` measures it all the same: the committed tokens follow the target's law, so a
+        looked-up token equals the committed one exactly as often as the rule would have accepted it
+        (p(token)), and the lookup's acceptance is learnt while the model drafts, not only when it is tried."""
+        if looked_up:
+            self.acceptance.observe(looked_up, min(accepted, looked_up), matched)
+            return
+        compared = min(len(found), len(committed))
+        same = 0
+        while same < compared and found[same] == committed[same]:
+            same += 1
+        self.acceptance.observe(compared, same, matched)
 
 
 def _until_stop(tokens: list[int], stop: frozenset[int]) -> list[int]:

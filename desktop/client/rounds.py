@@ -24,6 +24,7 @@ class SentRound:
     sent_at: float = 0.0
     context: int = 0  # how many of the drafts, from the first, the context lookup proposed
     matched: int = 0  # how many tokens the lookup matched to find them
+    found: tuple[int, ...] = ()  # what the lookup proposed for this round, used or not
 
 
 def propose_timed(drafter: Drafter, prefix: list[int], gamma: int, sampling: SamplingParams, support_k: int,

@@ -133,7 +133,8 @@ class Speculation:
         number, frame = link.session.draft(proposal.tokens, proposal.wire())
         await link.send(frame)
         return SentRound(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
-                         sent_at=time.perf_counter(), context=len(plan.lookup), matched=plan.matched)
+                         sent_at=time.perf_counter(), context=len(plan.lookup), matched=plan.matched,
+                         found=plan.found)
 
     async def _catch_up(self) -> None:
         """Let the drafter read the streamed tokens before the round is timed: that forward is the price of
@@ -239,7 +240,8 @@ class Speculation:
             network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
         looked_up = min(current.context, drafted) if current is not None else 0
         run.stats.on_round_verdict(drafted, accepted, server_ms, network_ms, context=looked_up)
-        self.planner.observe(looked_up, accepted, current.matched if current is not None else 0)
+        if current is not None:
+            self.planner.observe(looked_up, accepted, current.matched, current.found, event.new_tokens)
         if looked_up and (accepted < looked_up or drafted == looked_up):
             # The model's drafts were not judged (or there were none): the round says nothing of its
             # acceptance or drafting time, only of the round trip.
