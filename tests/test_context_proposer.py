@@ -118,15 +118,20 @@ def test_the_planner_chooses_the_source_by_expected_tokens_per_second():
     assert off.plan(copy, 40, 16, frozenset()).lookup == ()
 
 
-def test_a_looked_up_round_in_flight_is_followed_by_one_looked_up_ahead():
+def test_a_round_in_flight_is_followed_by_one_looked_up_ahead():
     copy = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3]
     good = planner(0.9, draft_ms=30.0)
-    ahead = good.look_ahead(copy, [4, 5, 6], 3, room=20, max_gamma=4, stop=frozenset())
+    ahead = good.look_ahead(copy, [4, 5, 6], 3, 3, room=20, max_gamma=4, stop=frozenset())
     assert ahead == (7, [8, 9, 10, 11], 6)  # the match grew by the drafts in flight
-    assert good.look_ahead(copy, [4, 5, 6], 3, room=20, max_gamma=4, stop=frozenset({9})) == (7, [8, 9], 6)
-    assert good.look_ahead(copy, [4, 5, 6], 3, room=0, max_gamma=4, stop=frozenset()) is None
-    assert good.look_ahead(copy, [4, 5, 6], 3, room=20, max_gamma=4, stop=frozenset({5})) is None  # it ends
-    assert planner(0.2, draft_ms=30.0).look_ahead(copy, [4, 5, 6], 3, 20, 4, frozenset()) is None  # rarely used
+    assert good.look_ahead(copy, [4, 5, 6], 3, 3, room=20, max_gamma=4, stop=frozenset({9})) == (7, [8, 9], 6)
+    # the model's drafts in flight: sent ahead only when they are likely to be accepted too
+    assert good.look_ahead(copy, [4, 5, 6], 0, 0, room=20, max_gamma=4, stop=frozenset()) is None  # h ≈ 0.5
+    for _ in range(30):
+        good.controller.observe_round(drafted=4, accepted=4, draft_ms=120.0, network_ms=20.0, verify_ms=30.0)
+    assert good.look_ahead(copy, [4, 5, 6], 0, 0, room=20, max_gamma=4, stop=frozenset()) == ahead
+    assert good.look_ahead(copy, [4, 5, 6], 3, 3, room=0, max_gamma=4, stop=frozenset()) is None
+    assert good.look_ahead(copy, [4, 5, 6], 3, 3, room=20, max_gamma=4, stop=frozenset({5})) is None  # it ends
+    assert planner(0.2, draft_ms=30.0).look_ahead(copy, [4, 5, 6], 3, 3, 20, 4, frozenset()) is None  # rarely used
 
 
 def test_lookup_acceptance_is_measured_per_source_and_match_length():

@@ -132,24 +132,37 @@ class RoundPlanner:
                     best, best_rate = RoundPlan(tuple(found[:length]), model_gamma, matched, tuple(found)), rate
         return best
 
-    def look_ahead(self, committed: Sequence[int], in_flight: Sequence[int], matched: int, room: int,
-                   max_gamma: int, stop: frozenset[int]) -> tuple[int, list[int], int] | None:
-        """A round to send ahead of a looked-up round in flight, by lookup alone: the lookup's next token as
-        the guess of the verifier's, then what follows it; None when there is none or it would rarely be
-        used (the in-flight drafts and the guess must all come true, each about as often as a looked-up
-        token is accepted; a wrong one costs the verifier nothing, it discards the round). ``matched``: how
-        many tokens the lookup of the round in flight matched. Returns the guess, the drafts and the match."""
+    def look_ahead(self, committed: Sequence[int], in_flight: Sequence[int], looked_up: int, matched: int,
+                   room: int, max_gamma: int, stop: frozenset[int]) -> tuple[int, list[int], int] | None:
+        """A round to send ahead of the round in flight by lookup alone, with no drafting: the lookup's next
+        token as the guess of the verifier's, then what follows it. None when there is none, when it would
+        rarely be used (the drafts in flight and the guess must all come true; a wrong one costs the verifier
+        nothing, it discards the round), or when the model's round drafted ahead is expected to yield more
+        per millisecond. ``looked_up`` of the ``in_flight`` drafts came from the lookup, by a match of
+        ``matched`` tokens. Returns the guess, the drafts and the match they continue."""
         if self.lookup is None or room < 1 or any(token in stop for token in in_flight):
-            return None
-        _accepted, all_accepted = self.acceptance.expected_accepted(len(in_flight), matched)
-        if all_accepted * self.acceptance.next(matched) < AHEAD_WORTH:
             return None
         self.lookup.sync(committed)
         upper = max(1, min(max_gamma, self.controller.fixed or self.controller.gamma_max, room))
         found, longer = self.lookup.find(in_flight, upper + 1)
-        if len(found) < 2 or found[0] in stop:
+        drafts = _until_stop(found[1:], stop)
+        if not drafts or found[0] in stop:
             return None
-        return found[0], _until_stop(found[1:], stop), longer
+        controller, h = self.controller, self.controller.position_acceptance()
+        in_flight_accepted = 1.0
+        for i in range(looked_up, len(in_flight)):  # the model's drafts in flight
+            in_flight_accepted *= h[min(i - looked_up, len(h) - 1)]
+        if looked_up:
+            in_flight_accepted *= self.acceptance.expected_accepted(looked_up, matched)[1]
+        if in_flight_accepted * self.acceptance.next(longer) < AHEAD_WORTH:
+            return None
+        est = controller.estimate()
+        accepted, _ = self.acceptance.expected_accepted(len(drafts), longer)
+        lookup_rate = (1.0 + accepted) / max(1e-6, controller.round_ms(len(drafts), est)
+                                             - len(drafts) * est.draft_ms_per_token)
+        if lookup_rate < controller.rate(controller.choose(room)):
+            return None
+        return found[0], drafts, longer
 
     def observe(self, looked_up: int, accepted: int, matched: int, found: Sequence[int],
                 committed: Sequence[int]) -> None:

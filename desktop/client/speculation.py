@@ -151,16 +151,16 @@ class Speculation:
         self.streaming.owed += tokens
 
     async def _maybe_look_ahead(self) -> None:
-        """While a looked-up round is verified, send the next one ahead if the lookup has it: no drafting."""
+        """While a round is verified, send the next one ahead if the lookup has it and it beats the model's
+        round drafted ahead: no drafting."""
         run, in_flight, session = self.run, self.in_flight, self.link.session
         if (len(in_flight) != 1 or self.ahead is not None or self.cancel_sent or self.streaming.owed
-                or not run.settings.pipeline or in_flight[0].context < len(in_flight[0].tokens)
-                or session.committed != in_flight[0].prefix):
+                or not run.settings.pipeline or session.committed != in_flight[0].prefix):
             return
         current = in_flight[0]
         room = run.remaining - len(current.tokens) - 1
         position = len(current.prefix) + len(current.tokens) + 1
-        found = self.planner.look_ahead(current.prefix, current.tokens, current.matched, room,
+        found = self.planner.look_ahead(current.prefix, current.tokens, current.context, current.matched, room,
                                         self.link.max_gamma(position), run.stop_ids)
         if found is None:
             return
