@@ -210,9 +210,10 @@ class BenchRunner:
         seed = answer_seed(self.plan.settings.seed, index, iteration)
         base = replace(self.plan.settings, seed=seed)
         # The first edge mode of a prompt pays for reading it (the drafter's prefill, the verifier's prompt
-        # cache); the order rotates from prompt to prompt so that no mode always does.
-        turn = (index + iteration) % len(self.plan.modes)
-        for mode in (*self.plan.modes[turn:], *self.plan.modes[:turn]):
+        # cache); their order rotates from prompt to prompt so that no mode always does.
+        edge = [m for m in self.plan.modes if m != BASELINE]  # cloud-only runs on a client of its own
+        turn = (index + iteration) % max(1, len(edge))
+        for mode in (*[m for m in self.plan.modes if m == BASELINE], *edge[turn:], *edge[:turn]):
             if mode == BASELINE:
                 if cloud is not None:
                     answer = await cloud.client.chat(_conversation(prompt), base)
