@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,43 @@ class Histogram:
 
 
 @dataclass(slots=True)
+class ClientCounters:
+    """What one client key used (daemon/client_auth.py keeps one per key name, across reloads)."""
+
+    name: str
+    tokens: int = 0  # prompt tokens run plus tokens generated
+    prompt_tokens: int = 0
+    rounds: int = 0
+    sessions: int = 0  # open now
+    sessions_total: int = 0
+    last_used: float = 0.0  # wall-clock seconds; 0: never
+    refusals: Counter = field(default_factory=Counter)  # by error code
+
+
+def render_clients(clients: Iterable[ClientCounters]) -> list[str]:
+    """The per-key families of ``/metrics``, labelled ``client="NAME"`` (a name, never the key)."""
+    clients = sorted(clients, key=lambda c: c.name)
+    families = (
+        ("specd_client_tokens_total", "counter", "Prompt tokens run plus tokens generated, by client key.", "tokens"),
+        ("specd_client_prompt_tokens_total", "counter", "Prompt tokens run, by client key.", "prompt_tokens"),
+        ("specd_client_rounds_total", "counter", "Draft rounds verified, by client key.", "rounds"),
+        ("specd_client_sessions_total", "counter", "Sessions accepted, by client key.", "sessions_total"),
+        ("specd_client_sessions", "gauge", "Open sessions, by client key.", "sessions"),
+    )
+    lines: list[str] = []
+    for name, kind, help_text, attr in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{client="{_label(c.name)}"}} {getattr(c, attr)}' for c in clients]
+    lines += ["# HELP specd_client_refusals_total Connections, sessions and requests refused, by client key and "
+              "reason.", "# TYPE specd_client_refusals_total counter"]
+    for client in clients:
+        for reason, count in sorted(client.refusals.items()):
+            lines.append(f'specd_client_refusals_total{{client="{_label(client.name)}",reason="{_label(reason)}"}} '
+                         f"{count}")
+    return lines
+
+
+@dataclass(slots=True)
 class Metrics:
     """Everything ``/metrics`` reports; updated from the event loop only."""
 
@@ -83,7 +121,7 @@ class Metrics:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    def render(self, model: str, device: str) -> str:
+    def render(self, model: str, device: str, clients: Iterable[ClientCounters] = ()) -> str:
         def one(name: str, kind: str, help_text: str, value: float | int) -> list[str]:
             return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
 
@@ -123,6 +161,7 @@ class Metrics:
         lines += self.queue.render("specd_queue_seconds", "Time a round waited for its first forward.")
         lines += self.batch_sessions.render("specd_batch_sessions", "Sessions served by one target forward.")
         lines += self.batch_tokens.render("specd_batch_tokens", "Tokens run by one target forward.")
+        lines += render_clients(clients)
         return "\n".join(lines) + "\n"
 
 
