@@ -14,8 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"specd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from specd.desktop.bench import cli as bench
-    from specd.desktop.commands import chat, demo, serve
-    from specd.desktop.drafters import convert, devices
+    from specd.desktop.commands import chat, convert, demo, devices, serve
 
     chat.add_parser(sub)
     serve.add_parser(sub)

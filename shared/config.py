@@ -68,7 +68,7 @@ class ModelsConfig(_Section):
     draft: str = "smollm2-135m-instruct"
     draft_backend: Literal["auto", "torch", "onnxruntime-genai", "openvino"] = "auto"
     # "auto": built at each candidate precision, measured against the verifier, the fastest kept
-    # (specd.desktop.drafters.precision); an explicit precision is built as it is.
+    # (specd.desktop.precision.choice); an explicit precision is built as it is.
     draft_precision: Literal["auto", "int4", "int8", "fp16", "fp32"] = "auto"
     cache_dir: str = ""
 
@@ -87,6 +87,7 @@ class SpeculationConfig(_Section):
     proposal_top_k: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     pipeline: bool = True
     mode_switching: bool = True
+    context_proposer: bool = True
 
 
 class GpuConfig(_Section):

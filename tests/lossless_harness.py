@@ -20,6 +20,8 @@ Plug points, for every new path a token can take:
 - ``Case.sessions``: concurrent ``EdgeClient``s against one verifier (so a batching verifier batches);
   each session reuses its connection for all its answers.
 - ``Case.pipeline``: drafting ahead on or off. ``Case.backend``: ``torch`` or ``onnxruntime-genai``.
+- ``Case.context_proposer`` with a ``Case.prompt`` that repeats itself: rounds of drafts looked up in the
+  conversation (q = 1 on each), alone or continued by the model.
 - ``drive=``: how one answer is produced from a client (default ``client.generate``); it must return
   every token of the answer after the prompt. ``tests/mode_switches.py`` ``switching_answer`` switches
   between speculative rounds and the verifier streaming alone at seeded points, both ways.
@@ -231,6 +233,8 @@ class Case:
     sessions: int = 2
     first_seed: int = 0
     trimmed: bool = False  # the verifier verifies a random prefix of each round (trimmed_rounds)
+    context_proposer: bool = False  # also draft from the conversation (looked-up and mixed rounds)
+    prompt: tuple[int, ...] = PROMPT
 
     def __post_init__(self) -> None:
         if self.gamma < 2 or self.tokens < self.gamma + 2:
@@ -239,7 +243,8 @@ class Case:
 
     def settings(self, seed: int) -> Settings:
         return Settings(sampling=self.sampling, max_new_tokens=self.tokens, seed=seed, gamma=self.gamma,
-                        gamma_max=self.gamma, support_k=self.support_k, pipeline=self.pipeline)
+                        gamma_max=self.gamma, support_k=self.support_k, pipeline=self.pipeline,
+                        context_proposer=self.context_proposer)
 
 
 @dataclass(slots=True)
@@ -268,6 +273,8 @@ def _tally(answer: Answer, kinds: Counter) -> None:
         elif piece.source == "cloud":
             kinds["streamed"] += len(piece.token_ids)
     kinds["rounds"] += answer.stats.rounds
+    kinds["looked-up drafts"] += answer.stats.proposed_by_source["context"]
+    kinds["model drafts"] += answer.stats.proposed_by_source["model"]
     kinds["ahead rounds"] += answer.stats.ahead_rounds
 
 
@@ -281,8 +288,9 @@ def make_client(url: str, models: Models, backend: str) -> EdgeClient:
 
 
 async def sample_answers(url: str, models: Models, case: Case, drive: AnswerDriver = speculative_answer,
-                         prompt: tuple[int, ...] = PROMPT) -> Sample:
+                         prompt: tuple[int, ...] | None = None) -> Sample:
     """``case.answers`` answers with seeds ``first_seed …``, spread over ``case.sessions`` clients."""
+    prompt = prompt or case.prompt
     clients = [make_client(url, models, case.backend) for _ in range(case.sessions)]
     answers: dict[int, list[int]] = {}
     kinds: Counter = Counter()
@@ -357,9 +365,10 @@ def prompt_overlap(models: Models, case: Case, prompt: tuple[int, ...] = PROMPT)
 
 async def run_case(case: Case, models: Models, *, verifier: VerifierFactory = in_process_verifier,
                    drive: AnswerDriver = speculative_answer, rule: Callable[..., Any] | None = None,
-                   prompt: tuple[int, ...] = PROMPT) -> CaseResult:
+                   prompt: tuple[int, ...] | None = None) -> CaseResult:
     """Sample ``case`` through a verifier from ``verifier`` (judging rounds with ``rule`` when given)
     and test every position of the answers against the target's exact law."""
+    prompt = prompt or case.prompt
     if (rule is not None or case.trimmed) and verifier is not in_process_verifier:
         raise ValueError("a wrong rule or trimmed rounds reach only the in-process verifier (they patch this "
                          "process)")

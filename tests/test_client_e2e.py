@@ -332,15 +332,14 @@ async def test_an_idle_connection_closed_by_the_verifier_is_reported_and_reopene
 
 
 class VerdictFirstClient(EdgeClient):
-    """Lets the reader apply the next verdict to the session before the answer loop learns that its
-    round drafted ahead is ready: an ordering a loaded machine produces now and then."""
+    """Holds back telling the answer loop that its round drafted ahead is ready until the next verdict has
+    arrived and waits unread: an ordering a loaded machine produces now and then."""
 
     async def next_event(self, other, cancel):
         event = await super().next_event(other, cancel)
-        run = self._run
-        if event is None and other is not None and run is not None:
+        if event is None and other is not None and self._run is not None:
             for _ in range(500):
-                if len(self.session.committed) > len(run.committed) or self.session.state is not ClientState.ACTIVE:
+                if not self._inbox.empty() or self.session.state is not ClientState.ACTIVE:
                     break
                 await asyncio.sleep(0.002)
         return event
@@ -367,10 +366,11 @@ async def _answer_with(client: EdgeClient, settings: Settings, prompt=PROMPT) ->
         await client.close()
 
 
-async def test_a_round_drafted_ahead_follows_a_verdict_the_reader_applied_first(folders, always_draft_ahead):
-    """The round drafted ahead is framed after the session's committed tokens, which may already hold a
-    verdict the answer loop has not handled: it must assume only what comes after them, be verified,
-    and leave the answer the target's own."""
+async def test_a_round_drafted_ahead_is_sent_while_a_verdict_waits_unread(folders, always_draft_ahead):
+    """The round drafted ahead is framed after the session's committed tokens, which end before the round
+    in flight even when its verdict has already arrived (the session receives it only when the answer loop
+    reads it): it must assume the round's drafts and the guess, be verified, and leave the answer the
+    target's own."""
     from specd.desktop.bench.netem import DelayProxy
 
     settings = replace(GREEDY, max_new_tokens=60, gamma=3)

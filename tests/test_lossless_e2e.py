@@ -20,7 +20,18 @@ from tests.lossless_harness import (
     sample_answers,
     trimmed_rounds,
 )
-from tests.lossless_run import CONTROL_CASE, CONTROLS, SHORT, SHORT_CASES, SWITCHING_CASE, TRIMMED_CASE, short_alpha
+from tests.lossless_run import (
+    CONTEXT_CASE,
+    CONTROL_CASE,
+    CONTROLS,
+    SHORT,
+    SHORT_CASES,
+    SWITCHING_CASE,
+    TRIMMED_CASE,
+    context_prompt,
+    look_ahead_always,
+    short_alpha,
+)
 from tests.mode_switches import switching_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -63,6 +74,20 @@ async def test_answers_whose_rounds_the_budget_trims_follow_the_targets_law(mode
     print(result.summary(), dict(TRIMS))  # shown with -s
     assert TRIMS["rounds trimmed"] > 100 and TRIMS["rounds to one step"] > 50, dict(TRIMS)
     kinds = result.sample.kinds
+    assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
+    assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+async def test_rounds_from_the_context_proposer_follow_the_targets_law(models):
+    """Drafts looked up in the conversation (q = 1 on each): looked-up rounds, sent ahead too, and rounds
+    where the model continues the lookup."""
+    case = replace(CONTEXT_CASE, answers=SHORT["case"], prompt=context_prompt(models))
+    with look_ahead_always():
+        result = await run_case(case, models)
+    print(result.summary())  # shown with -s
+    kinds = result.sample.kinds
+    assert kinds["looked-up drafts"] >= 3 * SHORT["case"] and kinds["model drafts"], result.summary()
+    assert kinds["ahead rounds"] > SHORT["case"] // 10, result.summary()
     assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
 

@@ -20,9 +20,9 @@ import msgspec
 
 from specd.desktop.client.answer import Answer, Piece, Settings
 from specd.desktop.client.stats_line import stats_line as summary_line
-from specd.desktop.commands.draft_precision import settle_precision
 from specd.desktop.commands.launch import ClientSetup, build_client, check_draft_model
-from specd.desktop.drafters.precision import PrecisionPick
+from specd.desktop.precision.choice import PrecisionPick
+from specd.desktop.precision.measure import settle_precision
 from specd.shared.config import Config, default_config_path, load_config_with_origins
 from specd.shared.config_origins import Origins, flag_layer
 from specd.shared.errors import ConfigError

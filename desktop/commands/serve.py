@@ -14,8 +14,8 @@ import signal
 import sys
 
 from specd.desktop.commands.chat import add_client_options, config_and_origins
-from specd.desktop.commands.draft_precision import settle_precision
 from specd.desktop.commands.launch import build_client
+from specd.desktop.precision.measure import settle_precision
 from specd.shared.errors import SpecdError
 
 # `specd serve`'s own flags and the [api] keys they override.

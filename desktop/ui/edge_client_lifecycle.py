@@ -93,7 +93,7 @@ class EdgeClientLifecycle:
         await self.connect_client()
         if self.client is setup.client and setup.client.connected and choice is not None:
             # draft_precision "auto": on a first connection, build and measure the candidates (with progress).
-            from specd.desktop.commands.draft_precision import settle_precision
+            from specd.desktop.precision.measure import settle_precision
 
             with self.progress.begin() as span:
                 await settle_precision(setup, self.config, span.post)
