@@ -1,10 +1,13 @@
 """Capacity planning: verified tokens/s and round latency against concurrent sessions, on the engine itself.
 
-Each simulated session replays draft rounds recorded from the real draft model (daemon/draft_rounds.json,
-made by benchmarks/record_draft_rounds.py): the drafts a laptop sent and how many of them the target
-accepted. A replay at γ sends the first γ drafts of each recorded round and counts ``min(accepted, γ) + 1``
-new tokens, so acceptance is the real draft's and the edge costs nothing. Cloud-only sessions run one
-target step per token. Both go through the same batched :class:`~specd.daemon.engine.Engine` the daemon
+Each simulated session replays draft rounds recorded from the real draft model (``--drafts int4``:
+daemon/draft_rounds.json, ``int8``: daemon/draft_rounds_int8.json, both made by
+benchmarks/record_draft_rounds.py): the drafts a laptop sent and how many of them the target accepted.
+A replay at γ sends the first γ drafts of each recorded round and counts ``min(accepted, verified) + 1``
+new tokens, so acceptance is the real draft's and the edge costs nothing. With the goodput budget the
+engine verifies a prefix of each round (``verified``) and the replay sends, next, the γ the verdict
+suggests (at most the recorded γ); without it every draft of a fixed γ is verified. Cloud-only sessions
+run one target step per token. Both go through the same batched :class:`~specd.daemon.engine.Engine` the daemon
 serves with (no sockets: the figures are the verifier's own); ``one_session_per_forward`` measures the
 unbatched engine beside it.
 """
@@ -24,12 +27,17 @@ from typing import Any
 import torch
 
 from specd.daemon.engine import Engine, EngineLimits, ForwardStats
+from specd.daemon.goodput import ForwardCost
 from specd.daemon.rounds import RoundDrafts, cloud_token, round_verdict
 from specd.daemon.target import TargetModel
 from specd.shared.errors import ConfigError
 from specd.shared.sampling import SamplingParams
 
-DEFAULT_RECORDING = Path(__file__).with_name("draft_rounds.json")
+# Recorded rounds shipped with specd: int4 (the weaker draft, closer to a 1B → 8B pair's acceptance) and
+# int8 (what the draft precision `auto` picks on a 2-core x86 CPU).
+RECORDINGS = {"int4": Path(__file__).with_name("draft_rounds.json"),
+              "int8": Path(__file__).with_name("draft_rounds_int8.json")}
+DEFAULT_RECORDING = RECORDINGS["int4"]
 GREEDY = SamplingParams(temperature=0.0)
 
 # Architectures an operator can plan for without downloading weights (their published configs).
@@ -94,7 +102,7 @@ class Cell:
     mode: str
     batched: bool
     sessions: int
-    gamma: int
+    gamma: int  # drafts per round; with the budget, the most a round offers
     tokens: int
     wall_s: float
     aggregate_tps: float  # generated tokens per second, all sessions together
@@ -105,6 +113,9 @@ class Cell:
     acceptance: float | None
     forwards: int
     mean_batch: float  # sessions per forward
+    budget: bool = False  # the goodput budget chose each forward's verified drafts
+    verified_gamma: float | None = None  # mean drafts verified per round
+    mean_width: float = 0.0  # positions per row of a forward (rows are padded to the widest)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +123,8 @@ class Cell:
 
 async def _speculative(engine: Engine, rec: RecordedSession, gamma: int, tokens: int,
                        latencies: list[float], start: asyncio.Event) -> tuple[int, int, int, float]:
+    """Rounds of ``gamma`` drafts; under the budget, of the γ the last verdict suggested (≤ ``gamma``).
+    Returns tokens generated, drafts verified, drafts accepted and the seconds it took."""
     session = engine.open()
     committed = list(rec.prompt)
     await engine.prefill(session, committed, 0)
@@ -122,15 +135,18 @@ async def _speculative(engine: Engine, rec: RecordedSession, gamma: int, tokens:
     while generated < tokens:
         recorded = rec.rounds[index % len(rec.rounds)]
         index += 1
-        drafts = (recorded.drafts * gamma)[:gamma]  # a short recorded round (end of answer) is repeated
-        keep = min(recorded.accepted, gamma)
+        offered = min(gamma, session.suggested_gamma or gamma)
+        drafts = (recorded.drafts * offered)[:offered]  # a short recorded round (end of answer) is repeated
         t0 = time.monotonic()
-        await engine.run(session, committed[:-1], [committed[-1], *drafts],
-                         round_verdict(RoundDrafts(torch.tensor(drafts)), GREEDY, 0, len(committed)))
+        judged, _q, _r = await engine.run(
+            session, committed[:-1], [committed[-1], *drafts],
+            round_verdict(RoundDrafts(torch.tensor(drafts)), GREEDY, 0, len(committed)), drafts=offered)
         latencies.append(time.monotonic() - t0)
-        committed += [*drafts[:keep], drafts[keep] if keep < gamma else drafts[-1]]
+        keep = min(recorded.accepted, judged.verified)
+        session.acceptance.observe(judged.verified, keep)
+        committed += [*drafts[:keep], drafts[keep] if keep < offered else drafts[-1]]
         generated += keep + 1
-        drafted += gamma
+        drafted += judged.verified
         accepted += keep
     wall = time.monotonic() - began
     engine.close(session)
@@ -157,12 +173,16 @@ async def _cloud(engine: Engine, rec: RecordedSession, tokens: int, latencies: l
 
 async def measure(target: TargetModel, recording: list[RecordedSession], *, mode: str, batched: bool,
                   sessions: int, gamma: int, tokens: int, max_batch_tokens: int,
-                  executor: ThreadPoolExecutor) -> Cell:
-    """``sessions`` concurrent sessions of ``mode`` (speculative or cloud), ``tokens`` new tokens each."""
+                  executor: ThreadPoolExecutor, budget: bool = False, cost: ForwardCost | None = None) -> Cell:
+    """``sessions`` concurrent sessions of ``mode`` (speculative or cloud), ``tokens`` new tokens each;
+    ``budget``: speculative rounds under the goodput budget (``cost``: the forward-cost model to start from)."""
     longest = max(len(r.prompt) for r in recording)
+    budget = budget and mode == "speculative"
     limits = EngineLimits(max_sessions=sessions, slot_len=longest + tokens + 2 * gamma + 2,
-                          max_batch_tokens=max_batch_tokens, one_session_per_forward=not batched)
-    engine = await asyncio.get_running_loop().run_in_executor(executor, Engine.create, target, limits, executor)
+                          max_batch_tokens=max_batch_tokens, one_session_per_forward=not batched,
+                          goodput_budget=budget, max_draft=gamma)
+    engine = await asyncio.get_running_loop().run_in_executor(executor, Engine.create, target, limits, executor,
+                                                              cost)
     if engine.capacity < sessions:
         raise ConfigError(f"the KV memory holds {engine.capacity} of {sessions} sessions on {target.device}")
     stats: list[ForwardStats] = []
@@ -193,7 +213,22 @@ async def measure(target: TargetModel, recording: list[RecordedSession], *, mode
                 p50_ms=round(_quantile(ordered, 0.50) * 1000, 3), p99_ms=round(_quantile(ordered, 0.99) * 1000, 3),
                 device_s_per_1k=round(sum(s.seconds for s in stats) / generated * 1000, 4),
                 acceptance=round(accepted / drafted, 4) if drafted else None, forwards=len(stats),
-                mean_batch=round(statistics.fmean(s.sessions for s in stats), 3) if stats else 0.0)
+                mean_batch=round(statistics.fmean(s.sessions for s in stats), 3) if stats else 0.0,
+                budget=budget, verified_gamma=round(drafted / len(latencies), 3) if mode == "speculative" else None,
+                mean_width=round(statistics.fmean(s.width for s in stats), 3) if stats else 0.0)
+
+
+async def calibrated_cost(target: TargetModel, *, sessions: int, max_batch_tokens: int, gamma: int,
+                          executor: ThreadPoolExecutor) -> ForwardCost:
+    """A forward-cost model calibrated once for every budget cell (an engine of ``sessions`` slots)."""
+    limits = EngineLimits(max_sessions=sessions, slot_len=gamma + 2, max_batch_tokens=max_batch_tokens,
+                          goodput_budget=True, max_draft=gamma)
+    engine = await asyncio.get_running_loop().run_in_executor(executor, Engine.create, target, limits, executor)
+    cost = engine.cost
+    await engine.close_all()
+    del engine
+    gc.collect()
+    return cost
 
 
 def _quantile(ordered: list[float], q: float) -> float:

@@ -18,12 +18,13 @@ log = logging.getLogger("specd.daemon.capacity")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from specd.daemon.capacity import DEFAULT_RECORDING, SHAPES
+    from specd.daemon.capacity import RECORDINGS, SHAPES
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Measure verified tokens/s and p50/p99 round latency against concurrent sessions "
-        "and γ for the configured target on its device: speculative sessions replaying recorded draft rounds, "
-        "and cloud-only sessions, both batched. Writes a table, capacity.json, capacity.md and capacity.png.")
+        "and γ for the configured target on its device: speculative sessions replaying recorded draft rounds "
+        "at each fixed γ and under the goodput budget, and cloud-only sessions, all batched. Writes a table, "
+        "the headline per N (speculative ÷ cloud-only), capacity.json, capacity.md and capacity.png.")
     add = parser.add_argument
     add("--config", metavar="PATH", help="config file (as for specd-verifier)")
     add("--model", help="target model [models] target")
@@ -32,16 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--random-weights", action="store_true",
         help="build a randomly initialised model of --shape on the device instead of loading weights")
     add("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="architecture for --random-weights")
-    add("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], metavar="N",
-        help="concurrent sessions to measure (default 1 2 4 8 16 32)")
-    add("--gamma", type=int, nargs="+", default=[4, 8], metavar="G", help="draft tokens per round (default 4 8)")
+    add("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], metavar="N",
+        help="concurrent sessions to measure (default 1 2 4 8 16 32 64)")
+    add("--gamma", type=int, nargs="+", default=[2, 4, 8], metavar="G",
+        help="fixed draft tokens per round (default 2 4 8); the budget's sessions offer up to the largest")
+    add("--no-budget", action="store_true",
+        help="leave out the sessions under the goodput budget (only fixed γ and cloud-only)")
     add("--tokens", type=int, default=64, metavar="N", help="new tokens per session (default 64)")
     add("--modes", nargs="+", choices=("speculative", "cloud"), default=["speculative", "cloud"])
     add("--one-session-per-forward", action="store_true",
         help="also measure every mode unbatched (one session per forward), for the batching speedup")
     add("--max-batch-tokens", type=int, metavar="N", help="[limits] max_batch_tokens")
-    add("--recording", type=Path, default=DEFAULT_RECORDING, metavar="PATH",
-        help="recorded draft rounds (default: the SmolLM2 edge draft's, shipped with specd)")
+    add("--drafts", choices=sorted(RECORDINGS), default="int4",
+        help="which shipped recording of the SmolLM2 edge draft's rounds to replay: int4 (default; acceptance "
+        "0.44-0.64, near a 1B → 8B pair's) or int8 (what draft precision auto picks on a CPU)")
+    add("--recording", type=Path, metavar="PATH", help="recorded draft rounds to replay instead of --drafts")
     add("--threads", type=int, metavar="N", help="torch intra-op CPU threads")
     add("--out", type=Path, default=Path("capacity"), metavar="DIR", help="output folder (default ./capacity)")
     return parser
@@ -63,8 +69,8 @@ def capacity_main(argv: list[str]) -> int:
 async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from specd.daemon.capacity import load_recording, measure, random_target
-    from specd.daemon.capacity_report import table, write_outputs
+    from specd.daemon.capacity import RECORDINGS, calibrated_cost, load_recording, measure, random_target
+    from specd.daemon.capacity_report import headline_table, table, write_outputs
     from specd.daemon.target import TargetModel, resolve_device, resolve_dtype
 
     if min(args.sessions) < 1 or min(args.gamma) < 1 or args.tokens < 1:
@@ -76,7 +82,8 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     overrides = {"server": {"device": args.device, "dtype": args.dtype}, "models": {"target": args.model},
                  "limits": {"max_batch_tokens": args.max_batch_tokens}}
     config = load_config(args.config or default_config_path(), overrides)
-    meta_rec, recording = load_recording(args.recording)
+    recording_path = args.recording or RECORDINGS[args.drafts]
+    meta_rec, recording = load_recording(recording_path)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specd-model")
     loop = asyncio.get_running_loop()
     if args.random_weights:
@@ -87,27 +94,40 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         target = await loop.run_in_executor(executor, TargetModel.load, config, log.info)
     if max(max(r.drafts) for s in recording for r in s.rounds) >= target.vocab_size:
-        raise ConfigError(f"--recording {args.recording}: its token ids exceed {target.name}'s vocabulary")
+        raise ConfigError(f"--recording {recording_path}: its token ids exceed {target.name}'s vocabulary")
     cells = []
-    # Batched and unbatched take turns at each N, so a change in the machine's load hits both alike.
-    plan = [(mode, batched, n, g) for mode in args.modes for g in (args.gamma if mode == "speculative" else [0])
-            for n in args.sessions for batched in ((True, False) if args.one_session_per_forward else (True,))]
-    for i, (mode, batched, n, gamma) in enumerate(plan, 1):
+    # Every mode takes its turn at each N (and batched beside unbatched), so a change in the machine's load
+    # hits the sides of each ratio alike.
+    budget = "speculative" in args.modes and not args.no_budget
+    cost = None
+    if budget:
+        cost = await calibrated_cost(target, sessions=max(args.sessions), gamma=max(args.gamma),
+                                     max_batch_tokens=config.limits.max_batch_tokens, executor=executor)
+    plan = [(mode, batched, n, g, False) for n in args.sessions for mode in args.modes
+            for g in (args.gamma if mode == "speculative" else [0])
+            for batched in ((True, False) if args.one_session_per_forward else (True,))]
+    if budget:
+        plan = [p for n in args.sessions for p in
+                [*(q for q in plan if q[2] == n), ("speculative", True, n, max(args.gamma), True)]]
+    for i, (mode, batched, n, gamma, under_budget) in enumerate(plan, 1):
         what = f"{mode}{'' if batched else ' (one session per forward)'}, {n} session(s)" + \
-               (f", γ={gamma}" if gamma else "")
+               (f" under the goodput budget, γ ≤ {gamma}" if under_budget else f", γ={gamma}" if gamma else "")
         log.info("[%d/%d] %s", i, len(plan), what)
         began = time.monotonic()
         cell = await measure(target, recording, mode=mode, batched=batched, sessions=n, gamma=gamma or 1,
-                             tokens=args.tokens, max_batch_tokens=config.limits.max_batch_tokens, executor=executor)
+                             tokens=args.tokens, max_batch_tokens=config.limits.max_batch_tokens, executor=executor,
+                             budget=under_budget, cost=cost)
         cells.append(cell)
         log.info("      %.1f tokens/s in all, p99 %.0f ms (%.1f s)", cell.aggregate_tps, cell.p99_ms,
                  time.monotonic() - began)
     meta = {"target": target.name, "device": str(target.device), "dtype": str(target.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "tokens": args.tokens, "recording": str(args.recording.name),
+            "threads": torch.get_num_threads(), "tokens": args.tokens, "recording": str(recording_path.name),
             "recorded_draft": meta_rec.get("draft", "?"), "recorded_gamma": meta_rec.get("gamma", "?"),
             "max_batch_tokens": config.limits.max_batch_tokens,
             "command": "specd-verifier capacity " + " ".join(argv)}
     print(table(cells))
+    print()
+    print(headline_table(cells))
     for path in write_outputs(cells, meta, args.out):
         print(f"wrote {path}", file=sys.stderr)
     executor.shutdown(wait=False)

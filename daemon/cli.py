@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from specd.daemon.client_keys import with_keys_file
 from specd.shared import __version__
 from specd.shared.config import default_config_path, load_config, load_config_with_origins
 from specd.shared.config_origins import ConfigLayer, Origins, flag_layer
@@ -28,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="The specd verifier: serves a target model to specd edge clients over WebSocket "
         "(docs/protocol.md), with GET /healthz and GET /metrics on the same port. "
-        "`specd-verifier capacity --help`: how many sessions this target serves on this device.",
-        epilog="Each flag overrides the config file's key named in brackets. The API key comes from the "
-        "environment variable named by [server] api_key_env (default SPECD_API_KEY) or from --api-key-file.")
+        "`specd-verifier capacity --help`: how many sessions this target serves on this device. "
+        "`specd-verifier keys --help`: named client keys, their limits and usage.",
+        epilog="Each flag overrides the config file's key named in brackets. Client keys: one per client in "
+        "--keys-file (`specd-verifier keys add NAME`), plus the key named 'default' from the environment variable "
+        "named by [server] api_key_env (default SPECD_API_KEY) or --api-key-file. SIGHUP re-reads the keys file.")
     add = parser.add_argument
     add("--config", metavar="PATH", help="config file (default: $SPECD_CONFIG, ./config.toml, the user config "
         "folder, /etc/specd/config.toml)")
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-batching", dest="batching", action="store_false", default=None,
         help="one session per target forward, for comparisons [server] batching = false")
     add("--api-key-file", metavar="PATH", help="file whose first line is the API key [server] api_key_file")
+    add("--keys-file", metavar="PATH", help="named client keys (`specd-verifier keys --help`) [server] keys_file "
+        "(default: keys.toml beside the config file)")
     add("--tls-cert", metavar="PEM", help="certificate chain to serve wss:// [server] tls_cert")
     add("--tls-key", metavar="PEM", help="private key for --tls-cert [server] tls_key")
     add("--insecure-no-auth", action="store_true", default=None,
@@ -74,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Each flag and the config key it overrides (errors then name the flag, not the file).
 FLAG_KEYS = {
     "--host": "server.host", "--port": "server.port", "--device": "server.device", "--dtype": "server.dtype",
-    "--api-key-file": "server.api_key_file", "--tls-cert": "server.tls_cert", "--tls-key": "server.tls_key",
+    "--api-key-file": "server.api_key_file", "--keys-file": "server.keys_file",
+    "--tls-cert": "server.tls_cert", "--tls-key": "server.tls_key",
     "--insecure-no-auth": "server.insecure_no_auth", "--log-level": "server.log_level",
     "--no-batching": "server.batching", "--model": "models.target",
     "--max-sessions": "limits.max_sessions", "--max-input-tokens": "limits.max_input_tokens",
@@ -96,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from specd.daemon.capacity_cli import capacity_main
 
         return capacity_main(argv[1:])
+    if argv[:1] == ["keys"]:
+        from specd.daemon.keys_cli import keys_main
+
+        return keys_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         path = args.config or default_config_path()
@@ -107,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             gamma = spec.gamma if spec.gamma == "auto" or spec.gamma <= gamma_max else gamma_max
             layers.append({"speculation": {"gamma_max": gamma_max, "gamma": gamma}})
         config, origins = load_config_with_origins(path, overrides_from(args), layers)
+        config = with_keys_file(config, path)
         if args.threads is not None and args.threads < 1:
             raise ConfigError("--threads must be at least 1")
     except ConfigError as exc:
@@ -166,6 +177,15 @@ async def _serve(config: Any, origins: Origins, port_file: Path | None) -> bool:
         loop.add_signal_handler(signum, stop.set)
     notifier = Notifier()
     verifier = Verifier(config, notifier=notifier, origins=origins)
+    reloads: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references to tasks)
+
+    def reload_keys() -> None:  # SIGHUP: systemctl reload specd-verifier
+        task = loop.create_task(verifier.reload_keys())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        loop.add_signal_handler(signal.SIGHUP, reload_keys)
     starting = loop.create_task(verifier.start())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConcurrencyError, ConnectionClosed
 
+from specd.daemon.client_auth import ClientUsage
 from specd.daemon.engine import Engine
 from specd.daemon.metrics import Metrics
 from specd.daemon.rounds import cloud_token, decode_round, request_seed, round_verdict
@@ -63,8 +64,9 @@ class SessionDriver:
     Construct it only when the engine has a free slot (``engine.open()`` raises otherwise).
     """
 
-    def __init__(self, context: SessionContext, ws: ServerConnection) -> None:
+    def __init__(self, context: SessionContext, ws: ServerConnection, client: ClientUsage | None = None) -> None:
         self.context = context
+        self.client = client  # the client key's usage and limits (None: the verifier has no keys)
         self.metrics = context.metrics
         self.engine = context.engine
         self.ws = ws
@@ -78,6 +80,7 @@ class SessionDriver:
         self.seed = 0
         self.busy = False  # handling a message (a round in flight)
         self.stopping = False
+        self._ending = (ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")  # the fatal error stopping sends
         self._closing = False
         self._generation: asyncio.Task | None = None
         self.peer = peer_address(ws)
@@ -100,9 +103,16 @@ class SessionDriver:
 
     def shutdown(self) -> None:
         """The server is stopping: finish what is in flight, then close with 1001."""
+        self.end(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
+
+    def end(self, code: ErrorCode, message: str) -> None:
+        """End the session with a fatal error once the round or step in flight is done (shutdown, a revoked key)."""
+        if self.stopping:
+            return
         self.stopping = True
+        self._ending = (code, message)
         if not self.busy and (self._generation is None or self._generation.done()):
-            asyncio.get_running_loop().create_task(self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down"))
+            asyncio.get_running_loop().create_task(self.fail(code, message))
 
 
     async def fail(self, code: ErrorCode, message: str) -> None:
@@ -120,7 +130,7 @@ class SessionDriver:
         idle = self.context.idle_timeout_s
         while not self._closing:
             if self.stopping:
-                await self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
+                await self.fail(*self._ending)
                 return
             try:
                 frame = await asyncio.wait_for(self.ws.recv(), idle)
@@ -140,7 +150,7 @@ class SessionDriver:
     async def _perform(self, actions: list[ServerAction]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self._count(action.data)
+                self._count(action.message)
                 await self._send(action.data)
             elif isinstance(action, Close):
                 self._closing = True
@@ -186,15 +196,15 @@ class SessionDriver:
             while True:
                 await self.ws.recv()
 
-    def _count(self, data: bytes) -> None:
-        metrics = self.metrics
-        if b"error" in data or b"discarded" in data:  # cheap pre-check before decoding
-            msg = m.decode_server(data)
-            if isinstance(msg, m.Error):
-                metrics.refusals[msg.code] += 1
-                log.info("session %s (%s): %s: %s", self.id, self.peer, msg.code, msg.message)
-            elif isinstance(msg, m.Discarded):
-                metrics.discarded += 1
+    def _count(self, msg: m.ServerMessage | None) -> None:
+        """Count what the session encoded (the message itself, never the frame decoded back)."""
+        if isinstance(msg, m.Error):
+            self.metrics.refusals[msg.code] += 1
+            if self.client is not None:
+                self.client.refused(msg.code)
+            log.info("session %s (%s): %s: %s", self.id, self.peer, msg.code, msg.message)
+        elif isinstance(msg, m.Discarded):
+            self.metrics.discarded += 1
 
     # -- model work -----------------------------------------------------------------------------
     async def _start(self, action: StartRequested) -> None:
@@ -203,6 +213,8 @@ class SessionDriver:
                                      top_p=start.sampling.top_p)
         self.seed = request_seed(start.seed)
         metrics = self.metrics
+        if await self._over_budget():
+            return
         try:
             cached = await self.engine.prefill(self.kv, action.tokens, action.reusable)
         except Exception as exc:
@@ -211,6 +223,8 @@ class SessionDriver:
         metrics.requests[start.mode] += 1
         metrics.prefill_tokens += len(action.tokens) - 1 - cached
         metrics.cached_tokens += cached
+        if self.client is not None:
+            self.client.charge(len(action.tokens) - 1 - cached, prompt=True)
         await self._perform(self.session.started(cached))
         if start.mode == "cloud":
             self._generation = asyncio.get_running_loop().create_task(self._generate(start.request))
@@ -222,18 +236,25 @@ class SessionDriver:
         except ProposalError as exc:
             await self._perform(self.session.error(ErrorCode.BAD_PROPOSAL, str(exc), request=draft.request))
             return
+        if await self._over_budget():
+            return
         committed = self.session.committed
         verdict = round_verdict(drafts, self.params, self.seed, len(committed))
         try:
-            result, queue_s, run_s = await self.engine.run(self.kv, committed[:-1],
-                                                           [committed[-1], *draft.tokens], verdict)
+            result, queue_s, run_s = await self.engine.run(self.kv, committed[:-1], [committed[-1], *draft.tokens],
+                                                           verdict, drafts=len(draft.tokens))
         except Exception as exc:
             await self._internal(exc, draft.request)
             return
         # The rejected drafts stay in the KV until the next job rolls them back (O(1)).
-        actions = self.session.verdict(result, queue_ms=queue_s * 1000.0, forward_ms=run_s * 1000.0)
-        self.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s)
+        self.kv.acceptance.observe(result.verified, result.accepted)
+        actions = self.session.verdict(result, queue_ms=queue_s * 1000.0, forward_ms=run_s * 1000.0,
+                                       verified=result.verified, suggested_gamma=self.kv.suggested_gamma)
+        self.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s, verified=result.verified)
         await self._perform(actions)
+        if self.client is not None:
+            self.client.round()
+            self.client.charge(result.accepted + 1)
 
     async def _generate(self, request: int) -> None:
         """The target alone: sample one token per step and stream it, until a stop rule, cancel, or (for a
@@ -249,7 +270,9 @@ class SessionDriver:
                 if not session.streaming:
                     return  # every token a stream asked for was sent: drafts are taken again
                 if self.stopping:
-                    await self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
+                    await self.fail(*self._ending)
+                    return
+                if await self._over_budget():
                     return
                 try:
                     committed = session.committed
@@ -262,6 +285,8 @@ class SessionDriver:
                 if not session.streaming:
                     continue  # cancelled (or ended) during the step: its token is not sent
                 self.metrics.streamed += 1
+                if self.client is not None:
+                    self.client.charge(1)
                 actions, ended = session.stream([token], forward_ms=run_s * 1000.0)
                 # Decided before the send: while it is sent the reader may start the task of a new stream.
                 done = ended or not session.streaming
@@ -272,8 +297,14 @@ class SessionDriver:
             return
         finally:
             if self.stopping and not self._closing:
-                asyncio.get_running_loop().create_task(
-                    self.fail(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down"))
+                asyncio.get_running_loop().create_task(self.fail(*self._ending))
+
+    async def _over_budget(self) -> bool:
+        """The client key is over its tokens_per_minute: end the session with ``rate_limited`` naming it."""
+        why = self.client.over_limit(asyncio.get_running_loop().time()) if self.client is not None else None
+        if why is not None:
+            await self.fail(ErrorCode.RATE_LIMITED, why)
+        return why is not None
 
     async def _internal(self, exc: Exception, request: int) -> None:
         log.error("session %s: the model failed on request %d: %s", self.id, request, exc, exc_info=exc)

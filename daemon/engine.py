@@ -5,7 +5,11 @@ a ``finish`` function (a round's verdict, a cloud step's sample). The scheduler,
 repeatedly picks the work of one forward and runs it on the one model thread:
 
 - *Rounds* (jobs whose remaining tokens are just their query: draft rounds, cloud steps) from every
-  session with one ready go into one forward, oldest first, under ``max_batch_tokens``.
+  session with one ready go into one forward, oldest first, under ``max_batch_tokens``. With the
+  goodput budget on (``[limits] goodput_budget``), the forward verifies a prefix of each round's drafts,
+  as many as maximise expected tokens per second of the forward (daemon/goodput.py): the width of
+  the forward is chosen from each session's measured acceptance and the engine's own measured
+  forward cost, and a round runs as if it had drafted only that many.
 - *Prefill* (a prompt, or positions a session must recompute) is cut into chunks so a forward stays
   under ``max_batch_tokens``; a prefill forward and a rounds forward alternate, so a long prompt
   delays the others' rounds by one chunk at most.
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 
+from specd.daemon.goodput import Acceptance, ForwardCost, Offer, choose, suggested_gamma
 from specd.daemon.kv_backends import KVBackend, SessionBackend, SlotBackend
 from specd.daemon.kv_slots import BatchRow, KVShape, batched_support, slot_count
 from specd.daemon.target import TargetModel
@@ -41,6 +46,8 @@ from specd.shared.protocol.codec import common_prefix
 log = logging.getLogger("specd.daemon.engine")
 
 Finish = Callable[[torch.Tensor], Any]  # float32 logits [len(query), V] -> the job's result
+IDLE_FORGETTING = 0.1  # weight of the latest wait for work in the engine's mean idle time
+MAX_IDLE_SAMPLE_S = 1.0
 
 
 class EngineFull(Exception):
@@ -54,6 +61,8 @@ class EngineLimits:
     max_batch_tokens: int = 512
     kv_cache_gib: float = 0.0  # 0: max_sessions x slot_len positions
     one_session_per_forward: bool = False  # for comparisons; batched otherwise where the model allows
+    goodput_budget: bool = True  # verify the prefix of each round's drafts that maximises goodput
+    max_draft: int = 16  # the most drafts a round may carry: the ceiling of the suggested γ
 
 
 @dataclass(eq=False, slots=True)
@@ -63,6 +72,8 @@ class EngineSession:
     slot: int
     tokens: list[int] = field(default_factory=list)
     closed: bool = False
+    acceptance: Acceptance = field(default_factory=Acceptance)  # the driver reports each verdict here
+    suggested_gamma: int = 0  # set with each round the budget chose for: γ worth drafting next (0: none)
 
 
 @dataclass(eq=False, slots=True)
@@ -74,6 +85,15 @@ class _Job:
     future: asyncio.Future
     queued: float
     started: float = 0.0
+    drafts: int = 0  # the query's last ``drafts`` tokens are drafts the budget may leave unverified
+
+    def trim(self, verified: int) -> None:
+        """Verify only the first ``verified`` drafts: the rest leave the query (a round is never split)."""
+        cut = self.drafts - verified
+        if cut > 0:
+            del self.pending[len(self.pending) - cut:]
+            self.query -= cut
+            self.drafts = verified
 
     @property
     def is_round(self) -> bool:
@@ -92,14 +112,17 @@ class ForwardStats:
     sessions: int
     tokens: int
     seconds: float
+    width: int = 0  # positions per row (rows are padded to the widest)
+    trimmed: int = 0  # drafts the budget left unverified in this forward
 
 
 class Engine:
     """Batched verification over one :class:`TargetModel`; create with :meth:`create` on any thread."""
 
     def __init__(self, target: TargetModel, backend: KVBackend, limits: EngineLimits,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, cost: ForwardCost | None = None) -> None:
         self.target, self.backend, self.limits = target, backend, limits
+        self.cost = cost or ForwardCost()
         self.batched = isinstance(backend, SlotBackend) and backend.max_rows > 1
         self.on_forward: Callable[[ForwardStats], None] | None = None
         self._executor = executor
@@ -108,11 +131,15 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_was_prefill = False
+        self._trimmed = 0
+        self._idle_s = 0.0  # discounted mean time the engine waited for work between forwards
         self.busy = False
 
     @classmethod
-    def create(cls, target: TargetModel, limits: EngineLimits, executor: ThreadPoolExecutor) -> Engine:
-        """Size the KV memory (logged), pick the batched or the one-session backend (logged)."""
+    def create(cls, target: TargetModel, limits: EngineLimits, executor: ThreadPoolExecutor,
+               cost: ForwardCost | None = None) -> Engine:
+        """Size the KV memory (logged), pick the batched or the one-session backend (logged); with the
+        goodput budget on, time a few forwards to seed the cost model (unless ``cost`` is calibrated)."""
         if limits.max_batch_tokens < 1:
             raise ConfigError("[limits] max_batch_tokens must be at least 1")
         reason = batched_support(target.model)
@@ -132,7 +159,34 @@ class Engine:
         else:
             log.warning("batching off for %s: %s; one session per forward", target.name, reason)
             backend = SessionBackend(target.model, capacity=limits.max_sessions)
-        return cls(target, backend, limits, executor)
+        engine = cls(target, backend, limits, executor, cost)
+        if limits.goodput_budget and not engine.cost.calibrated:
+            engine.calibrate()
+        return engine
+
+    def calibrate(self) -> None:
+        """On the model thread, before any session: time forwards of a few shapes on free slots (two
+        passes over the shapes, the fastest of each: a burst of load elsewhere hits one pass, not one
+        shape) and fit the forward cost model to them."""
+        most = max(1, min(self.backend.max_rows, len(self._free)))
+        widest = max(1, min(9, self.limits.slot_len, self.limits.max_draft + 1))
+        room = max(self.limits.max_batch_tokens, widest)
+        rows_timed = sorted({min(most, 4 ** i) for i in range(8) if 4 ** i < most * 4})
+        shapes = [(rows, width) for rows in rows_timed
+                  for width in sorted({1, min(3, widest), min(widest, room // rows)}) if width >= 1]
+        fastest = dict.fromkeys(shapes, float("inf"))
+        for _pass in range(2):
+            for rows, width in shapes:
+                slots = self._free[:rows]
+                batch = [BatchRow(slot=slot, start=0, ids=[0] * width) for slot in slots]
+                began = time.perf_counter()
+                self.backend.forward(batch, [1] * rows)
+                fastest[rows, width] = min(fastest[rows, width], time.perf_counter() - began)
+                for slot in slots:
+                    self.backend.truncate(slot, 0)
+        samples = [(rows, width, seconds) for (rows, width), seconds in fastest.items()]
+        self.cost.calibrate(samples)
+        log.info("forward cost on %s (%d shapes timed): %s", self.target.device, len(samples), self.cost.describe())
 
     # -- sessions ---------------------------------------------------------------------------------
     @property
@@ -176,11 +230,13 @@ class Engine:
         return kept
 
     async def run(self, session: EngineSession, prefix: list[int], query: list[int],
-                  finish: Finish | None) -> tuple[Any, float, float]:
+                  finish: Finish | None, *, drafts: int = 0) -> tuple[Any, float, float]:
         """Hold ``prefix``, run ``query`` and return ``(finish(logits), queue_s, run_s)``.
 
         Positions the KV already holds are kept (the common part with ``prefix``); whatever the KV
-        holds beyond it, such as last round's rejected drafts, is rolled back first.
+        holds beyond it, such as last round's rejected drafts, is rolled back first. The last ``drafts``
+        tokens of ``query`` are drafts the goodput budget may leave out: ``finish`` then gets the logits
+        of the shorter query (one row per token run).
         """
         if session.closed:
             raise RuntimeError("the session is closed")
@@ -191,7 +247,7 @@ class Engine:
         pending = prefix[len(session.tokens):] + list(query)
         loop = asyncio.get_running_loop()
         job = _Job(session=session, pending=pending, query=len(query), finish=finish,
-                   future=loop.create_future(), queued=time.monotonic())
+                   future=loop.create_future(), queued=time.monotonic(), drafts=max(0, min(drafts, len(query) - 1)))
         if not pending:
             job.future.set_result((None, 0.0, 0.0))
         else:
@@ -218,6 +274,8 @@ class Engine:
         use_prefill = bool(prefills) and (not rounds or not self._last_was_prefill)
         group = prefills if use_prefill else rounds
         self._last_was_prefill = use_prefill
+        if rounds and not use_prefill and self.limits.goodput_budget:
+            return self._budgeted(rounds)
         budget, batch = self.limits.max_batch_tokens, []
         for job in group[: self.backend.max_rows]:
             width = max(1, budget // (len(batch) + 1)) if use_prefill else budget
@@ -227,8 +285,26 @@ class Engine:
             batch = trial
         return batch
 
+    def _budgeted(self, rounds: list[_Job]) -> list[tuple[_Job, int]]:
+        """The rounds forward under the goodput budget: the width, the rows it leaves room for, each
+        round trimmed to it, and each session's suggested γ."""
+        ceiling = max(self.limits.max_draft, max(j.drafts for j in rounds))
+        offers = [Offer(drafts=j.drafts, h=j.session.acceptance.conditional(ceiling)) for j in rounds]
+        sizes = dict(max_rows=self.backend.max_rows, max_positions=self.limits.max_batch_tokens, idle_s=self._idle_s)
+        choice = choose(offers, self.cost, **sizes)
+        hint = suggested_gamma(offers[:choice.rows], self.cost, ceiling=self.limits.max_draft, **sizes)
+        batch = []
+        for job, offer in zip(rounds[:choice.rows], offers, strict=False):
+            if job.drafts:
+                self._trimmed += job.drafts - choice.verified(offer)
+                job.trim(choice.verified(offer))
+                job.session.suggested_gamma = hint
+            batch.append((job, len(job.pending)))
+        return batch
+
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
+        last_done = time.monotonic()
         while True:
             batch = self._next_batch()
             if not batch:
@@ -236,6 +312,8 @@ class Engine:
                 await self._wake.wait()
                 continue
             started = time.monotonic()
+            waited = min(started - last_done, MAX_IDLE_SAMPLE_S)  # a quiet hour is not a client's drafting time
+            self._idle_s += IDLE_FORGETTING * (waited - self._idle_s)
             for job, _size in batch:
                 job.started = job.started or started
             self.busy = True
@@ -243,7 +321,9 @@ class Engine:
                 outcomes = await loop.run_in_executor(self._executor, self._forward, batch)
             finally:
                 self.busy = False
-            done = time.monotonic()
+            done = last_done = time.monotonic()
+            width = max(size for _, size in batch)
+            self.cost.observe(len(batch) if self.batched else 1, width, done - started)
             for (job, _size), outcome in zip(batch, outcomes, strict=True):
                 if job.pending and not isinstance(outcome, BaseException):
                     continue  # more chunks to go
@@ -255,9 +335,10 @@ class Engine:
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result((outcome, job.started - job.queued, done - job.started))
+            trimmed, self._trimmed = self._trimmed, 0
             if self.on_forward is not None:
                 self.on_forward(ForwardStats(sessions=len(batch), tokens=sum(s for _, s in batch),
-                                             seconds=done - started))
+                                             seconds=done - started, width=width, trimmed=trimmed))
 
     def _forward(self, batch: list[tuple[_Job, int]]) -> list[Any]:
         """On the model thread: one forward over the batch, then each finished job's ``finish``."""

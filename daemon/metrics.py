@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,43 @@ class Histogram:
 
 
 @dataclass(slots=True)
+class ClientCounters:
+    """What one client key used (daemon/client_auth.py keeps one per key name, across reloads)."""
+
+    name: str
+    tokens: int = 0  # prompt tokens run plus tokens generated
+    prompt_tokens: int = 0
+    rounds: int = 0
+    sessions: int = 0  # open now
+    sessions_total: int = 0
+    last_used: float = 0.0  # wall-clock seconds; 0: never
+    refusals: Counter = field(default_factory=Counter)  # by error code
+
+
+def render_clients(clients: Iterable[ClientCounters]) -> list[str]:
+    """The per-key families of ``/metrics``, labelled ``client="NAME"`` (a name, never the key)."""
+    clients = sorted(clients, key=lambda c: c.name)
+    families = (
+        ("specd_client_tokens_total", "counter", "Prompt tokens run plus tokens generated, by client key.", "tokens"),
+        ("specd_client_prompt_tokens_total", "counter", "Prompt tokens run, by client key.", "prompt_tokens"),
+        ("specd_client_rounds_total", "counter", "Draft rounds verified, by client key.", "rounds"),
+        ("specd_client_sessions_total", "counter", "Sessions accepted, by client key.", "sessions_total"),
+        ("specd_client_sessions", "gauge", "Open sessions, by client key.", "sessions"),
+    )
+    lines: list[str] = []
+    for name, kind, help_text, attr in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{client="{_label(c.name)}"}} {getattr(c, attr)}' for c in clients]
+    lines += ["# HELP specd_client_refusals_total Connections, sessions and requests refused, by client key and "
+              "reason.", "# TYPE specd_client_refusals_total counter"]
+    for client in clients:
+        for reason, count in sorted(client.refusals.items()):
+            lines.append(f'specd_client_refusals_total{{client="{_label(client.name)}",reason="{_label(reason)}"}} '
+                         f"{count}")
+    return lines
+
+
+@dataclass(slots=True)
 class Metrics:
     """Everything ``/metrics`` reports; updated from the event loop only."""
 
@@ -58,6 +96,7 @@ class Metrics:
     discarded: int = 0
     drafted: int = 0
     accepted: int = 0
+    unverified: int = 0  # drafts the goodput budget left out of their round
     streamed: int = 0
     prefill_tokens: int = 0
     cached_tokens: int = 0
@@ -67,10 +106,11 @@ class Metrics:
     batch_sessions: Histogram = field(default_factory=lambda: Histogram(SESSION_BUCKETS))
     batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
 
-    def round(self, drafted: int, accepted: int, forward_s: float, queue_s: float) -> None:
+    def round(self, drafted: int, accepted: int, forward_s: float, queue_s: float, verified: int | None = None) -> None:
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.unverified += drafted - (drafted if verified is None else verified)
         self.forward.observe(forward_s)
         self.queue.observe(queue_s)
 
@@ -81,9 +121,10 @@ class Metrics:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        judged = self.drafted - self.unverified
+        return self.accepted / judged if judged else 0.0
 
-    def render(self, model: str, device: str) -> str:
+    def render(self, model: str, device: str, clients: Iterable[ClientCounters] = ()) -> str:
         def one(name: str, kind: str, help_text: str, value: float | int) -> list[str]:
             return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
 
@@ -107,7 +148,9 @@ class Metrics:
             *one("specd_drafted_tokens_total", "counter", "Draft tokens received in verified rounds.",
                  self.drafted),
             *one("specd_accepted_tokens_total", "counter", "Draft tokens accepted.", self.accepted),
-            *one("specd_acceptance_rate", "gauge", "Accepted / drafted tokens since start.",
+            *one("specd_unverified_drafts_total", "counter",
+                 "Draft tokens the goodput budget left unverified (not judged, not rejected).", self.unverified),
+            *one("specd_acceptance_rate", "gauge", "Accepted / verified draft tokens since start.",
                  round(self.acceptance_rate, 6)),
             *one("specd_cloud_tokens_total", "counter", "Tokens generated in cloud-only mode.", self.streamed),
             *one("specd_prefill_tokens_total", "counter", "Prompt tokens run through the target at start.",
@@ -123,6 +166,7 @@ class Metrics:
         lines += self.queue.render("specd_queue_seconds", "Time a round waited for its first forward.")
         lines += self.batch_sessions.render("specd_batch_sessions", "Sessions served by one target forward.")
         lines += self.batch_tokens.render("specd_batch_tokens", "Tokens run by one target forward.")
+        lines += render_clients(clients)
         return "\n".join(lines) + "\n"
 
 

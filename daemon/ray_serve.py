@@ -23,6 +23,7 @@ import contextlib
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -32,7 +33,8 @@ from ray import serve
 from ray.serve import metrics as serve_metrics
 
 from specd.daemon.asgi_socket import AsgiSocket
-from specd.daemon.server import Verifier, bearer_matches
+from specd.daemon.client_keys import with_keys_file
+from specd.daemon.server import Verifier
 from specd.shared import __version__
 from specd.shared.config import Config, load_config, read_secret
 from specd.shared.errors import ConfigError
@@ -52,7 +54,7 @@ class ReplicaMetrics:
     """Copies the replica's counters (daemon/metrics.py) into Ray Serve's metrics, once a second.
 
     Ray adds the deployment, replica and application tags, so the cluster's Prometheus sees rounds,
-    accepted tokens and sessions per replica.
+    accepted tokens and sessions per replica, and tokens, rounds and sessions per client key.
     """
 
     def __init__(self) -> None:
@@ -62,6 +64,12 @@ class ReplicaMetrics:
         self.streamed = serve_metrics.Counter("specd_cloud_tokens", description="Tokens generated in cloud mode.")
         self.sessions = serve_metrics.Gauge("specd_sessions", description="Open WebSocket sessions.")
         self._last = {"rounds": 0, "drafted": 0, "accepted": 0, "streamed": 0}
+        # Per client key (the keys file), tagged client=NAME: what `keys list` shows for a single verifier.
+        self.clients = {name: serve_metrics.Counter(f"specd_client_{name}", description=text, tag_keys=("client",))
+                        for name, text in (("tokens", "Prompt tokens run plus tokens generated, by client key."),
+                                           ("rounds", "Draft rounds verified, by client key."),
+                                           ("sessions", "Sessions accepted, by client key."))}
+        self._last_client: dict[tuple[str, str], int] = {}
 
     def publish(self, verifier: Verifier) -> None:
         current = verifier.metrics
@@ -72,6 +80,13 @@ class ReplicaMetrics:
                 counter.inc(value - self._last[name])
             self._last[name] = value
         self.sessions.set(verifier.sessions)
+        for counters in verifier.gate.keys.counters():
+            for name, value in (("tokens", counters.tokens), ("rounds", counters.rounds),
+                                ("sessions", counters.sessions_total)):
+                last = self._last_client.get((counters.name, name), 0)
+                if value > last:
+                    self.clients[name].inc(value - last, tags={"client": counters.name})
+                self._last_client[(counters.name, name)] = value
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, graceful_shutdown_timeout_s=20.0, health_check_period_s=5.0)
@@ -85,12 +100,14 @@ class VerifierReplica:
             import torch
 
             torch.set_num_threads(int(threads))
-        config = load_config(config_path, overrides)
-        self.verifier = Verifier(config)
-        if not self.verifier.api_key and not config.server.insecure_no_auth:
-            raise ConfigError(f"a Ray replica serves through the cluster's ingress and needs an API key: set "
-                              f"{config.server.api_key_env} on every node (or [server] api_key_file), or "
-                              "[server] insecure_no_auth = true to accept unauthenticated clients")
+        config = with_keys_file(load_config(config_path, overrides), config_path)
+        # Replicas share the keys file (a path on every node, or a mounted Secret) but not its usage file.
+        self.verifier = Verifier(config, persist_usage=False)
+        if not self.verifier.gate.required and not config.server.insecure_no_auth:
+            raise ConfigError(f"a Ray replica serves through the cluster's ingress and needs an API key: a keys "
+                              f"file ([server] keys_file) on every node, or {config.server.api_key_env} on every "
+                              "node (or [server] api_key_file), or [server] insecure_no_auth = true to accept "
+                              "unauthenticated clients")
         replica = serve.get_replica_context().replica_id.unique_id
         self.verifier.server_name = f"specd-verifier {__version__} (ray replica {replica})"
         await self.verifier.load()
@@ -107,9 +124,10 @@ class VerifierReplica:
     @app.websocket("/")
     async def session(self, websocket: WebSocket) -> None:
         verifier = self.verifier
-        key = verifier.api_key
-        if key is not None and not bearer_matches(key, websocket.headers.getlist("authorization")):
+        allowed, why = verifier.gate.authorize(websocket, websocket.headers.getlist("authorization"))
+        if not allowed:
             verifier.metrics.refusals["unauthorized"] += 1
+            log.info("refused %s: %s", websocket.client, why)
             await websocket.send_denial_response(PlainTextResponse(
                 "missing or wrong API key (Authorization: Bearer)\n", status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="specd"', "Cache-Control": "no-store"}))
@@ -120,7 +138,8 @@ class VerifierReplica:
             return
         await websocket.accept()
         assert verifier.limits is not None
-        await verifier.serve_connection(AsgiSocket(websocket, verifier.limits.max_frame_bytes))
+        await verifier.serve_connection(AsgiSocket(websocket, verifier.limits.max_frame_bytes),
+                                        verifier.gate.key_of(websocket))
 
     @app.get("/healthz")
     async def healthz(self) -> Response:
@@ -166,15 +185,17 @@ def serve_on_cluster(address: str, config: Config, threads: int | None = None) -
     """``specd-verifier --ray ADDRESS``: deploy on the cluster, serve until SIGTERM/SIGINT, then remove the app.
 
     The whole config travels with the application, so the other nodes need no config file; the API key
-    travels in the replicas' environment (Ray's runtime_env), under the name [server] api_key_env.
+    travels in the replicas' environment (Ray's runtime_env), under the name [server] api_key_env; the keys
+    file ([server] keys_file) is read by each replica at the same path, so it must be present on every node.
     """
     import ray
 
     srv = config.server
     api_key = read_secret(srv.api_key_env, srv.api_key_file)
-    if not api_key and not srv.insecure_no_auth:
-        raise ConfigError(f"--ray: the replicas need an API key: set {srv.api_key_env} (or [server] api_key_file), "
-                          "or pass --insecure-no-auth to accept unauthenticated clients")
+    if not api_key and not srv.insecure_no_auth and not (srv.keys_file and Path(srv.keys_file).exists()):
+        raise ConfigError(f"--ray: the replicas need an API key: a keys file (--keys-file, present at the same path "
+                          f"on every node), {srv.api_key_env} (or [server] api_key_file), or pass "
+                          "--insecure-no-auth to accept unauthenticated clients")
     env = {srv.api_key_env: api_key} if api_key and not srv.api_key_file else {}
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)

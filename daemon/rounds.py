@@ -17,7 +17,6 @@ from specd.shared import messages as m
 from specd.shared.sampling import (
     CLOUD_STREAM,
     VERIFY_STREAM,
-    RoundResult,
     SamplingParams,
     decode_proposal,
     position_generator,
@@ -52,20 +51,37 @@ def decode_round(draft: m.Draft, greedy: bool, vocab_size: int) -> RoundDrafts:
     return RoundDrafts(draft_ids, proposal.ids, validate_proposal(draft_ids, proposal, vocab_size))
 
 
-def round_verdict(drafts: RoundDrafts, params: SamplingParams, seed: int,
-                  position: int) -> Callable[[torch.Tensor], RoundResult]:
-    """The verdict on a round from the logits of ``[parent] + drafts`` (docs/protocol.md §4).
+@dataclass(frozen=True, slots=True)
+class JudgedRound:
+    """A round's verdict: of the first ``verified`` drafts (the goodput budget may verify a prefix; the
+    rest were not judged), ``accepted`` stand, then ``token``."""
 
-    ``position`` is the index of the first draft token (the committed length).
+    accepted: int
+    token: int
+    verified: int
+
+
+def round_verdict(drafts: RoundDrafts, params: SamplingParams, seed: int,
+                  position: int) -> Callable[[torch.Tensor], JudgedRound]:
+    """The verdict on a round from the logits of ``[parent] + drafts[:k]`` (docs/protocol.md §4).
+
+    ``position`` is the index of the first draft token (the committed length). When the engine ran
+    only the first ``k`` drafts (``k + 1`` rows of logits) the round is judged as one of ``k`` drafts:
+    the same rule on a shorter round, so still lossless; ``k = 0`` samples the target's next token.
     """
 
-    def finish(logits: torch.Tensor) -> RoundResult:
+    def finish(logits: torch.Tensor) -> JudgedRound:
+        k = int(logits.shape[0]) - 1
+        if not 0 <= k <= int(drafts.draft_ids.shape[0]):
+            raise ValueError(f"{logits.shape[0]} rows of logits for a round of {drafts.draft_ids.shape[0]} drafts")
         if drafts.q is None:
-            return verify_greedy(drafts.draft_ids.to(logits.device), logits)
-        assert drafts.ids is not None
-        p = target_probs(logits.cpu(), params)
-        return verify_validated(drafts.draft_ids, drafts.ids, drafts.q, p,
-                                position_generator(seed, position, VERIFY_STREAM))
+            result = verify_greedy(drafts.draft_ids[:k].to(logits.device), logits)
+        else:
+            assert drafts.ids is not None
+            p = target_probs(logits.cpu(), params)
+            result = verify_validated(drafts.draft_ids[:k], drafts.ids[:k], drafts.q[:k], p,
+                                      position_generator(seed, position, VERIFY_STREAM))
+        return JudgedRound(accepted=result.accepted, token=result.token, verified=k)
 
     return finish
 

@@ -11,7 +11,6 @@ instead of a refused connection. ``Verifier`` is also what tests and the demo em
 from __future__ import annotations
 
 import asyncio
-import hmac
 import http
 import ipaddress
 import json
@@ -19,14 +18,18 @@ import logging
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from specd.daemon.client_auth import ClientKeys
+from specd.daemon.client_keys import KeyRecord
 from specd.daemon.connection import SessionContext, SessionDriver, peer_address, refuse
 from specd.daemon.engine import Engine, EngineLimits
+from specd.daemon.key_gate import KeyGate
 from specd.daemon.limits import effective_limits
 from specd.daemon.metrics import Metrics
 from specd.daemon.notify import Notifier, cancel_quietly, extend_start_timeout, run_watchdog, watchdog_interval
@@ -57,11 +60,17 @@ class Verifier:
     """The verifier service: ``await start()`` loads the model and serves; ``await stop()`` drains."""
 
     def __init__(self, config: Config, *, api_key: str | None = None, notifier: Notifier | None = None,
-                 drain_timeout_s: float = DRAIN_TIMEOUT_S, origins: Origins | None = None) -> None:
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, origins: Origins | None = None,
+                 persist_usage: bool = True) -> None:
+        """``api_key``: the key named ``default`` (else ``SPECD_API_KEY`` or ``[server] api_key_file``); the
+        named keys come from ``[server] keys_file``. ``persist_usage``: record key usage beside that file."""
         self.config = config
         self.origins = origins or Origins(traced=False)  # where each value came from, for warnings
         srv = config.server
-        self.api_key = api_key if api_key is not None else read_secret(srv.api_key_env, srv.api_key_file)
+        env_key = api_key if api_key is not None else read_secret(srv.api_key_env, srv.api_key_file)
+        keys_file = Path(srv.keys_file).expanduser() if srv.keys_file else None
+        self.gate = KeyGate(ClientKeys(keys_file, env_key, persist_usage=persist_usage))
+        self._keys_watch: asyncio.Task | None = None
         self.notifier = notifier or Notifier()
         self.drain_timeout_s = drain_timeout_s
         self.metrics = Metrics()
@@ -113,10 +122,10 @@ class Verifier:
     async def start(self) -> None:
         """Bind, load the model on the worker thread, then announce READY=1."""
         srv, lim = self.config.server, self.config.limits
-        if not self.api_key and not is_loopback(srv.host) and not srv.insecure_no_auth:
-            raise ConfigError(f"refusing to listen on {srv.host or 'all interfaces'} without an API key: set "
-                              f"{srv.api_key_env} (or [server] api_key_file), or pass --insecure-no-auth "
-                              "to accept unauthenticated clients")
+        if not self.gate.required and not is_loopback(srv.host) and not srv.insecure_no_auth:
+            raise ConfigError(f"refusing to listen on {srv.host or 'all interfaces'} without an API key: add one "
+                              f"with `specd-verifier keys add NAME`, set {srv.api_key_env} (or [server] "
+                              "api_key_file), or pass --insecure-no-auth to accept unauthenticated clients")
         context = self._ssl_context()
         resolve_source(self.config.models.target)  # a mistyped model fails now, not after binding
         self.notifier.notify(f"STATUS=loading {self.config.models.target}")
@@ -162,14 +171,29 @@ class Verifier:
         self.limits = self._effective_limits(self.target)
         engine_limits = EngineLimits(max_sessions=lim.max_sessions, slot_len=self.limits.max_total_tokens,
                                      max_batch_tokens=lim.max_batch_tokens, kv_cache_gib=lim.kv_cache_gib,
-                                     one_session_per_forward=not srv.batching)
+                                     one_session_per_forward=not srv.batching,
+                                     goodput_budget=lim.goodput_budget, max_draft=lim.max_draft)
         self.engine = await loop.run_in_executor(self._model_thread, Engine.create, self.target, engine_limits,
                                                  self._model_thread)
         self.metrics = Metrics()
         self.engine.on_forward = self.metrics.batch
         self._context = SessionContext(engine=self.engine, metrics=self.metrics, limits=self.limits,
                                        idle_timeout_s=lim.idle_timeout_s, server_name=self.server_name)
+        keys = self.gate.keys
+        if keys.path is not None and not keys.path.exists():
+            log.info("no keys file at %s (yet): `specd-verifier keys add NAME` makes one; it is read when it appears",
+                     keys.path)
+        elif keys.required and not keys.active:
+            log.warning("no active client key in %s: every client is refused until `specd-verifier keys add NAME`",
+                        keys.where)
+        elif keys.required:
+            log.info("client keys: %d active (%s)", keys.active, keys.where)
+        self._keys_watch = loop.create_task(self.gate.watch())
         self.ready = True
+
+    async def reload_keys(self) -> None:
+        """SIGHUP: re-read the keys file; sessions of revoked keys end, the others go on."""
+        await self.gate.reload()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight rounds finish, close clients with 1001, free the model."""
@@ -186,7 +210,8 @@ class Verifier:
             await asyncio.wait_for(self._server.wait_closed(), 5.0)
         except TimeoutError:
             log.warning("some connections did not close in time")
-        await self._cancel_tasks()
+        await self._cancel_tasks(self._keys_watch)
+        self.gate.save_usage()
         if self.engine is not None:
             await self.engine.close_all()
         try:
@@ -259,13 +284,15 @@ class Verifier:
         if path == "/metrics":
             target = self.target
             body = self.metrics.render(target.name if target else self.config.models.target,
-                                       str(target.device) if target else self.config.server.device)
+                                       str(target.device) if target else self.config.server.device,
+                                       self.gate.keys.counters())
             return _response(http.HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
         if path != "/":
             return _response(http.HTTPStatus.NOT_FOUND, "not found: the protocol is at /, health at /healthz\n")
-        if self.api_key is not None and not self._authorized(request):
+        allowed, why = self.gate.authorize(connection, request.headers.get_all("Authorization"))
+        if not allowed:
             self.metrics.refusals["unauthorized"] += 1
-            log.info("refused %s: missing or wrong API key", peer_address(connection))
+            log.info("refused %s: %s", peer_address(connection), why)
             return _response(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer)\n",
                              extra={"WWW-Authenticate": 'Bearer realm="specd"'})
         if not self.ready or self.stopping:
@@ -273,13 +300,11 @@ class Verifier:
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, text, extra={"Retry-After": "5"})
         return None
 
-    def _authorized(self, request: Request) -> bool:
-        assert self.api_key is not None
-        return bearer_matches(self.api_key, request.headers.get_all("Authorization"))
-
     # -- WebSocket ------------------------------------------------------------------------------
-    async def serve_connection(self, ws: ServerConnection) -> None:
-        """One accepted WebSocket until it closes (the Ray replica passes an adapter of the same shape)."""
+    async def serve_connection(self, ws: ServerConnection, key: KeyRecord | None = None) -> None:
+        """One accepted WebSocket until it closes (the Ray replica passes an adapter of the same shape, and
+        the ``key`` it authorized; here the upgrade remembered it)."""
+        key = key or self.gate.key_of(ws)
         if self.stopping or self._context is None:
             await refuse(ws, self.metrics, ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
             return
@@ -291,21 +316,28 @@ class Verifier:
             await refuse(ws, self.metrics, ErrorCode.TOO_MANY_SESSIONS,
                          f"the verifier is at {why}; try again later")
             return
-        driver = SessionDriver(self._context, ws)
+        if (refusal := self.gate.refusal(key)) is not None:
+            log.info("refused %s: %s", peer_address(ws), refusal[1])
+            await refuse(ws, self.metrics, *refusal)
+            return
+        driver = SessionDriver(self._context, ws, self.gate.usage(key))
+        self.gate.opened(driver, key)
         self.drivers.add(driver)
         self._drained.clear()
         self.metrics.sessions = len(self.drivers)
         self.metrics.sessions_total += 1
         self._status()
-        log.info("session %s opened from %s", driver.id, driver.peer)
+        name = key.name if key is not None else "-"
+        log.info("session %s opened from %s, key %s", driver.id, driver.peer, name)
         try:
             await driver.run()
         finally:
+            self.gate.closed(driver)
             self.drivers.discard(driver)
             self.metrics.sessions = len(self.drivers)
             if not self.drivers:
                 self._drained.set()
-            log.info("session %s closed (%s)", driver.id, ws.close_code)
+            log.info("session %s closed (%s) from %s, key %s", driver.id, ws.close_code, driver.peer, name)
             self._status()
 
     def _status(self) -> None:
@@ -325,12 +357,3 @@ def _response(status: http.HTTPStatus, body: str, content_type: str = "text/plai
     for key, value in (extra or {}).items():
         headers[key] = value
     return Response(status.value, status.phrase, headers, data)
-
-
-def bearer_matches(api_key: str, values: list[str]) -> bool:
-    """``values`` are the request's Authorization headers: exactly one, ``Bearer <key>``."""
-    if len(values) != 1:  # none, or repeated (Headers.get would raise: a 500 instead of a 401)
-        return False
-    given = values[0].encode("utf-8", "surrogateescape")
-    expected = f"Bearer {api_key}".encode()
-    return hmac.compare_digest(given, expected)  # constant time: no timing oracle on the key

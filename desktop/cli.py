@@ -1,4 +1,4 @@
-"""``specd``: the user's command line (chat, devices, bench, demo, convert)."""
+"""``specd``: the user's command line (chat, serve, devices, bench, demo, convert)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"specd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from specd.desktop.bench import cli as bench
-    from specd.desktop.commands import chat, demo
-    from specd.desktop.drafters import convert, devices
+    from specd.desktop.commands import chat, convert, demo, devices, serve
 
     chat.add_parser(sub)
+    serve.add_parser(sub)
     bench.add_parser(sub)
     demo.add_parser(sub)
     devices.add_parser(sub)

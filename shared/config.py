@@ -17,6 +17,7 @@ import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import msgspec
 
@@ -41,6 +42,7 @@ class ServerConfig(_Section):
     port: Port = 8765
     api_key_env: str = "SPECD_API_KEY"
     api_key_file: str = ""
+    keys_file: str = ""  # named client keys; "": keys.toml beside the config file in use
     tls_cert: str = ""
     tls_key: str = ""
     insecure_no_auth: bool = False
@@ -66,7 +68,7 @@ class ModelsConfig(_Section):
     draft: str = "smollm2-135m-instruct"
     draft_backend: Literal["auto", "torch", "onnxruntime-genai", "openvino"] = "auto"
     # "auto": built at each candidate precision, measured against the verifier, the fastest kept
-    # (specd.desktop.drafters.precision); an explicit precision is built as it is.
+    # (specd.desktop.precision.choice); an explicit precision is built as it is.
     draft_precision: Literal["auto", "int4", "int8", "fp16", "fp32"] = "auto"
     cache_dir: str = ""
 
@@ -85,6 +87,7 @@ class SpeculationConfig(_Section):
     proposal_top_k: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     pipeline: bool = True
     mode_switching: bool = True
+    context_proposer: bool = True
 
 
 class GpuConfig(_Section):
@@ -114,6 +117,22 @@ class LimitsConfig(_Section):
     max_messages_per_second: Annotated[int, msgspec.Meta(ge=0)] = 200
     max_batch_tokens: Positive = 512
     kv_cache_gib: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    goodput_budget: bool = True
+
+
+class ApiConfig(_Section):
+    """``specd serve`` and the tray app's Local API: OpenAI- and Ollama-compatible HTTP on the laptop."""
+
+    host: str = "127.0.0.1"
+    port: Port = 11435
+    api_key_env: str = "SPECD_LOCAL_API_KEY"  # empty, or the variable unset: no key (loopback only)
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call it; "*" only if listed here
+
+
+class ChatConfig(_Section):
+    # The system prompt a new conversation starts with (each conversation can change its own).
+    system_prompt: str = ""
 
 
 class Config(_Section):
@@ -124,6 +143,8 @@ class Config(_Section):
     speculation: SpeculationConfig = SpeculationConfig()
     devices: DevicesConfig = DevicesConfig()
     limits: LimitsConfig = LimitsConfig()
+    api: ApiConfig = ApiConfig()
+    chat: ChatConfig = ChatConfig()
 
 
 def _check(cfg: Config, origins: Origins) -> None:
@@ -146,8 +167,27 @@ def _check(cfg: Config, origins: Origins) -> None:
         raise ConfigError(f"[server] tls_cert and tls_key must be given together; only {said(given)} is set")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", srv.device):
         raise ConfigError(f"{said('server.device')}: allowed auto, cpu, cuda or cuda:N")
-    if not re.match(r"wss?://", cfg.client.server_url):
-        raise ConfigError(f"{said('client.server_url')} must start with ws:// or wss://")
+    problem = url_problem(cfg.client.server_url)
+    if problem:
+        raise ConfigError(f"{said('client.server_url')}: {problem}")
+    if not cfg.api.host.strip():
+        raise ConfigError(f"{said('api.host')}: no host; use 127.0.0.1 (this machine only) or an address to listen on")
+
+
+def url_problem(url: str) -> str:
+    """Why ``url`` cannot reach a verifier (empty when it can): the scheme, the host, the port."""
+    if not re.match(r"wss?://", url):
+        return "must start with ws:// or wss://"
+    try:
+        parsed = urlparse(url)
+        port = parsed.port
+    except ValueError as exc:  # a port that is not a number or out of range
+        return f"bad port ({exc})"
+    if not parsed.hostname:
+        return "no host"
+    if port == 0:
+        return "port 0 is not a port a verifier listens on"
+    return ""
 
 
 def value_at(cfg: Config, dotted: str) -> Any:
@@ -310,8 +350,16 @@ def read_secret(env_name: str, file_name: str) -> str | None:
 def to_dict(cfg: Config, *, changed_only: bool = False) -> dict[str, Any]:
     """The config as plain nested dicts (as it would be written to TOML); ``changed_only``: only the
     values that differ from the defaults."""
-    tree = msgspec.to_builtins(cfg)
-    return _changes(tree, msgspec.to_builtins(Config())) if changed_only else tree
+    tree = _lists(msgspec.to_builtins(cfg))  # TOML has arrays, not tuples: a tuple field reads back as a list
+    return _changes(tree, _lists(msgspec.to_builtins(Config()))) if changed_only else tree
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    return value
 
 
 def _changes(tree: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     FRAME_TOO_LARGE = "frame_too_large"
     TOO_MANY_SESSIONS = "too_many_sessions"
     RATE_LIMITED = "rate_limited"
+    KEY_REVOKED = "key_revoked"
     IDLE_TIMEOUT = "idle_timeout"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
@@ -77,6 +78,7 @@ ERROR_RULES: dict[ErrorCode, ErrorRule] = {
     ErrorCode.FRAME_TOO_LARGE: ErrorRule("no", ends_request=False),
     ErrorCode.TOO_MANY_SESSIONS: ErrorRule("yes", ends_request=False, close=CloseCode.TRY_AGAIN_LATER),
     ErrorCode.RATE_LIMITED: ErrorRule("yes", ends_request=True, close=CloseCode.POLICY_VIOLATION),
+    ErrorCode.KEY_REVOKED: ErrorRule("yes", ends_request=True, close=CloseCode.POLICY_VIOLATION),
     ErrorCode.IDLE_TIMEOUT: ErrorRule("yes", ends_request=True, close=CloseCode.NORMAL),
     ErrorCode.SHUTTING_DOWN: ErrorRule("yes", ends_request=True, close=CloseCode.GOING_AWAY),
     ErrorCode.INTERNAL: ErrorRule("no", ends_request=True),

@@ -112,7 +112,12 @@ class Started(msgspec.Struct, tag="started", frozen=True):
 
 
 class Verdict(msgspec.Struct, tag="verdict", frozen=True):
-    """The first ``accepted`` drafts of ``round`` stand, then ``token`` (correction or bonus)."""
+    """The first ``accepted`` drafts of ``round`` stand, then ``token`` (correction or bonus).
+
+    ``verified``: how many drafts the server judged (its goodput budget may verify a prefix; drafts past
+    it were not judged, not rejected); None from a server that judges every draft. ``suggested_gamma``:
+    the γ the server would verify of the next round under its present load (0: no suggestion).
+    """
 
     request: NonNegative
     round: NonNegative
@@ -123,6 +128,8 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True):
     reason: FinishReason | None = None
     queue_ms: Millis = 0.0
     forward_ms: Millis = 0.0
+    verified: NonNegative | None = None
+    suggested_gamma: NonNegative = 0
 
 
 class Discarded(msgspec.Struct, tag="discarded", frozen=True):

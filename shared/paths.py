@@ -31,3 +31,10 @@ def log_dir() -> Path:
 def state_dir() -> Path:
     env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     return Path(env) if env else Path(platformdirs.user_data_dir(APP, appauthor=False))
+
+
+def data_dir() -> Path:
+    """Per-user data (the desktop's conversations): ``$SPECD_DATA_DIR``, else the user data folder
+    (``%LOCALAPPDATA%\\specd``, ``~/.local/share/specd``)."""
+    override = os.environ.get("SPECD_DATA_DIR", "")
+    return Path(override).expanduser() if override else Path(platformdirs.user_data_dir(APP, appauthor=False))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before any library reads them: never reach the hub, render Qt offscreen, keep tokenizers quiet.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The desktop's conversations go to a folder of the test run, never the user's own.
+os.environ.setdefault("SPECD_DATA_DIR", tempfile.mkdtemp(prefix="specd-test-data-"))
 
 import pytest
 import torch

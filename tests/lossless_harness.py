@@ -20,11 +20,16 @@ Plug points, for every new path a token can take:
 - ``Case.sessions``: concurrent ``EdgeClient``s against one verifier (so a batching verifier batches);
   each session reuses its connection for all its answers.
 - ``Case.pipeline``: drafting ahead on or off. ``Case.backend``: ``torch`` or ``onnxruntime-genai``.
+- ``Case.context_proposer`` with a ``Case.prompt`` that repeats itself: rounds of drafts looked up in the
+  conversation (q = 1 on each), alone or continued by the model.
 - ``drive=``: how one answer is produced from a client (default ``client.generate``); it must return
   every token of the answer after the prompt. ``tests/mode_switches.py`` ``switching_answer`` switches
   between speculative rounds and the verifier streaming alone at seeded points, both ways.
 - ``rule=``: the negative controls (tests/wrong_rules.py) replace the function the verifier calls to
-  judge a round, through :func:`round_rule` — the one test-only seam, in-process verifiers only.
+  judge a round, through :func:`round_rule` — a test-only seam, in-process verifiers only.
+- ``Case.trimmed``: the verifier's goodput budget verifies a seeded random prefix of every round's
+  drafts (0 … γ, whatever the load), through :func:`trimmed_rounds` — the other test-only seam (the
+  budget's choice, ``specd.daemon.engine.choose``), in-process verifiers only.
 
 ``python -m tests.lossless_harness`` (``make lossless``) runs the full-size cases and the negative
 controls, repeated to measure power, and writes a Markdown report.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import tempfile
 import time
 from collections import Counter
@@ -69,6 +75,13 @@ DRAFT_NOISE = 0.5
 # ``(draft_ids, ids, q, p, generator)``. A negative control swaps it for a wrong rule; if the verifier's
 # round path moves, this is the one name to update.
 VERIFIER_ROUND_RULE = "specd.daemon.rounds.verify_validated"
+
+# The goodput budget's choice of each rounds forward's width, as the engine calls it; trimmed cases
+# replace it with a seeded random width.
+VERIFIER_BUDGET_CHOICE = "specd.daemon.engine.choose"
+
+# What the last trimmed_rounds did: forwards chosen for, rounds trimmed, rounds cut to one target step.
+TRIMS: Counter = Counter()
 
 VerifierFactory = Callable[[Path], contextlib.AbstractAsyncContextManager[str]]
 # One answer from a client: the answers it took (one, or several when it switches mode mid-answer);
@@ -166,6 +179,30 @@ def round_rule(rule: Callable[..., Any] | None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def trimmed_rounds(seed: int | None) -> Iterator[None]:
+    """Make the in-process verifier's goodput budget verify a random prefix of each forward's rounds:
+    the forward's width is drawn from 1 … γ + 1 (``random.Random(seed)``), so rounds are judged with
+    every γ' ≤ γ, none included (a cloud step). None: the shipped budget."""
+    if seed is None:
+        yield
+        return
+    from specd.daemon.goodput import Choice
+
+    draw = random.Random(seed)
+    TRIMS.clear()
+
+    def random_width(offers: Any, _cost: Any, *, max_rows: int, max_positions: int, idle_s: float = 0.0) -> Choice:
+        width = draw.randint(1, max(o.drafts for o in offers) + 1)
+        TRIMS["forwards"] += 1
+        TRIMS["rounds trimmed"] += sum(o.drafts > width - 1 for o in offers)
+        TRIMS["rounds to one step"] += sum(o.drafts > 0 for o in offers) if width == 1 else 0
+        return Choice(width=width, rows=max(1, min(len(offers), max_rows, max_positions // width)), goodput=0.0)
+
+    with mock.patch(VERIFIER_BUDGET_CHOICE, random_width):
+        yield
+
+
 # -- answers ------------------------------------------------------------------------------------
 
 async def speculative_answer(client: EdgeClient, prompt: list[int], settings: Settings) -> list[Answer]:
@@ -195,6 +232,9 @@ class Case:
     answers: int = 2000
     sessions: int = 2
     first_seed: int = 0
+    trimmed: bool = False  # the verifier verifies a random prefix of each round (trimmed_rounds)
+    context_proposer: bool = False  # also draft from the conversation (looked-up and mixed rounds)
+    prompt: tuple[int, ...] = PROMPT
 
     def __post_init__(self) -> None:
         if self.gamma < 2 or self.tokens < self.gamma + 2:
@@ -203,7 +243,8 @@ class Case:
 
     def settings(self, seed: int) -> Settings:
         return Settings(sampling=self.sampling, max_new_tokens=self.tokens, seed=seed, gamma=self.gamma,
-                        gamma_max=self.gamma, support_k=self.support_k, pipeline=self.pipeline)
+                        gamma_max=self.gamma, support_k=self.support_k, pipeline=self.pipeline,
+                        context_proposer=self.context_proposer)
 
 
 @dataclass(slots=True)
@@ -232,6 +273,8 @@ def _tally(answer: Answer, kinds: Counter) -> None:
         elif piece.source == "cloud":
             kinds["streamed"] += len(piece.token_ids)
     kinds["rounds"] += answer.stats.rounds
+    kinds["looked-up drafts"] += answer.stats.proposed_by_source["context"]
+    kinds["model drafts"] += answer.stats.proposed_by_source["model"]
     kinds["ahead rounds"] += answer.stats.ahead_rounds
 
 
@@ -245,8 +288,9 @@ def make_client(url: str, models: Models, backend: str) -> EdgeClient:
 
 
 async def sample_answers(url: str, models: Models, case: Case, drive: AnswerDriver = speculative_answer,
-                         prompt: tuple[int, ...] = PROMPT) -> Sample:
+                         prompt: tuple[int, ...] | None = None) -> Sample:
     """``case.answers`` answers with seeds ``first_seed …``, spread over ``case.sessions`` clients."""
+    prompt = prompt or case.prompt
     clients = [make_client(url, models, case.backend) for _ in range(case.sessions)]
     answers: dict[int, list[int]] = {}
     kinds: Counter = Counter()
@@ -321,12 +365,14 @@ def prompt_overlap(models: Models, case: Case, prompt: tuple[int, ...] = PROMPT)
 
 async def run_case(case: Case, models: Models, *, verifier: VerifierFactory = in_process_verifier,
                    drive: AnswerDriver = speculative_answer, rule: Callable[..., Any] | None = None,
-                   prompt: tuple[int, ...] = PROMPT) -> CaseResult:
+                   prompt: tuple[int, ...] | None = None) -> CaseResult:
     """Sample ``case`` through a verifier from ``verifier`` (judging rounds with ``rule`` when given)
     and test every position of the answers against the target's exact law."""
-    if rule is not None and verifier is not in_process_verifier:
-        raise ValueError("a wrong rule reaches only the in-process verifier (it patches this process)")
-    with round_rule(rule):
+    prompt = prompt or case.prompt
+    if (rule is not None or case.trimmed) and verifier is not in_process_verifier:
+        raise ValueError("a wrong rule or trimmed rounds reach only the in-process verifier (they patch this "
+                         "process)")
+    with round_rule(rule), trimmed_rounds(case.first_seed if case.trimmed else None):
         async with verifier(models.target) as url:
             sample = await sample_answers(url, models, case, drive, prompt)
     law = target_law(models.target, case.sampling, prompt)

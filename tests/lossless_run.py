@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 from specd.shared.sampling import SamplingParams
 from tests.lossless_harness import (
+    EOS,
+    PROMPT,
     Case,
     CaseResult,
     Models,
@@ -56,8 +61,39 @@ SHORT_CASES = CASES[:3]
 # Answers that switch between rounds and the verifier streaming alone, at seeded points (tests/mode_switches.py).
 SWITCHING_CASE = Case("temperature-1, switching modes", SamplingParams(temperature=1.0), gamma=2, tokens=6,
                       first_seed=7 * 10**6)
+# Drafts looked up in the conversation. The prompt holds the target's own likely continuation of PROMPT
+# and then PROMPT again (:func:`context_prompt`), so the lookup proposes tokens the target often accepts:
+# looked-up rounds, looked-up rounds sent ahead (every time the lookup has one: ``look_ahead_always``),
+# and rounds where the lookup runs out and the model continues it (mixed).
+CONTEXT_CASE = Case("temperature-1, context proposer", SamplingParams(temperature=1.0), gamma=3, tokens=6,
+                    context_proposer=True, first_seed=10 * 10**6)
+
+
+def context_prompt(models: Models, length: int = 4) -> tuple[int, ...]:
+    """``PROMPT``, the target's greedy continuation of it (``length`` tokens), then ``PROMPT`` again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(str(models.target), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = target.generate(torch.tensor([PROMPT]), max_new_tokens=length, do_sample=False,
+                              eos_token_id=sorted(EOS), pad_token_id=sorted(EOS)[0])
+    return (*PROMPT, *out[0, len(PROMPT):].tolist(), *PROMPT)
+
+
+@contextlib.contextmanager
+def look_ahead_always() -> Iterator[None]:
+    """Send a looked-up round ahead whenever the lookup has one (the client otherwise waits until looked-up
+    drafts are accepted often enough), so the χ² cases see many."""
+    with mock.patch("specd.desktop.client.round_planner.AHEAD_WORTH", 0.0):
+        yield
+
+
 SUBPROCESS_CASE = Case("temperature-1, specd-verifier subprocess", SamplingParams(temperature=1.0), gamma=2,
                        tokens=4, pipeline=False, first_seed=5 * 10**6)
+# Concurrent sessions whose rounds the verifier's goodput budget trims to a random prefix (0 … γ drafts).
+TRIMMED_CASE = Case("temperature-1, rounds trimmed by the budget", SamplingParams(temperature=1.0), gamma=3,
+                    tokens=6, sessions=4, trimmed=True, first_seed=8 * 10**6)
 CONTROL_CASE = Case("negative control", SamplingParams(temperature=1.0), gamma=2, tokens=4, pipeline=False,
                     first_seed=6 * 10**6)
 CONTROLS = {"wrong residual (only p(d) lowered)": lower_only_p_of_d,
@@ -67,17 +103,21 @@ FULL = {"case": 2000, "control": 1000}
 
 
 def short_alpha() -> float:
-    """The level each case of the short run is tested at (the short cases and the switching one)."""
-    return FAMILY_ALPHA / (len(SHORT_CASES) + 1)
+    """The level each case of the short run is tested at (the short cases, the switching, the trimmed and the
+    context one)."""
+    return FAMILY_ALPHA / (len(SHORT_CASES) + 3)
 
 
 async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict:
     full = {k: max(50, int(v * scale)) for k, v in FULL.items()}
     out: dict = {"cases": [], "controls": [], "power": {}}
-    for case in [*CASES, SWITCHING_CASE, SUBPROCESS_CASE]:
+    for case in [*CASES, SWITCHING_CASE, TRIMMED_CASE, CONTEXT_CASE, SUBPROCESS_CASE]:
         verifier = subprocess_verifier if case is SUBPROCESS_CASE else in_process_verifier
         drive = switching_answer if case is SWITCHING_CASE else speculative_answer
-        result = await run_case(replace(case, answers=full["case"]), models, verifier=verifier, drive=drive)
+        if case is CONTEXT_CASE:
+            case = replace(case, prompt=context_prompt(models))
+        with look_ahead_always():
+            result = await run_case(replace(case, answers=full["case"]), models, verifier=verifier, drive=drive)
         say(result.summary())
         out["cases"].append(result)
     for name, rule in CONTROLS.items():

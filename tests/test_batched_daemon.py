@@ -112,8 +112,17 @@ def test_capacity_writes_its_table_json_and_markdown(tiny_folder, tmp_path, caps
     assert all(c["tokens"] >= 6 * c["sessions"] and c["aggregate_tps"] > 0 for c in cells)
     assert all(c["mean_batch"] == 1 for c in cells if not c["batched"])
     assert set(report["batching_speedup"]) == {"speculative γ=2", "cloud"}
-    assert "| speculative |" in (out / "capacity.md").read_text()
-    assert "tok/s all" in capsys.readouterr().out
+    # the goodput budget's cells (batched only) and the headline per N beside the fixed γ
+    budget = [c for c in spec if c["budget"]]
+    assert [c["sessions"] for c in budget] == [1, 3] and all(c["batched"] for c in budget)
+    assert all(0 <= c["verified_gamma"] <= 2 for c in budget)
+    assert [row["sessions"] for row in report["headline"]] == [1, 3]
+    for row in report["headline"]:
+        assert row["best_fixed"]["gamma"] == 2 and row["budget"]["vs_cloud"] > 0 and row["budget_vs_best_fixed"] > 0
+    markdown = (out / "capacity.md").read_text()
+    assert "| speculative |" in markdown and "| speculative budget |" in markdown and "budget ÷ best" in markdown
+    printed = capsys.readouterr().out
+    assert "tok/s all" in printed and "budget ÷ best" in printed
 
 
 def test_capacity_builds_a_random_model_of_a_shape(tmp_path, monkeypatch):
@@ -128,7 +137,7 @@ def test_capacity_builds_a_random_model_of_a_shape(tmp_path, monkeypatch):
     path.write_text(json.dumps(recording))
     code = capacity_main(["--random-weights", "--shape", "tiny-qwen2", "--device", "cpu", "--sessions", "2",
                           "--gamma", "2", "--tokens", "4", "--modes", "speculative", "--recording", str(path),
-                          "--out", str(tmp_path / "out")])
+                          "--no-budget", "--out", str(tmp_path / "out")])
     assert code == 0
     report = json.loads((tmp_path / "out" / "capacity.json").read_text())
     assert report["meta"]["target"] == "tiny-qwen2 (random weights)"

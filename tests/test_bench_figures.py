@@ -50,8 +50,7 @@ def _simulate(alpha: float, gammas: list[int], seed: int = 0) -> AnswerStats:
         accepted = 0
         while accepted < gamma and rng.random() < alpha:
             accepted += 1
-        stats.record_round(gamma, accepted)
-        stats.target_forwards += 1
+        stats.on_round_verdict(gamma, accepted, verify_ms=0.0, network_ms=None)
         stats.generated += accepted + 1
     return stats
 

@@ -10,10 +10,15 @@ import pytest
 
 from specd.daemon.server import Verifier
 from specd.desktop.bench.cli import bench_async, run_bench
-from specd.desktop.bench.figures import MODES, SPEC_MODES, assessment, expected_tokens_per_round
+from specd.desktop.bench.figures import DEFAULT_MODES as MODES
+from specd.desktop.bench.figures import SPEC_MODES as ALL_SPEC_MODES
+from specd.desktop.bench.figures import assessment, expected_tokens_per_round
+from specd.desktop.bench.prompts import COPY_PROMPTS
 from specd.desktop.cli import build_parser
 from specd.shared.config import load_config
 from tests.tiny_models import save_tiny_model
+
+SPEC_MODES = tuple(m for m in ALL_SPEC_MODES if m in MODES)  # what a plain `specd bench` runs
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +127,30 @@ async def test_two_devices_are_compared(config_file, tmp_path):
     text = (out / "report.md").read_text()
     assert "## Devices compared" in text and "| torch:cpu #2 | cpu | spec-adaptive |" in text
     assert "fell back from" in text
+
+
+async def test_the_copy_prompts_are_reported_beside_the_standard_set(config_file, tmp_path):
+    """``--prompts standard copy`` with the context proposer on (spec-pipelined) and off (spec-no-context)."""
+    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}})
+    out = tmp_path / "out"
+    async with Verifier(verifier_cfg) as verifier:
+        args = parse("--config", str(config_file), "--host", "127.0.0.1", "--port", str(verifier.port),
+                     "--num-prompts", "1", "--iterations", "1", "--max-new-tokens", "8", "--temperature", "0",
+                     "--rtt-ms", "0", "--prompts", "standard", "copy",
+                     "--modes", "cloud-only", "spec-pipelined", "spec-no-context",
+                     "--sessions", "0", "--no-hf-assisted", "--no-warmup", "--out", str(out))
+        assert await bench_async(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert {r["prompt_set"] for r in report["runs"]} == {"standard", "copy"}
+    assert {r["prompt_id"] for r in report["runs"] if r["prompt_set"] == "copy"} == {COPY_PROMPTS[0].id}
+    assert set(report["by_prompt_set"]) == {"standard", "copy"}
+    runs = {(r["mode"], r["prompt_set"]): r for r in report["runs"]}
+    assert runs[("spec-no-context", "copy")]["stats"]["proposed_by_source"]["context"] == 0
+    # greedy: with or without looked-up drafts, the answer is the target's own
+    assert runs[("spec-pipelined", "copy")]["token_ids"] == runs[("cloud-only", "copy")]["token_ids"]
+    assert runs[("spec-no-context", "copy")]["token_ids"] == runs[("cloud-only", "copy")]["token_ids"]
+    gain = report["context_proposer_gain"]["copy"]
+    assert gain and all(ratio > 0 for rtts in gain.values() for ratio in rtts.values())
+    text = (out / "report.md").read_text()
+    assert "## Prompt set: copy" in text and "## Prompt set: standard" in text
+    assert "spec-pipelined (on) ÷ spec-no-context (off)" in text

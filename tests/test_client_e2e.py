@@ -107,7 +107,8 @@ async def test_greedy_equals_the_target_with_and_without_pipelining(folders):
 
 
 async def test_seeded_sampling_is_reproducible_and_pipelining_changes_nothing(folders):
-    async with Verifier(verifier_config(folders["target"])) as verifier:
+    # Token-for-token reproduction needs every round verified whole (docs/protocol.md §5): no goodput budget.
+    async with Verifier(verifier_config(folders["target"], goodput_budget=False)) as verifier:
         first = await generate(verifier.url, folders["draft"], SAMPLED)
         again = await generate(verifier.url, folders["draft"], SAMPLED)
         plain = await generate(verifier.url, folders["draft"], replace(SAMPLED, pipeline=False))
@@ -331,15 +332,14 @@ async def test_an_idle_connection_closed_by_the_verifier_is_reported_and_reopene
 
 
 class VerdictFirstClient(EdgeClient):
-    """Lets the reader apply the next verdict to the session before the answer loop learns that its
-    round drafted ahead is ready: an ordering a loaded machine produces now and then."""
+    """Holds back telling the answer loop that its round drafted ahead is ready until the next verdict has
+    arrived and waits unread: an ordering a loaded machine produces now and then."""
 
     async def next_event(self, other, cancel):
         event = await super().next_event(other, cancel)
-        run = self._run
-        if event is None and other is not None and run is not None:
+        if event is None and other is not None and self._run is not None:
             for _ in range(500):
-                if len(self.session.committed) > len(run.committed) or self.session.state is not ClientState.ACTIVE:
+                if not self._inbox.empty() or self.session.state is not ClientState.ACTIVE:
                     break
                 await asyncio.sleep(0.002)
         return event
@@ -366,16 +366,18 @@ async def _answer_with(client: EdgeClient, settings: Settings, prompt=PROMPT) ->
         await client.close()
 
 
-async def test_a_round_drafted_ahead_follows_a_verdict_the_reader_applied_first(folders, always_draft_ahead):
-    """The round drafted ahead is framed after the session's committed tokens, which may already hold a
-    verdict the answer loop has not handled: it must assume only what comes after them, be verified,
-    and leave the answer the target's own."""
+async def test_a_round_drafted_ahead_is_sent_while_a_verdict_waits_unread(folders, always_draft_ahead):
+    """The round drafted ahead is framed after the session's committed tokens, which end before the round
+    in flight even when its verdict has already arrived (the session receives it only when the answer loop
+    reads it): it must assume the round's drafts and the guess, be verified, and leave the answer the
+    target's own."""
     from specd.desktop.bench.netem import DelayProxy
 
     settings = replace(GREEDY, max_new_tokens=60, gamma=3)
     expected = reference_greedy(folders["target"], PROMPT, settings.max_new_tokens)
-    async with (Verifier(verifier_config(folders["target"])) as verifier,  # drafting ahead beats the verdict
-                DelayProxy("127.0.0.1", verifier.port, rtt_ms=20) as proxy):
+    # every round verified whole (no goodput budget): each round after the first is the one drafted ahead
+    async with (Verifier(verifier_config(folders["target"], goodput_budget=False)) as verifier,
+                DelayProxy("127.0.0.1", verifier.port, rtt_ms=20) as proxy):  # drafting ahead beats the verdict
         client = client_for(proxy.url(), folders["target"], client_class=VerdictFirstClient)
         answer = await _answer_with(client, settings)
     assert answer.token_ids == expected
@@ -401,7 +403,9 @@ async def test_the_client_keeps_under_the_verifiers_message_rate(folders):
     target paces its rounds under it instead of being cut off with 'rate_limited'."""
     settings = replace(GREEDY, max_new_tokens=100, gamma=1, pipeline=False)
     expected = reference_greedy(folders["target"], LONG_PROMPT, settings.max_new_tokens)
-    async with Verifier(verifier_config(folders["target"], max_messages_per_second=20)) as verifier:
+    # every round verified whole (no goodput budget), so the count of rounds below is exact
+    async with Verifier(verifier_config(folders["target"], max_messages_per_second=20,
+                                        goodput_budget=False)) as verifier:
         client = client_for(verifier.url, folders["target"])
         answer = await _answer_with(client, settings, LONG_PROMPT)
     assert answer.token_ids == expected

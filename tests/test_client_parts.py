@@ -86,9 +86,11 @@ def test_local_sampling_is_reproducible_for_a_seed(tmp_path):
 
 def test_stats_per_position_and_json():
     stats = AnswerStats()
-    stats.record_round(4, 2)
-    stats.record_round(2, 2)
-    stats.generated, stats.target_forwards, stats.total_ms = 6, 2, 500.0
+    stats.on_round_verdict(4, 2, verify_ms=10.0, network_ms=3.0)
+    stats.on_round_verdict(2, 2, verify_ms=10.0, network_ms=None)
+    stats.on_committed(6, "draft", now_ms=100.0, elapsed_s=0.1)
+    stats.on_answer_end("speculative", 500.0)
+    assert stats.target_forwards == 2 and stats.verify_ms == 20.0 and stats.network_ms == 3.0
     assert stats.drafted_by_position == [2, 2, 1, 1]
     assert stats.accepted_by_position == [2, 2, 0, 0]
     data = stats.to_json()

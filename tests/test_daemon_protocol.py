@@ -39,7 +39,8 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture
 async def verifier(tiny_folder):
-    async with Verifier(daemon_config(tiny_folder)) as v:
+    # Every round is verified whole (no goodput budget): these tests count the positions of each forward.
+    async with Verifier(daemon_config(tiny_folder, goodput_budget=False)) as v:
         yield v
 
 
@@ -147,6 +148,7 @@ async def test_a_growing_chat_reuses_the_cache_and_stale_rounds_are_discarded(ve
     (event,) = await client.events()
     assert isinstance(event, RoundDiscarded)
     assert len(target.forward_positions) == forwards
+    assert verifier.metrics.discarded == 1  # counted from the message the session encoded
     verdict = await client.round([5, 6, 7])
     assert target.forward_positions[-1] == 4
     assert verdict.verdict.position == len(first) + 2

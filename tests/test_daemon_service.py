@@ -22,7 +22,8 @@ import pytest
 import torch
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-import specd.daemon.server as server_module
+import specd.daemon.client_auth as client_auth
+from specd.daemon.client_keys import key_digest
 from specd.daemon.notify import Notifier
 from specd.daemon.server import Verifier
 from specd.shared import messages as m
@@ -57,13 +58,13 @@ async def get(url: str) -> tuple[int, str, str]:
 
 async def test_a_missing_or_wrong_key_gets_401_before_any_model_work(tiny_folder, monkeypatch):
     compared = []
-    real = server_module.hmac.compare_digest
+    real = client_auth.hmac.compare_digest
 
     def spy(a, b):
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(server_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(client_auth.hmac, "compare_digest", spy)
     async with Verifier(daemon_config(tiny_folder), api_key="s3cret-key") as v:
         for key in (None, "wrong", "s3cret-key-but-longer"):
             with pytest.raises(InvalidStatus) as info:
@@ -71,9 +72,10 @@ async def test_a_missing_or_wrong_key_gets_401_before_any_model_work(tiny_folder
             assert info.value.response.status_code == 401
             assert info.value.response.headers["WWW-Authenticate"].startswith("Bearer")
         assert not v.target.forward_positions and v.sessions == 0
-        assert compared and all(b == b"Bearer s3cret-key" for _a, b in compared)  # the constant-time compare
+        assert not compared  # wrong keys are not found by their hash: nothing is compared with the key
         client = await Client.open(v.url, FINGERPRINT, api_key="s3cret-key")
         assert client.session.welcome is not None
+        assert compared == [(key_digest("s3cret-key"), key_digest("s3cret-key"))]  # digests, in constant time
         await client.close()
         status, _type, _body = await get(f"http://127.0.0.1:{v.port}/healthz")  # health needs no key
         assert status == 200
@@ -113,7 +115,7 @@ def test_help_documents_every_flag():
     for flag in ("--host", "--port", "--model", "--device", "--dtype", "--max-sessions", "--max-input-tokens",
                  "--max-total-tokens", "--max-draft", "--max-frame-bytes", "--idle-timeout", "--config",
                  "--api-key-file", "--tls-cert", "--tls-key", "--insecure-no-auth", "--log-level", "--threads",
-                 "--port-file"):
+                 "--port-file", "--keys-file"):
         assert flag in result.stdout
     assert result.returncode == 0
 

@@ -8,8 +8,30 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.lossless_harness import VERIFIER_ROUND_RULE, build_models, default_threads, run_case
-from tests.lossless_run import CONTROL_CASE, CONTROLS, SHORT, SHORT_CASES, SWITCHING_CASE, short_alpha
+from tests.lossless_harness import (
+    EOS,
+    PROMPT,
+    TRIMS,
+    VERIFIER_ROUND_RULE,
+    Case,
+    build_models,
+    default_threads,
+    run_case,
+    sample_answers,
+    trimmed_rounds,
+)
+from tests.lossless_run import (
+    CONTEXT_CASE,
+    CONTROL_CASE,
+    CONTROLS,
+    SHORT,
+    SHORT_CASES,
+    SWITCHING_CASE,
+    TRIMMED_CASE,
+    context_prompt,
+    look_ahead_always,
+    short_alpha,
+)
 from tests.mode_switches import switching_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -44,6 +66,50 @@ async def test_answers_that_switch_modes_follow_the_targets_law(models):
     kinds = result.sample.kinds
     assert kinds["streamed"] and kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+async def test_answers_whose_rounds_the_budget_trims_follow_the_targets_law(models):
+    """Four concurrent sessions; the verifier's budget verifies a random prefix of every round (0 … γ)."""
+    result = await run_case(replace(TRIMMED_CASE, answers=SHORT["case"]), models)
+    print(result.summary(), dict(TRIMS))  # shown with -s
+    assert TRIMS["rounds trimmed"] > 100 and TRIMS["rounds to one step"] > 50, dict(TRIMS)
+    kinds = result.sample.kinds
+    assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
+    assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+async def test_rounds_from_the_context_proposer_follow_the_targets_law(models):
+    """Drafts looked up in the conversation (q = 1 on each): looked-up rounds, sent ahead too, and rounds
+    where the model continues the lookup."""
+    case = replace(CONTEXT_CASE, answers=SHORT["case"], prompt=context_prompt(models))
+    with look_ahead_always():
+        result = await run_case(case, models)
+    print(result.summary())  # shown with -s
+    kinds = result.sample.kinds
+    assert kinds["looked-up drafts"] >= 3 * SHORT["case"] and kinds["model drafts"], result.summary()
+    assert kinds["ahead rounds"] > SHORT["case"] // 10, result.summary()
+    assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
+    assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+async def test_greedy_answers_whose_rounds_the_budget_trims_are_the_targets_own(models):
+    from transformers import AutoModelForCausalLM
+
+    from specd.shared.sampling import SamplingParams
+    from tests.lossless_harness import in_process_verifier
+
+    case = Case("greedy, trimmed", SamplingParams(temperature=0.0), gamma=4, tokens=12, sessions=4, answers=16,
+                trimmed=True, first_seed=9 * 10**6)
+    target = AutoModelForCausalLM.from_pretrained(str(models.target), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = target.generate(torch.tensor([PROMPT]), max_new_tokens=case.tokens, do_sample=False,
+                              eos_token_id=sorted(EOS), pad_token_id=sorted(EOS)[0])
+    expected = out[0, len(PROMPT):].tolist()
+    with trimmed_rounds(case.first_seed):
+        async with in_process_verifier(models.target) as url:
+            sample = await sample_answers(url, models, case)
+    assert all(answer == expected for answer in sample.answers), (expected, sample.answers[:3])
+    assert TRIMS["rounds trimmed"] > 10 and TRIMS["rounds to one step"] > 5, dict(TRIMS)
 
 
 @pytest.mark.parametrize("rule", list(CONTROLS.values()), ids=list(CONTROLS))

@@ -180,7 +180,7 @@ def test_the_decision_trace_keeps_the_first_step_every_switch_and_every_probe():
              Step(round=True, stream=7, speculative_tok_s=9.0, streaming_tok_s=15.0, gamma=2, why="probe")]
     for generated, step in enumerate(steps):
         stats.generated = 10 * generated
-        stats.record_step(step)
+        stats.on_mode_step(step)
     assert [(s["at_token"], s["to"]) for s in stats.mode_switches] == [
         (0, "rounds"), (20, "streaming"), (40, "probe"), (50, "probe")]
     assert stats.mode_switches[1] == {"at_token": 20, "to": "streaming", "speculative_tok_s": 9.0,

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from specd.daemon.client_keys import key_digest, read_keys_file
 from tests.debian_tools import debian_tool
 from tests.systemd_unit import unit_entries, values
 
@@ -40,6 +41,10 @@ def test_the_unit_is_a_hardened_notify_service_that_keeps_the_gpus():
     assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
     assert one["ExecStart"].startswith("/opt/specd/specd-verifier/specd-verifier ")
     assert "--config /etc/specd/config.toml" in one["ExecStart"]
+    # The keys file is root's: root copies it for the dynamic user at start and reload, then signals the daemon.
+    assert one["ExecStart"].endswith(" --keys-file /var/lib/specd/keys.toml")
+    assert one["ExecStartPre"] == "+/opt/specd/copy-keys.sh /etc/specd/keys.toml /var/lib/specd/keys.toml"
+    assert one["ExecReload"] == "+/opt/specd/copy-keys.sh /etc/specd/keys.toml /var/lib/specd/keys.toml $MAINPID"
     for key in ("WatchdogSec", "TimeoutStartSec"):
         assert key in one
     assert one["Restart"] == "on-failure"
@@ -110,16 +115,20 @@ def test_install_puts_everything_in_place_and_is_idempotent(sandbox):
     assert unit.read_text() == UNIT.read_text() and mode(unit) == 0o644
     config = root / "etc/specd/config.toml"
     assert config.read_text() == (ROOT / "config.toml").read_text() and mode(config) == 0o644
-    envfile = root / "etc/specd/verifier.env"
-    assert mode(envfile) == 0o600
-    key = re.search(r"^SPECD_API_KEY=([0-9a-f]+)$", envfile.read_text(), re.M).group(1)
-    assert len(key) == 64
-    assert (root / "opt/specd/README.md").is_file()
+    keys_file = root / "etc/specd/keys.toml"
+    assert mode(keys_file) == 0o600 and not (root / "etc/specd/verifier.env").exists()
+    key = re.search(r"^    (specd-[0-9a-f]{64})$", first.stdout, re.M).group(1)  # printed once
+    (record,) = read_keys_file(keys_file).values()  # the format the verifier reads
+    assert record.name == "laptop-1" and record.digest == key_digest(key) and key not in keys_file.read_text()
+    assert "keys add NAME --config /etc/specd/config.toml" in first.stdout
+    assert os.readlink(root / "etc/specd/keys-usage.json") == "/var/lib/specd/keys-usage.json"
+    assert (root / "opt/specd/README.md").is_file() and os.access(root / "opt/specd/copy-keys.sh", os.X_OK)
     assert sandbox.calls() == ["daemon-reload"]
 
     # Upgrade: a new bundle replaces the old one whole; settings and the key stay; a running service restarts.
     config.write_text("# edited by the admin\n")
-    envfile.chmod(0o644)
+    keys_file.chmod(0o644)
+    keys = keys_file.read_text()
     (sandbox.bundle / "specd-verifier").write_text("#!/bin/sh\necho v2\n")
     (sandbox.bundle / "_internal" / "old-only.so").unlink()
     second = sandbox.run("install.sh", "--bundle", str(sandbox.bundle))
@@ -127,8 +136,9 @@ def test_install_puts_everything_in_place_and_is_idempotent(sandbox):
     assert program.read_text() == "#!/bin/sh\necho v2\n"
     assert not (root / "opt/specd/specd-verifier/_internal/old-only.so").exists()
     assert config.read_text() == "# edited by the admin\n"
-    assert f"SPECD_API_KEY={key}\n" in envfile.read_text() and mode(envfile) == 0o600
-    assert sorted(p.name for p in (root / "opt/specd").iterdir()) == ["README.md", "specd-verifier"]
+    assert keys_file.read_text() == keys and mode(keys_file) == 0o600
+    assert not re.search(r"specd-[0-9a-f]{64}", second.stdout)  # no new key on an upgrade
+    assert sorted(p.name for p in (root / "opt/specd").iterdir()) == ["README.md", "copy-keys.sh", "specd-verifier"]
     assert sandbox.calls() == ["daemon-reload", "daemon-reload", "try-restart specd-verifier.service"]
 
 
@@ -136,9 +146,11 @@ def test_install_rewrites_paths_for_another_prefix(sandbox):
     result = sandbox.run("install.sh", "--bundle", str(sandbox.bundle), PREFIX="/srv/specd", SYSCONFDIR="/srv/etc")
     assert result.returncode == 0, result.stderr
     service = dict(unit_entries((sandbox.root / "etc/systemd/system/specd-verifier.service").read_text())["Service"])
-    assert service["ExecStart"] == "/srv/specd/specd-verifier/specd-verifier --config /srv/etc/config.toml"
+    assert service["ExecStart"] == ("/srv/specd/specd-verifier/specd-verifier --config /srv/etc/config.toml "
+                                    "--keys-file /var/lib/specd/keys.toml")
+    assert service["ExecReload"] == "+/srv/specd/copy-keys.sh /srv/etc/keys.toml /var/lib/specd/keys.toml $MAINPID"
     assert service["EnvironmentFile"] == "-/srv/etc/verifier.env"
-    assert (sandbox.root / "srv/etc/verifier.env").is_file()
+    assert (sandbox.root / "srv/etc/keys.toml").is_file()
 
 
 def test_install_says_what_to_do_without_a_bundle(sandbox):
@@ -157,7 +169,8 @@ def test_install_for_a_venv_uses_a_drop_in_and_switching_back_removes_it(sandbox
     assert result.returncode == 0, result.stderr
     dropin = sandbox.root / "etc/systemd/system/specd-verifier.service.d/venv.conf"
     service = unit_entries(dropin.read_text())["Service"]
-    assert values(service, "ExecStart") == ["", "/opt/venvs/specd/bin/specd-verifier --config /etc/specd/config.toml"]
+    assert values(service, "ExecStart") == ["", "/opt/venvs/specd/bin/specd-verifier --config /etc/specd/config.toml "
+                                            "--keys-file /var/lib/specd/keys.toml"]
     assert not (sandbox.root / "opt/specd/specd-verifier").exists()
 
     back = sandbox.run("install.sh", "--bundle", str(sandbox.bundle))
@@ -176,6 +189,41 @@ def test_install_refuses_a_venv_the_service_cannot_see(sandbox):
     assert not (sandbox.root / "etc").exists()
 
 
+def test_an_existing_shared_key_is_kept_and_no_named_key_is_made(sandbox):
+    envfile = sandbox.root / "etc/specd/verifier.env"
+    envfile.parent.mkdir(parents=True)
+    envfile.write_text("SPECD_API_KEY=old-shared-key\n")
+    result = sandbox.run("install.sh", "--bundle", str(sandbox.bundle))
+    assert result.returncode == 0, result.stderr
+    assert not (sandbox.root / "etc/specd/keys.toml").exists() and mode(envfile) == 0o600
+    assert "keys add NAME" in result.stdout
+    assert sandbox.run("install.sh", "--bundle", str(sandbox.bundle), "--key-name", "default").returncode != 0
+
+
+def test_copy_keys_gives_the_service_a_private_copy_and_signals_it(tmp_path):
+    source, state = tmp_path / "keys.toml", tmp_path / "state"
+    state.mkdir()
+    source.write_text("[keys.a]\n")
+    source.chmod(0o600)
+    copy = state / "keys.toml"
+    script = LINUX / "copy-keys.sh"
+    subprocess.run([str(script), str(source), str(copy)], check=True, timeout=30)
+    assert copy.read_text() == "[keys.a]\n" and mode(copy) == 0o600
+    assert (copy.stat().st_uid, copy.stat().st_gid) == (state.stat().st_uid, state.stat().st_gid)
+    marker = tmp_path / "hup"
+    waiter = subprocess.Popen(["sh", "-c", f'trap "echo hup > {marker}; exit 0" HUP; while :; do sleep 0.05; done'])
+    try:
+        source.write_text("[keys.b]\n")
+        subprocess.run([str(script), str(source), str(copy), str(waiter.pid)], check=True, timeout=30)
+        assert waiter.wait(10) == 0 and marker.read_text() == "hup\n"
+    finally:
+        waiter.kill()
+    assert copy.read_text() == "[keys.b]\n"
+    source.unlink()  # the keys file removed: so is the copy (the verifier then keeps the keys it has)
+    subprocess.run([str(script), str(source), str(copy)], check=True, timeout=30)
+    assert not copy.exists()
+
+
 def test_uninstall_keeps_settings_unless_purged(sandbox):
     assert sandbox.run("install.sh", "--bundle", str(sandbox.bundle)).returncode == 0
     cache = sandbox.root / "var/cache/private/specd/models"
@@ -184,7 +232,7 @@ def test_uninstall_keeps_settings_unless_purged(sandbox):
     assert result.returncode == 0, result.stderr
     assert not (sandbox.root / "opt/specd").exists()
     assert not (sandbox.root / "etc/systemd/system/specd-verifier.service").exists()
-    assert (sandbox.root / "etc/specd/verifier.env").is_file() and cache.is_dir()
+    assert (sandbox.root / "etc/specd/keys.toml").is_file() and cache.is_dir()
     assert sandbox.calls()[-2:] == ["disable --now specd-verifier.service", "daemon-reload"]
 
     assert sandbox.run("uninstall.sh", "--purge").returncode == 0
@@ -553,6 +601,6 @@ def test_the_readme_says_how_to_install_both_sides():
     readme = (ROOT / "README.md").read_text()
     for heading in ("## Install the verifier on a Linux server", "## Install the desktop app on Windows"):
         assert heading in readme
-    for fact in ("make package-daemon", "install.sh", "/etc/specd/verifier.env", "journalctl -u specd-verifier",
+    for fact in ("make package-daemon", "install.sh", "/etc/specd/keys.toml", "journalctl -u specd-verifier",
                  "build.ps1", "%LOCALAPPDATA%"):
         assert fact in readme, fact

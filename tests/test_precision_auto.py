@@ -15,10 +15,10 @@ from specd.daemon.server import Verifier
 from specd.desktop.client.adaptive import EstimatePriors
 from specd.desktop.client.answer import Settings
 from specd.desktop.commands.chat import stats_line
-from specd.desktop.commands.draft_precision import MEASURE_PROMPTS, settle_precision
 from specd.desktop.commands.launch import build_client
 from specd.desktop.drafters import convert
-from specd.desktop.drafters.precision import record_path
+from specd.desktop.precision.choice import record_path
+from specd.desktop.precision.measure import MEASURE_PROMPTS, settle_precision
 from specd.shared.config import load_config
 from specd.shared.sampling import SamplingParams
 from tests.tiny_models import perturbed_llama, save_tiny_ort_model, save_with_tokenizer, tiny_llama, tiny_ort_config

@@ -10,15 +10,8 @@ import json
 import pytest
 
 from specd.desktop.client.adaptive import EstimatePriors, GammaController
-from specd.desktop.client.precision_ranking import (
-    CandidateFigures,
-    MeasuredRound,
-    RecordingController,
-    rank_candidates,
-)
-from specd.desktop.commands.draft_precision import choice_reason, measure_settings
 from specd.desktop.drafters.devices import DeviceRow
-from specd.desktop.drafters.precision import (
+from specd.desktop.precision.choice import (
     DEFAULT_PRECISION,
     PREPARED,
     candidates,
@@ -28,6 +21,13 @@ from specd.desktop.drafters.precision import (
     record_identity,
     record_path,
     write_record,
+)
+from specd.desktop.precision.measure import choice_reason, measure_settings
+from specd.desktop.precision.ranking import (
+    CandidateFigures,
+    MeasuredRound,
+    RecordingController,
+    rank_candidates,
 )
 from specd.shared.config import load_config
 
@@ -206,7 +206,7 @@ def test_a_corrupt_record_is_named_removed_and_the_default_used_until_measured_a
 
 # -- specd devices ----------------------------------------------------------------------------------
 def test_specd_devices_shows_each_rows_precision_and_why_for_the_best(tmp_path, capsys, monkeypatch):
-    from specd.desktop.drafters import devices
+    from specd.desktop.commands import devices
 
     best = DeviceRow(CPU.id, CPU.backend, "cpu", CPU.name, "cpu", best=True)
     config = tmp_path / "config.toml"

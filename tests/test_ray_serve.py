@@ -5,7 +5,9 @@ and HAProxy with direct ingress (the documented one). Two replicas of a tiny tar
 through the cluster's ingress: the bearer key is checked with a real HTTP 401, /healthz answers like the
 daemon's, eight concurrent greedy sessions land on both replicas and equal transformers' greedy
 decoding, and killing a replica mid-answer leaves every answer identical to its uninterrupted twin
-(its clients reconnect through the ingress to the other replica and resume).
+(its clients reconnect through the ingress to the other replica and resume). The replicas read one keys
+file (a path present on every node) beside SPECD_API_KEY: two named keys are served, and a key revoked in
+the file is refused and its session closed without redeploying.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import websockets
 from ray import serve
 from transformers import AutoTokenizer
 
+from specd.daemon.client_keys import add_record, new_key, render_keys_file, write_private
+from specd.daemon.keys_cli import keys_main
 from specd.daemon.ray_serve import APP_NAME, DEPLOYMENT_NAME, build_app
 from specd.desktop.client.answer import Settings
 from specd.desktop.client.connection import Endpoint
@@ -37,7 +41,7 @@ from specd.shared.config import LimitsConfig
 from specd.shared.errors import ERROR_RULES, CloseCode, ErrorCode
 from specd.shared.fingerprint import tokenizer_fingerprint
 from specd.shared.sampling import SamplingParams
-from tests.daemon_support import greedy_reference
+from tests.daemon_support import Client, greedy_reference
 from tests.ray_cluster import INGRESSES, free_port, haproxy_missing, local_cluster
 from tests.tiny_models import save_tiny_model, tiny_llama
 
@@ -54,6 +58,8 @@ class Cluster:
     port: int
     target: Path
     draft: Path
+    keys_file: Path
+    named_keys: dict[str, str]
 
     @property
     def url(self) -> str:
@@ -67,16 +73,23 @@ def cluster(request, tmp_path_factory) -> Cluster:
         pytest.skip(f"the HAProxy ingress cannot run here: {reason}")
     target = save_tiny_model(tmp_path_factory.mktemp("target"), seed=1)
     draft = save_tiny_model(tmp_path_factory.mktemp("draft"), seed=2)
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.toml"
+    named_keys = {name: new_key() for name in ("alice", "bob")}
+    records = {}
+    for name, key in named_keys.items():
+        records = add_record(records, name, key)
+    write_private(keys_file, render_keys_file(records))
     env = {"SPECD_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with local_cluster(ingress, free_port(), env) as local:
         serve.run(build_app({
-            "overrides": {"models": {"target": str(target)}, "server": {"device": "cpu"},
+            "overrides": {"models": {"target": str(target)},
+                          "server": {"device": "cpu", "keys_file": str(keys_file)},
                           "limits": {"max_sessions": SESSIONS}},
             "threads": 1,
             "deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}},
         }), name=APP_NAME, route_prefix="/")
         local.wait_for_replicas(2)
-        yield Cluster(port=local.port, target=target, draft=draft)
+        yield Cluster(port=local.port, target=target, draft=draft, keys_file=keys_file, named_keys=named_keys)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +139,35 @@ async def test_a_wrong_or_missing_key_gets_401_through_the_proxy(cluster, header
     response = refused.value.response
     assert response.status_code == 401
     assert b"API key" in response.body
+
+
+async def test_two_named_keys_are_served_and_a_revoked_one_is_closed_and_refused(cluster):
+    fingerprint = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(cluster.target)))
+    greedy = m.Sampling(temperature=0.0)
+    sessions = {name: await Client.open(cluster.url, fingerprint, api_key=key)
+                for name, key in cluster.named_keys.items()}
+    try:
+        for client in sessions.values():
+            await client.start([1, 5, 6], max_new_tokens=4, sampling=greedy, mode="cloud")
+            assert len(await client.stream_all()) == 4
+        assert keys_main(["revoke", "bob", "--keys-file", str(cluster.keys_file)]) == 0
+        error = await sessions["bob"].message(timeout=10.0)  # its replica saw the file change
+        assert error.code == "key_revoked" and error.fatal
+        # Each replica reads the file on its own (within a second): until the other one has, it may still serve.
+        for _attempt in range(20):
+            try:
+                late = await Client.open(cluster.url, fingerprint, api_key=cluster.named_keys["bob"])
+            except websockets.exceptions.InvalidStatus as refused:
+                assert refused.response.status_code == 401
+                break
+            await late.close()
+            await asyncio.sleep(0.25)
+        else:
+            raise AssertionError("the revoked key is still served 5 s after the file changed")
+        await sessions["alice"].start([1, 7, 8], max_new_tokens=4, sampling=greedy, mode="cloud")
+        assert len(await sessions["alice"].stream_all()) == 4
+    finally:
+        await asyncio.gather(*(client.close() for client in sessions.values()), return_exceptions=True)
 
 
 async def test_errors_close_with_the_codes_of_the_protocol(cluster):

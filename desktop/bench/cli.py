@@ -20,8 +20,8 @@ from urllib.parse import urlparse, urlunparse
 
 import msgspec
 
-from specd.desktop.bench.figures import MODES
-from specd.desktop.bench.prompts import PROMPTS, select_prompts
+from specd.desktop.bench.figures import DEFAULT_MODES, MODES
+from specd.desktop.bench.prompts import PROMPT_SETS, PROMPTS, select_prompts
 from specd.desktop.client.answer import Settings
 from specd.shared.config import Config, default_config_path, load_config, to_dict
 from specd.shared.config_origins import flag_layer
@@ -51,8 +51,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtt-ms", nargs="+", type=float, default=None, metavar="MS",
                    help="added network round trip(s), emulated by a delaying proxy on loopback (default: "
                         f"{' '.join(f'{r:g}' for r in DEFAULT_RTTS_MS)})")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), metavar="MODE",
-                   help=f"modes to run (default: all): {', '.join(MODES)}")
+    p.add_argument("--prompts", nargs="+", choices=list(PROMPT_SETS), default=["standard"], metavar="SET",
+                   help="prompt sets, reported side by side: standard (diverse questions), copy (answers that repeat "
+                        "the conversation: code edits, corrections, questions from a text, follow-ups) "
+                        "(default: standard)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES), metavar="MODE",
+                   help=f"modes to run (default: {', '.join(DEFAULT_MODES)}); also spec-no-context (spec-pipelined "
+                        "without the context proposer)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per round for spec-fixed (default: 4)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the config's)")
     p.add_argument("--top-p", type=float)
@@ -150,7 +155,8 @@ async def bench_async(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rtts = bench_rtts(args)
     settings = replace(Settings.from_config(cfg), seed=args.seed, max_new_tokens=args.max_new_tokens)
-    plan = BenchPlan(prompts=select_prompts(args.num_prompts), settings=settings, modes=tuple(args.modes),
+    prompts = select_prompts(args.num_prompts, tuple(args.prompts))
+    plan = BenchPlan(prompts=prompts, settings=settings, modes=tuple(args.modes),
                      rtts_ms=rtts, iterations=args.iterations, devices=tuple(args.device or [None]),
                      gamma=args.gamma, sessions=tuple(n for n in args.sessions if n > 0),
                      warmup=not args.no_warmup, model_path=args.model_path)

@@ -11,7 +11,7 @@ import secrets
 from concurrent.futures import Executor
 from typing import Any
 
-from specd.desktop.client.answer import Answer, AnswerStats, PieceCallback, Run, Settings
+from specd.desktop.client.answer import Answer, PieceCallback, Run, Settings
 from specd.desktop.client.cloud_local import local_step
 from specd.desktop.drafters.base import Drafter
 from specd.shared.hf_models import eos_ids
@@ -26,7 +26,7 @@ async def generate_edge_only(drafter: Drafter, tokenizer: Any, prompt_ids: list[
     seed = settings.seed if settings.seed is not None else secrets.randbits(63)
     loop = asyncio.get_running_loop()
     run = Run.begin(prompt_ids, settings, seed, tokenizer, on_piece)
-    run.stats = AnswerStats(mode="edge-only", device=drafter.device, backend=drafter.backend)
+    run.stats.on_drafter(drafter.device, drafter.backend)
     run.finish_reason = "length"
     await loop.run_in_executor(executor, drafter.prefill, list(prompt_ids))
     while run.remaining > 0:
@@ -36,5 +36,7 @@ async def generate_edge_only(drafter: Drafter, tokenizer: Any, prompt_ids: list[
         if stop is not None:
             run.finish_reason = stop
             break
-    run.stats.total_ms = run.stats.edge_ms = run.clock.ms()
+    total_ms = run.clock.ms()
+    run.stats.on_drafting(total_ms)
+    run.stats.on_answer_end("edge-only", total_ms)
     return run.answer()

@@ -10,8 +10,11 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MODES: tuple[str, ...] = ("cloud-only", "edge-only", "spec-fixed", "spec-adaptive", "spec-pipelined")
-SPEC_MODES: tuple[str, ...] = ("spec-fixed", "spec-adaptive", "spec-pipelined")
+MODES: tuple[str, ...] = ("cloud-only", "edge-only", "spec-fixed", "spec-adaptive", "spec-pipelined",
+                          "spec-no-context")
+SPEC_MODES: tuple[str, ...] = ("spec-fixed", "spec-adaptive", "spec-pipelined", "spec-no-context")
+# spec-no-context (the product's mode with ``[speculation] context_proposer = false``) is asked for by name.
+DEFAULT_MODES: tuple[str, ...] = MODES[:5]
 BASELINE = "cloud-only"
 
 
@@ -30,6 +33,7 @@ class RunRecord:
     token_ids: list[int]
     finish_reason: str | None
     text: str = ""
+    prompt_set: str = "standard"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

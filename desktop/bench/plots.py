@@ -9,7 +9,7 @@ from typing import Any
 from specd.desktop.bench.figures import BASELINE, MODES, SPEC_MODES
 
 COLOURS = {"cloud-only": "#7f7f7f", "edge-only": "#bcbd22", "spec-fixed": "#1f77b4", "spec-adaptive": "#ff7f0e",
-           "spec-pipelined": "#2ca02c"}
+           "spec-pipelined": "#2ca02c", "spec-no-context": "#9467bd"}
 
 
 def _pyplot():

@@ -58,7 +58,23 @@ def build_report(result: BenchResult, meta: dict[str, Any], hf_assisted: dict[st
         "meta": {**meta, "wall_s": result.wall_s, "verifier": result.welcome},
         "runs": [r.to_json() for r in result.records],
     })
+    sets = list(dict.fromkeys(r.prompt_set for r in result.records))
+    per_set = {name: summarise([r for r in result.records if r.prompt_set == name]) for name in sets}
+    report["by_prompt_set"] = per_set if len(sets) > 1 else {}
+    report["context_proposer_gain"] = {name: context_gain(cells) for name, cells in per_set.items()}
     return report
+
+
+def context_gain(by_rtt: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, float]]:
+    """``{device: {rtt: ratio}}``: tok/s of spec-pipelined (context proposer on, the default) over spec-no-context
+    (off), where both were measured."""
+    gain: dict[str, dict[str, float]] = {}
+    for device, rtts in by_rtt.items():
+        for rtt, cells in rtts.items():
+            on, off = cells.get("spec-pipelined"), cells.get("spec-no-context")
+            if on and off and off["tokens_per_second"] > 0:
+                gain.setdefault(device, {})[rtt] = on["tokens_per_second"] / off["tokens_per_second"]
+    return gain
 
 
 def write_json(report: dict, path: Path) -> None:
@@ -120,6 +136,7 @@ def markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             out += mode_table(cells)
             out.append("")
     out += _speedup_vs_rtt(report)
+    out += _prompt_sets(report)
     if report.get("worst_cell_summary"):
         out += [f"**{report['worst_cell_summary']}** (the lowest speedup against cloud-only over every device and "
                 "RTT; the first mode is the one the config runs)", ""]
@@ -150,6 +167,28 @@ def markdown(report: dict, plots: dict[str, str] | None = None) -> str:
             "- cloud-only is one streamed request, so its added round trip shows under *other*, not *network*.",
             ""]
     return "\n".join(out)
+
+
+def _prompt_sets(report: dict) -> list[str]:
+    """Each prompt set's speedups side by side, and what the context proposer gained on each."""
+    out: list[str] = []
+    for name, by_rtt in (report.get("by_prompt_set") or {}).items():
+        out += [f"## Prompt set: {name}", "", "| device | added RTT | " + " | ".join(
+            m for m in MODES if m != BASELINE) + " |", "|---|---|" + "---|" * (len(MODES) - 1)]
+        for device, rtts in by_rtt.items():
+            for rtt, cells in rtts.items():
+                row = [_f(cells[m]["speedup"], 2, "×") if m in cells else "–" for m in MODES if m != BASELINE]
+                out.append(f"| {device} | {rtt} ms | " + " | ".join(row) + " |")
+        out.append("")
+    gains = {name: g for name, g in (report.get("context_proposer_gain") or {}).items() if g}
+    if gains:
+        out += ["## Context proposer: spec-pipelined (on) ÷ spec-no-context (off), tok/s", ""]
+        for name, devices in gains.items():
+            for device, rtts in devices.items():
+                cells = ", ".join(f"{ratio:.2f}× at +{rtt} ms" for rtt, ratio in rtts.items())
+                out.append(f"- {name} prompts, {device}: {cells}")
+        out.append("")
+    return out
 
 
 def _speedup_vs_rtt(report: dict) -> list[str]:

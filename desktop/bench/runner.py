@@ -6,14 +6,18 @@ Modes (see :data:`~specd.desktop.bench.figures.MODES`):
 - ``edge-only``: the draft model alone on the edge device, no verifier;
 - ``spec-fixed``: speculative with a fixed γ, no pipelining, rounds only (no mode switching);
 - ``spec-adaptive``: γ chosen each round from measured acceptance and times, no pipelining;
-- ``spec-pipelined``: adaptive γ, drafting the next round while one is verified.
+- ``spec-pipelined``: adaptive γ, drafting the next round while one is verified;
+- ``spec-no-context``: as spec-pipelined, without the context proposer (only when asked for by name: the
+  pair measures what drafts looked up in the conversation bring).
 
 The adaptive modes switch to the verifier streaming alone where that is faster, as the config says
 (``[speculation] mode_switching``, on by default); their stats split tokens and time by mode.
 
 All verifier traffic goes through a :class:`~specd.desktop.bench.netem.ThreadedProxy` whose delay is set
 to each ``--rtt-ms`` in turn. Modes take turns prompt by prompt, so a change in the machine's load (other
-programs, thermal limits) touches every mode alike rather than one of them.
+programs, thermal limits) touches every mode alike rather than one of them; their order rotates from
+prompt to prompt, since the first edge mode of a prompt pays for reading it (the drafter's prefill, the
+verifier's prompt cache) and the others find it cached.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from specd.desktop.bench.edge_only import generate_edge_only
-from specd.desktop.bench.figures import BASELINE, MODES, RunRecord, SessionsRecord
+from specd.desktop.bench.figures import BASELINE, DEFAULT_MODES, RunRecord, SessionsRecord
 from specd.desktop.bench.netem import ThreadedProxy
 from specd.desktop.bench.prompts import BenchPrompt
 from specd.desktop.client.answer import Answer, Settings
 from specd.desktop.client.stats_line import stats_line
-from specd.desktop.commands.draft_precision import settle_precision
 from specd.desktop.commands.launch import ClientSetup, build_client, with_draft
+from specd.desktop.precision.measure import settle_precision
 from specd.shared.config import Config
 from specd.shared.errors import SpecdError
 
@@ -44,7 +48,7 @@ Say = Callable[[str], None]
 class BenchPlan:
     prompts: list[BenchPrompt]
     settings: Settings  # sampling, max_new_tokens, seed (the base of every answer's seed)
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     rtts_ms: tuple[float, ...] = (0.0,)
     iterations: int = 2
     devices: tuple[str | None, ...] = (None,)  # None: the config's [devices] edge_device
@@ -87,6 +91,8 @@ def mode_settings(mode: str, base: Settings, gamma: int) -> Settings:
         return replace(base, gamma=None, pipeline=False)
     if mode == "spec-pipelined":
         return replace(base, gamma=None, pipeline=True)
+    if mode == "spec-no-context":
+        return replace(base, gamma=None, pipeline=True, context_proposer=False)
     return base
 
 
@@ -203,7 +209,11 @@ class BenchRunner:
                               prompt: BenchPrompt, index: int, iteration: int, rtt: float) -> None:
         seed = answer_seed(self.plan.settings.seed, index, iteration)
         base = replace(self.plan.settings, seed=seed)
-        for mode in self.plan.modes:
+        # The first edge mode of a prompt pays for reading it (the drafter's prefill, the verifier's prompt
+        # cache); their order rotates from prompt to prompt so that no mode always does.
+        edge = [m for m in self.plan.modes if m != BASELINE]  # cloud-only runs on a client of its own
+        turn = (index + iteration) % max(1, len(edge))
+        for mode in (*[m for m in self.plan.modes if m == BASELINE], *edge[turn:], *edge[:turn]):
             if mode == BASELINE:
                 if cloud is not None:
                     answer = await cloud.client.chat(_conversation(prompt), base)
@@ -229,7 +239,8 @@ class BenchRunner:
         self.result.records.append(RunRecord(device=device, rtt_ms=rtt, mode=mode, prompt_id=prompt.id,
                                              category=prompt.category, iteration=iteration, seed=seed,
                                              stats=stats, token_ids=list(answer.token_ids),
-                                             finish_reason=answer.finish_reason, text=answer.text[:300]))
+                                             finish_reason=answer.finish_reason, text=answer.text[:300],
+                                             prompt_set=prompt.prompt_set))
         self._done += 1
         self.say(f"[{self._done}/{self.plan.answers()}] rtt {rtt:g} ms · {mode:<14} · {device:<24} · "
                  f"{prompt.id} #{iteration + 1} in {answer.stats.total_ms / 1000:.2f} s: "
@@ -267,7 +278,7 @@ class BenchRunner:
 
 
 def _conversation(prompt: BenchPrompt) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt.text}]
+    return prompt.conversation()
 
 
 async def _close(setup: ClientSetup) -> None:

@@ -126,6 +126,9 @@ class GammaController:
         # How often the draft's guess of the bonus token was right (for drafting ahead).
         self._guess_hits = priors.alpha
         self._guess_trials = 1.0
+        # The γ the verifier's goodput budget suggested in its last verdict (0: none): drafts past it
+        # would not be verified under its present load.
+        self._server_gamma = 0
 
     # -- observations ---------------------------------------------------------------------------
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
@@ -153,6 +156,10 @@ class GammaController:
         self._sxy = decay * self._sxy + x * y
         self._n = decay * self._n + 1.0
         self._verify_default = y
+
+    def observe_server_gamma(self, suggested: int) -> None:
+        """The verdict's ``suggested_gamma``: an adaptive γ stays at most this until the next verdict."""
+        self._server_gamma = max(0, suggested)
 
     def observe_guess(self, hit: bool) -> None:
         """Whether the draft's guess of a round's bonus token (the premise of drafting ahead) was right."""
@@ -234,10 +241,13 @@ class GammaController:
         return tokens / max(1e-6, self.round_ms(gamma))
 
     def choose(self, remaining: int | None = None) -> int:
-        """γ for the next round; never more drafts than tokens still wanted minus the bonus."""
+        """γ for the next round; never more drafts than tokens still wanted minus the bonus, and (unless γ
+        is fixed) never more than the verifier last suggested."""
         upper = self.gamma_max if remaining is None else max(1, min(self.gamma_max, remaining - 1))
         if self.fixed is not None:
             return min(self.fixed, upper)
+        if self._server_gamma:
+            upper = max(1, min(upper, self._server_gamma))
         return self.fastest_gamma(upper, self.estimate())[0]
 
     def fastest_gamma(self, upper: int, est: GammaEstimate) -> tuple[int, float]:

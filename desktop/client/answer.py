@@ -6,19 +6,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
-from specd.desktop.client.adaptive import GammaController, ModePolicy, Step
+from specd.desktop.client.adaptive import GammaController, ModePolicy
+from specd.desktop.client.answer_stats import AnswerStats, Source
 from specd.desktop.client.detokenize import IncrementalDetokenizer
+from specd.desktop.client.round_planner import SourceAcceptance
 from specd.shared import messages as m
 from specd.shared.config import Config
-from specd.shared.protocol import ClientEvent, RequestCancelled, RequestStarted, ServerFailed, TokensStreamed
+from specd.shared.protocol import (
+    ClientEvent,
+    ClientSession,
+    RequestCancelled,
+    RequestStarted,
+    ServerFailed,
+    TokensStreamed,
+)
 from specd.shared.sampling import SamplingParams
 
-Source = Literal["draft", "target", "local", "cloud"]
-Mode = Literal["speculative", "local", "cloud-only", "edge-only"]
-
+__all__ = ["Answer", "AnswerStats", "Piece", "PieceCallback", "Run", "Settings", "common_event", "take_streamed"]
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -35,6 +42,8 @@ class Settings:
     # Per round, speculate or let the verifier stream alone, whichever is faster (the product's default,
     # from the config; off here so that a test of the rounds themselves gets rounds only).
     mode_switching: bool = False
+    # Also draft from the conversation itself (``[speculation] context_proposer``; off here for the same reason).
+    context_proposer: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
@@ -42,7 +51,8 @@ class Settings:
         return cls(sampling=SamplingParams.of(s),
                    max_new_tokens=s.max_new_tokens, seed=None if s.seed < 0 else s.seed,
                    gamma=None if spec.gamma == "auto" else int(spec.gamma), gamma_max=spec.gamma_max,
-                   support_k=spec.proposal_top_k, pipeline=spec.pipeline, mode_switching=spec.mode_switching)
+                   support_k=spec.proposal_top_k, pipeline=spec.pipeline, mode_switching=spec.mode_switching,
+                   context_proposer=spec.context_proposer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,93 +64,6 @@ class Piece:
     token_ids: list[int]
     text: str
     source: Source
-
-
-@dataclass(slots=True)
-class AnswerStats:
-    mode: Mode = "speculative"
-    device: str = ""
-    backend: str = ""
-    draft_precision: str = ""  # what the draft was built at (int4, int8, …) and why: the loader's pick
-    draft_precision_reason: str = ""
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    generated: int = 0
-    local_tokens: int = 0
-    # Tokens by the mode that committed them, and the time each mode took: the wall time from the previous
-    # committed tokens (the answer's start, for the first) to the ones it committed.
-    speculative_tokens: int = 0
-    cloud_tokens: int = 0
-    speculative_s: float = 0.0
-    cloud_s: float = 0.0
-    target_forwards: int = 0
-    discarded_rounds: int = 0  # rounds drafted ahead that the verifier discarded (a guess was wrong)
-    ahead_rounds: int = 0  # rounds drafted ahead, during the previous round's verification, and sent
-    reconnects: int = 0
-    cached_prompt_tokens: int = 0
-    edge_ms: float = 0.0
-    network_ms: float = 0.0
-    verify_ms: float = 0.0
-    total_ms: float = 0.0
-    ttft_ms: float = 0.0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    gammas: list[int] = field(default_factory=list)
-    accepted_by_position: list[int] = field(default_factory=list)
-    drafted_by_position: list[int] = field(default_factory=list)
-    # The mode chooser's decision trace: the answer's first step, every change between rounds and
-    # streaming, and every probe, each with the two rates (tok/s) that decided it.
-    mode_switches: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def gamma_mean(self) -> float:
-        return sum(self.gammas) / len(self.gammas) if self.gammas else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated / (self.total_ms / 1000.0) if self.total_ms > 0 else 0.0
-
-    @property
-    def tokens_per_forward(self) -> float:
-        verified = self.generated - self.local_tokens
-        return verified / self.target_forwards if self.target_forwards else 0.0
-
-    def record_round(self, drafted: int, accepted: int) -> None:
-        self.rounds += 1
-        self.drafted += drafted
-        self.accepted += accepted
-        self.gammas.append(drafted)
-        while len(self.drafted_by_position) < drafted:
-            self.drafted_by_position.append(0)
-            self.accepted_by_position.append(0)
-        for i in range(drafted):
-            self.drafted_by_position[i] += 1
-            if i < accepted:
-                self.accepted_by_position[i] += 1
-
-    def record_step(self, step: Step) -> None:
-        """Add a mode policy's step to the decision trace when it changes the mode or probes."""
-        if self.mode_switches and self.mode_switches[-1]["to"] == step.mode != "probe":
-            return
-
-        def rate(value: float | None) -> float | None:
-            return None if value is None else round(value, 2)
-
-        self.mode_switches.append({"at_token": self.generated, "to": step.mode,
-                                   "speculative_tok_s": rate(step.speculative_tok_s),
-                                   "streaming_tok_s": rate(step.streaming_tok_s), "gamma": step.gamma,
-                                   "why": step.why})
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data.update(acceptance_rate=self.acceptance_rate, gamma_mean=self.gamma_mean,
-                    tokens_per_second=self.tokens_per_second, tokens_per_forward=self.tokens_per_forward)
-        return data
 
 
 @dataclass(slots=True)
@@ -186,18 +109,21 @@ PieceCallback = Callable[[Piece], Any]
 class Run:
     """The state of one answer, shared by the speculative, cloud-only and local modes.
 
-    ``committed`` (prompt + answer) is the one committed sequence on the edge; every mode extends it
-    through :meth:`emit` only.
+    ``committed`` (prompt + answer) is the one committed sequence on the edge. While a request is open on
+    the verifier it *is* the session's (:attr:`ClientSession.committed`, which the session extends as the
+    answer loop receives verdicts and streamed tokens); between requests — answering locally while the
+    verifier is unreachable, or before the first request — the answer holds it itself. :meth:`open_request`
+    and :meth:`close_request` hand it over, so there is never a second copy to reconcile.
     """
 
     settings: Settings
     seed: int
     prompt_len: int
-    committed: list[int]
     detok: IncrementalDetokenizer
     controller: GammaController
     on_piece: PieceCallback | None
     modes: ModePolicy | None = None  # None: speculative rounds only
+    context_acceptance: SourceAcceptance | None = None  # the lookup's acceptance so far (None: a fresh estimate)
     stats: AnswerStats = field(default_factory=AnswerStats)
     pieces: list[Piece] = field(default_factory=list)
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -205,16 +131,38 @@ class Run:
     clock: Stopwatch = field(default_factory=Stopwatch)
     stop_ids: frozenset[int] = frozenset()  # end-of-sequence and stop ids: drafting past them is wasted
     last_commit_ms: float = 0.0
+    held: list[int] = field(default_factory=list)  # the committed sequence while no request is open
+    session: ClientSession | None = None  # the session whose open request holds the committed sequence
 
     @classmethod
     def begin(cls, prompt_ids: list[int], settings: Settings, seed: int, tokenizer: Any,
               on_piece: PieceCallback | None, *, controller: GammaController | None = None,
-              modes: ModePolicy | None = None) -> Run:
-        """``controller`` carries estimates over from earlier answers (a fresh one when None)."""
-        return cls(settings=settings, seed=seed, prompt_len=len(prompt_ids), committed=list(prompt_ids),
+              modes: ModePolicy | None = None, context_acceptance: SourceAcceptance | None = None) -> Run:
+        """``controller`` and ``context_acceptance`` carry estimates over from earlier answers (fresh ones
+        when None)."""
+        return cls(settings=settings, seed=seed, prompt_len=len(prompt_ids), held=list(prompt_ids),
+                   context_acceptance=context_acceptance,
                    detok=IncrementalDetokenizer(tokenizer),
                    controller=controller or GammaController(settings.gamma_max, settings.gamma), on_piece=on_piece,
                    modes=modes if settings.mode_switching else None)
+
+    @property
+    def committed(self) -> list[int]:
+        """Prompt and answer so far (read only: the session, or :meth:`emit` with no request open, extend it)."""
+        return self.session.committed if self.session is not None else self.held
+
+    def open_request(self, session: ClientSession, mode: str) -> bytes:
+        """The ``start`` frame of a request continuing the committed sequence; the session holds it from now on."""
+        frame = session.start(list(self.held), max_new_tokens=self.remaining, sampling=self.wire_sampling,
+                              seed=self.seed, stop=list(self.settings.stop), mode=mode)
+        self.session = session
+        return frame
+
+    def close_request(self) -> None:
+        """The request ended or its connection was lost: the answer holds what was committed again (the
+        session received only what the answer loop handled, so nothing is lost or repeated)."""
+        if self.session is not None:
+            self.held, self.session = list(self.session.committed), None
 
     @property
     def remaining(self) -> int:
@@ -230,22 +178,15 @@ class Run:
         return m.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
 
     def emit(self, tokens: list[int], source: Source) -> None:
+        """Show ``tokens`` as committed: the session's (a verdict, streamed tokens), or, with no request
+        open (``local``), tokens the answer commits itself."""
         if not tokens:
             return
-        now, stats = self.clock.ms(), self.stats
-        if stats.generated == 0:
-            stats.ttft_ms = now
+        if self.session is None:
+            self.held.extend(tokens)
+        now = self.clock.ms()
         elapsed_s, self.last_commit_ms = (now - self.last_commit_ms) / 1000.0, now
-        self.committed.extend(tokens)
-        stats.generated += len(tokens)
-        if source == "local":
-            stats.local_tokens += len(tokens)
-        elif source == "cloud":
-            stats.cloud_tokens += len(tokens)
-            stats.cloud_s += elapsed_s
-        else:
-            stats.speculative_tokens += len(tokens)
-            stats.speculative_s += elapsed_s
+        self.stats.on_committed(len(tokens), source, now, elapsed_s)
         self._piece(Piece(token_ids=list(tokens), text=self.detok.push(list(tokens)), source=source))
 
     def answer(self) -> Answer:
@@ -253,8 +194,9 @@ class Run:
         tail = self.detok.flush()
         if tail:
             self._piece(Piece(token_ids=[], text=tail, source=self.pieces[-1].source if self.pieces else "target"))
-        return Answer(text=self.detok.text, prompt_token_ids=self.committed[: self.prompt_len],
-                      token_ids=self.committed[self.prompt_len:], finish_reason=self.finish_reason,
+        committed = self.committed
+        return Answer(text=self.detok.text, prompt_token_ids=committed[: self.prompt_len],
+                      token_ids=committed[self.prompt_len:], finish_reason=self.finish_reason,
                       stats=self.stats, pieces=self.pieces)
 
     def _piece(self, piece: Piece) -> None:
@@ -267,8 +209,7 @@ def take_streamed(run: Run, event: TokensStreamed) -> bool:
     """Commit tokens the verifier generated alone (cloud-only, or a stream within speculation); True when
     they end the answer."""
     tokens = event.tokens
-    run.stats.target_forwards += len(tokens.tokens)
-    run.stats.verify_ms += tokens.forward_ms
+    run.stats.on_tokens_streamed(len(tokens.tokens), tokens.forward_ms)
     run.emit(list(tokens.tokens), "cloud")
     if tokens.finished:
         run.finish_reason = tokens.reason
@@ -278,7 +219,7 @@ def take_streamed(run: Run, event: TokensStreamed) -> bool:
 def common_event(run: Run, event: ClientEvent) -> bool:
     """Handle the events every kind of answer treats alike; True when the request is over."""
     if isinstance(event, RequestStarted):
-        run.stats.cached_prompt_tokens = event.started.cached_tokens
+        run.stats.on_request_started(event.started.cached_tokens)
         return False
     if isinstance(event, RequestCancelled):
         run.finish_reason = "cancelled"

@@ -20,22 +20,23 @@ from specd.shared.sampling import LOCAL_STREAM, SamplingParams, position_generat
 
 async def generate_cloud(link: Link, run: Run) -> None:
     """The verifier generates alone and streams; connection loss raises ``Disconnected``."""
-    session = link.session
-    await link.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
-                                  seed=run.seed, stop=list(run.settings.stop), mode="cloud"))
+    await link.send(run.open_request(link.session, "cloud"))
     cancel_sent = False
-    while True:
-        if run.cancelled and not cancel_sent:
-            await link.send(session.cancel())
-            cancel_sent = True
-        event = await link.next_event(None, run.cancel_event)
-        if event is None:
-            continue
-        if isinstance(event, TokensStreamed):
-            if take_streamed(run, event):
+    try:
+        while True:
+            if run.cancelled and not cancel_sent:
+                await link.send(link.session.cancel())
+                cancel_sent = True
+            event = await link.next_event(None, run.cancel_event)
+            if event is None:
+                continue
+            if isinstance(event, TokensStreamed):
+                if take_streamed(run, event):
+                    return
+            elif common_event(run, event):
                 return
-        elif common_event(run, event):
-            return
+    finally:
+        run.close_request()
 
 
 def local_step(drafter: Drafter, params: SamplingParams, seed: int) -> int:
@@ -62,7 +63,7 @@ async def generate_local(link: Link, run: Run, reconnected: asyncio.Future) -> N
             return
         start = run.clock.ms()
         token = await link.in_drafter(lambda: local_step(drafter, run.settings.sampling, run.seed))
-        run.stats.edge_ms += run.clock.ms() - start
+        run.stats.on_drafting(run.clock.ms() - start)
         run.emit([token], "local")
         reason = stop_reason(token, eos, run.settings.stop)
         if reason is not None:

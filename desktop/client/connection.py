@@ -73,7 +73,8 @@ async def open_connection(endpoint: Endpoint) -> ClientConnection:
         status = exc.response.status_code
         if status == 401:
             hint = ("set the key in SPECD_API_KEY or [client] api_key_file" if not endpoint.api_key
-                    else "the key was refused; check it matches the server's SPECD_API_KEY")
+                    else "the key was refused (unknown or revoked); ask the server's operator for this "
+                    "laptop's key (specd-verifier keys add NAME)")
             raise ConnectionFailed(f"the verifier at {where} requires an API key: {hint}", retry=False) from None
         if status == 503:
             raise ConnectionFailed(f"the verifier at {where} is still loading its model", retry=True) from None

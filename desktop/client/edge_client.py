@@ -9,7 +9,8 @@ conversation: the committed tokens are the single source of truth, so nothing is
 
 The client's estimates (acceptance, draft and verify times, round trip, the verifier's streaming rate)
 outlive an answer: each answer starts in the mode they favour, the first from priors and the round trip
-of the handshake. ``modes`` is the policy that chooses between rounds and streaming (a test may swap it).
+of the handshake (``estimates`` starts from a given controller instead, e.g. one that records the rounds).
+``modes`` is the policy that chooses between rounds and streaming (a test may swap it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,7 +40,8 @@ from specd.desktop.client.connection import (
     reconnect,
 )
 from specd.desktop.client.mode_chooser import ModeChooser
-from specd.desktop.client.speculation import speculate
+from specd.desktop.client.round_planner import SourceAcceptance
+from specd.desktop.client.speculation import Speculation
 from specd.desktop.drafters.base import Drafter
 from specd.shared import __version__
 from specd.shared import messages as m
@@ -56,7 +59,7 @@ StatusCallback = Callable[[str, str], Any]  # (state, human message)
 class EdgeClient:
     def __init__(self, endpoint: Endpoint, *, tokenizer: Any, fingerprint: str, drafter: Drafter | None = None,
                  on_disconnect: str = "local", reconnect_max_s: float = 30.0,
-                 on_status: StatusCallback | None = None) -> None:
+                 on_status: StatusCallback | None = None, estimates: GammaController | None = None) -> None:
         self.endpoint = endpoint
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
@@ -68,19 +71,21 @@ class EdgeClient:
         self.session = ClientSession(tokenizer=fingerprint)
         self.welcome: m.Welcome | None = None
         self._ws: ClientConnection | None = None
-        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._inbox: asyncio.Queue = asyncio.Queue()  # frames, then Disconnected when the connection ends
+        self._pending: deque[ClientEvent] = deque()  # events of a received frame not yet handed out
         self._reader: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specd-draft")
         self._bytes_sent = self._bytes_received = 0
         self._run: Run | None = None
         self._eos: frozenset[int] | None = None
         self._pace = RateLimiter(0)  # the server's message rate limit, from its welcome
-        self._controller: GammaController | None = None  # kept across answers (see _estimates)
+        self._controller = estimates  # kept across answers (see _estimates); None: made at the first answer
         # Where a new controller's estimates start: the draft precision record's figures once the precision
-        # is settled (commands/draft_precision.py), else built-in guesses.
+        # is settled (desktop/precision/measure.py), else built-in guesses.
         self.estimate_priors: EstimatePriors | None = None
         self.modes: ModePolicy | None = None
         self._handshake_ms: float | None = None
+        self._context_acceptance = SourceAcceptance()  # the context lookup's, kept across answers like the controller
 
     # -- connection -----------------------------------------------------------------------------
     @property
@@ -128,24 +133,23 @@ class EdgeClient:
                 self._eos = frozenset(event.welcome.eos)
                 self._pace = client_pacer(event.welcome.limits.max_messages_per_second)
                 self._inbox = asyncio.Queue()
-                self._reader = asyncio.create_task(self._read(ws, session, self._inbox))
+                self._pending.clear()
+                self._reader = asyncio.create_task(self._read(ws, self._inbox))
                 self.set_state("connected", f"connected to {self.endpoint.display} ({event.welcome.model})")
                 return event.welcome
         await ws.close()
         raise ConnectionFailed("the verifier did not answer the handshake", retry=True)
 
-    async def _read(self, ws: ClientConnection, session: ClientSession, inbox: asyncio.Queue) -> None:
+    async def _read(self, ws: ClientConnection, inbox: asyncio.Queue) -> None:
+        """Queue the frames as they arrive; the session receives them where the answer loop reads them
+        (:meth:`next_event`), so its committed sequence is always what the answer has handled."""
         try:
             async for frame in ws:
                 self._bytes_received += len(frame)
-                for event in session.receive(frame):
-                    inbox.put_nowait(event)
+                inbox.put_nowait(frame)
             reason = plain_close_reason(ws.close_exc)
         except ConnectionClosed as exc:
             reason = plain_close_reason(exc)
-        except ProtocolError as exc:
-            reason = f"the verifier broke the protocol: {exc}"
-            await ws.close()
         inbox.put_nowait(Disconnected(reason))
         if self._run is None and ws is self._ws:  # idle: say so now, not at the next answer
             self.set_state("offline", f"lost the verifier at {self.endpoint.display}: {reason}")
@@ -182,7 +186,24 @@ class EdgeClient:
         self._bytes_sent += len(frame)
 
     async def next_event(self, other: asyncio.Future | None, cancel: asyncio.Event) -> ClientEvent | None:
-        """The next server event; None when ``other`` finished or cancel was set first."""
+        """The next server event; None when ``other`` finished or cancel was set first. The session
+        receives each frame here, in the answer loop, not when it arrives."""
+        while not self._pending:
+            frame = await self._next_frame(other, cancel)
+            if frame is None:
+                return None
+            try:
+                self._pending.extend(self.session.receive(frame))
+            except ProtocolError as exc:
+                await self._drop_connection()
+                raise Disconnected(f"the verifier broke the protocol: {exc}") from None
+        event = self._pending.popleft()
+        if isinstance(event, ServerFailed) and event.error.code in GOING_AWAY:
+            await self._drop_connection()
+            raise Disconnected(event.error.message)  # the verifier is leaving: reconnect, resume
+        return event
+
+    async def _next_frame(self, other: asyncio.Future | None, cancel: asyncio.Event) -> bytes | str | None:
         getter = asyncio.ensure_future(self._inbox.get())
         waiters = {getter}
         cancel_wait = None
@@ -196,16 +217,14 @@ class EdgeClient:
         finally:
             if cancel_wait is not None:
                 cancel_wait.cancel()
-        if getter in done:
-            event = getter.result()
-            if isinstance(event, ServerFailed) and event.error.code in GOING_AWAY:
-                event = Disconnected(event.error.message)  # the verifier is leaving: reconnect, resume
-            if isinstance(event, Disconnected):
-                await self._drop_connection()
-                raise event
-            return event
-        getter.cancel()
-        return None
+        if getter not in done:
+            getter.cancel()
+            return None
+        item = getter.result()
+        if isinstance(item, Disconnected):
+            await self._drop_connection()
+            raise item
+        return item
 
     @property
     def drafter_executor(self) -> ThreadPoolExecutor:
@@ -248,11 +267,11 @@ class EdgeClient:
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         controller = self._estimates(settings)
         run = Run.begin(prompt_ids, settings, seed, self.tokenizer, on_piece, controller=controller,
-                        modes=self.modes)
+                        modes=self.modes, context_acceptance=self._context_acceptance)
         stats = run.stats
         if self.drafter is not None:
-            stats.device, stats.backend = self.drafter.device, self.drafter.backend
-            stats.draft_precision, stats.draft_precision_reason = self.drafter.precision, self.drafter.precision_reason
+            drafter = self.drafter
+            stats.on_drafter(drafter.device, drafter.backend, drafter.precision, drafter.precision_reason)
         sent0, received0 = self._bytes_sent, self._bytes_received
         self._run = run
         try:
@@ -270,20 +289,18 @@ class EdgeClient:
                             run.finish_reason = "cancelled" if run.cancelled else "disconnected"
                         continue
                     if self.drafter is not None:
-                        await speculate(self, run)
+                        await Speculation(self, run).run_to_end()
                     else:
                         await generate_cloud(self, run)
                 except Disconnected as exc:
                     self.set_state("offline", f"lost the verifier at {self.endpoint.display}: {exc}")
-                    stats.reconnects += 1
+                    stats.on_reconnect()
             if run.finish_reason is None:
                 run.finish_reason = "length"
         finally:
             self._run = None
-            stats.total_ms = run.clock.ms()
-            stats.bytes_sent, stats.bytes_received = self._bytes_sent - sent0, self._bytes_received - received0
-        stats.mode = ("cloud-only" if self.drafter is None else
-                      "local" if stats.local_tokens else "speculative")
+            mode = "cloud-only" if self.drafter is None else "local" if stats.local_tokens else "speculative"
+            stats.on_answer_end(mode, run.clock.ms(), self._bytes_sent - sent0, self._bytes_received - received0)
         return run.answer()
 
     def _estimates(self, settings: Settings) -> GammaController:

@@ -1,12 +1,15 @@
-"""One answer's speculative rounds: draft → verdict, optionally drafting ahead, and (with a mode policy,
-``Run.modes``) stretches the verifier generates alone, asked for with ``stream`` in the same request.
+"""One answer's speculative request: rounds of drafts and their verdicts, drafting ahead
+(drafting_ahead.py), and — with a mode policy, ``Run.modes`` — stretches the verifier generates alone,
+asked for with ``stream`` in the same request.
 
-``Run.committed`` is the one committed sequence. Each round is drafted with
-``drafter.propose(prefix, γ, …)``, and the drafter reconciles its own cache with ``prefix`` (longest
-common prefix), so nothing here mirrors or resyncs it. A round drafted ahead is proposed after
-``committed + drafts in flight + [guess]``; it stays useful only while the committed sequence becomes
-exactly that prefix. Drafts are keyed by position and seed, so the output does not depend on whether
-rounds were drafted ahead — only the time does.
+:class:`Speculation` is a small event loop: when nothing is in flight it sends what the policy says (a
+round, a stream, or both), then hands each server event to its handler — :meth:`~Speculation.on_verdict`,
+:meth:`~Speculation.on_streamed`, :meth:`~Speculation.on_discarded`. The committed sequence is the
+session's, extended as the events are received here, so nothing mirrors it. Each round's drafts come
+from where the :class:`~specd.desktop.client.round_planner.RoundPlanner` says — the draft model
+(``drafter.propose(prefix, γ, …)``, which reconciles its own cache with ``prefix``), the context lookup
+(context_lookup.py, which reconciles its index the same way), or the lookup continued by the model; a
+looked-up round in flight may be followed by the lookup's next one, sent ahead without drafting.
 
 Switching keeps the request, so the verifier keeps its KV cache and each position is produced once: by
 a round or by a streamed step, chosen from what was measured so far (docs/protocol.md §5).
@@ -14,29 +17,19 @@ a round or by a streamed step, chosen from what was measured so far (docs/protoc
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
-from specd.desktop.client.adaptive import ModePolicy, Step
+from specd.desktop.client.adaptive import Step
 from specd.desktop.client.answer import Run, common_event, take_streamed
+from specd.desktop.client.context_lookup import ContextLookup
+from specd.desktop.client.drafting_ahead import DraftingAhead
 from specd.desktop.client.link import Link
-from specd.desktop.drafters.base import DraftProposal
-from specd.shared.protocol import ClientState, RoundDiscarded, RoundVerdict, TokensStreamed
-from specd.shared.sampling import ProposalDistribution
+from specd.desktop.client.round_planner import RoundPlanner
+from specd.desktop.client.rounds import SentRound, propose_timed, with_lookup
+from specd.shared.protocol import RoundDiscarded, RoundVerdict, TokensStreamed
 
-
-@dataclass(slots=True)
-class _Round:
-    number: int
-    prefix: list[int]  # the committed sequence this round's drafts continue
-    tokens: list[int]
-    draft_ms: float
-    ahead: bool
-    sent_at: float = 0.0
+_ROUND = Step(round=True)
 
 
 @dataclass(slots=True)
@@ -49,272 +42,240 @@ class _Streaming:
     since_round: bool = False  # tokens were streamed since the last round: the drafter has not read them
 
 
-_ROUND = Step(round=True)
-
-
-@dataclass(slots=True)
-class _AheadJob:
-    """Drafting the next round in the drafter thread while the current one is verified."""
-
-    gamma: int
-    base: list[int]  # the current round's prefix and drafts; the guess comes after them
-    abort: threading.Event = field(default_factory=threading.Event)
-    guess: asyncio.Future | None = None
-    task: asyncio.Future | None = None
-
-    async def prefix(self) -> list[int]:
-        """The committed sequence this round assumes: ``base`` and the guessed target token."""
-        return [*self.base, await self.guess]
-
-
 async def speculate(link: Link, run: Run) -> None:
     """Run rounds until the request finishes or is cancelled; connection loss raises out of here."""
-    session, settings = link.session, run.settings
-    run.stop_ids = link.eos_ids() | frozenset(settings.stop)
-    modes = run.modes if session.can_stream else None  # a verifier that does not announce it: rounds only
-    await link.send(session.start(list(run.committed), max_new_tokens=run.remaining, sampling=run.wire_sampling,
-                                    seed=run.seed, stop=list(settings.stop), mode="speculative"))
-    streaming = _Streaming()
-    step = _next_step(run, modes)
-    if step.round:
-        await link.in_drafter(lambda: link.drafter.prefill(run.committed))  # while the verifier prefills
-    in_flight: list[_Round] = []
-    ahead: _AheadJob | None = None
-    cancel_sent = False
-    try:
-        while True:
-            if run.cancelled and not cancel_sent:
-                await link.send(session.cancel())
-                cancel_sent = True
-            active = session.state is ClientState.ACTIVE  # the reader may have seen the request end
-            if (active and not cancel_sent and not in_flight and ahead is None and not streaming.owed
-                    and len(session.committed) == len(run.committed)):  # nothing waits in the inbox
-                if step is None:
-                    step = _next_step(run, modes)
-                if step.round:
-                    if streaming.since_round:
-                        await _catch_up(link, run)
-                        streaming.since_round = False
-                    sent = await _send_round(link, run)
-                    if sent is not None:
-                        in_flight.append(sent)
-                if step.stream and session.state is ClientState.ACTIVE:
-                    await _ask_stream(link, streaming, step.stream)
-                step = None
-            room = run.remaining - len(in_flight[0].tokens) - 1 if len(in_flight) == 1 else 0
-            if (active and settings.pipeline and not cancel_sent and ahead is None and room >= 1
-                    and not streaming.owed  # a stream follows the round: its tokens, not a guess, come next
-                    and run.controller.worth_drafting_ahead(len(in_flight[0].tokens), run.controller.choose(room))):
-                ahead = _start_ahead(link, run, in_flight[0], room)
-            event = await link.next_event(ahead.task if ahead else None, run.cancel_event)
-            if event is None:  # the ahead round is drafted, or the user asked to cancel
-                if ahead is not None and ahead.task.done():
-                    sent = await _finish_ahead(link, run, ahead)
-                    ahead = None
-                    if sent is not None:
-                        in_flight.append(sent)
-                continue
-            if isinstance(event, RoundVerdict):
-                current = in_flight.pop(0) if in_flight and in_flight[0].number == event.verdict.round else None
-                _account(run, event, current)
-                if (ahead is not None and ahead.guess.done() and current is not None
-                        and event.verdict.accepted == event.drafted):
-                    run.controller.observe_guess(ahead.guess.result() == event.verdict.token)
-                run.emit(event.new_tokens[:-1], "draft")
-                run.emit(event.new_tokens[-1:], "target")
-                if event.finished:
-                    run.finish_reason = event.verdict.reason
-                    return
-                if not await _next_round_still_fits(run, in_flight, ahead):
-                    # Rounds already sent ahead come back as 'discarded'.
-                    await _forget_rounds_ahead(run, in_flight, ahead)
-                    ahead = None
-            elif isinstance(event, TokensStreamed):
-                if _streamed(run, event, streaming, modes):
-                    return
-                if modes is not None and not cancel_sent:
-                    more = modes.top_up(run.remaining, streaming.owed)
-                    if more > 0:
-                        await _ask_stream(link, streaming, more)
-            elif isinstance(event, RoundDiscarded):
-                run.stats.discarded_rounds += 1
-                if any(r.number == event.discarded.round for r in in_flight):
-                    # The server did not build on what this round assumed, so neither can anything
-                    # drafted after it: forget those drafts and draft again from the committed tokens.
-                    await _forget_rounds_ahead(run, in_flight, ahead)
-                    ahead = None
-            elif common_event(run, event):
-                return
-    finally:
-        if ahead is not None:
-            await _drop_ahead(run, ahead)
+    await Speculation(link, run).run_to_end()
 
 
-def _next_step(run: Run, modes: ModePolicy | None) -> Step:
-    """What to send next; the mode policy's choice goes into the answer's decision trace."""
-    if modes is None:
-        return _ROUND
-    step = modes.next_step(run.remaining)
-    run.stats.record_step(step)
-    return step
+class Speculation:
+    """The speculative request of one answer over ``link``."""
 
+    def __init__(self, link: Link, run: Run) -> None:
+        self.link, self.run = link, run
+        self.modes = run.modes if link.session.can_stream else None  # a verifier that does not announce it
+        self.streaming = _Streaming()
+        self.in_flight: list[SentRound] = []
+        self.ahead: DraftingAhead | None = None
+        self.cancel_sent = False
+        self.step: Step | None = None  # what to send once nothing is in flight (None: ask the policy then)
+        lookup = ContextLookup() if run.settings.context_proposer else None
+        self.planner = RoundPlanner(run.controller, lookup, run.context_acceptance)
 
-async def _forget_rounds_ahead(run: Run, in_flight: list[_Round], ahead: _AheadJob | None) -> None:
-    """Forget the rounds in flight and the one being drafted ahead (the next round is drafted from
-    the committed tokens; the drafter reconciles its cache itself)."""
-    if ahead is not None:
-        await _drop_ahead(run, ahead)
-    in_flight.clear()
+    async def run_to_end(self) -> None:
+        """Send the request and handle its events until it ends; connection loss raises out of here."""
+        link, run = self.link, self.run
+        run.stop_ids = link.eos_ids() | frozenset(run.settings.stop)
+        await link.send(run.open_request(link.session, "speculative"))
+        try:
+            self.step = self._next_step()
+            if self.step.round:
+                prompt = list(run.committed)
+                await link.in_drafter(lambda: link.drafter.prefill(prompt))  # while the verifier prefills
+            while not await self._turn():
+                pass
+        finally:
+            if self.ahead is not None:
+                await self.ahead.drop(run)
+            run.close_request()
 
+    async def _turn(self) -> bool:
+        """Send what is due, wait for one event and handle it; True when the request is over."""
+        link, run = self.link, self.run
+        if run.cancelled and not self.cancel_sent:
+            await link.send(link.session.cancel())
+            self.cancel_sent = True
+        if not self.cancel_sent and not self.in_flight and self.ahead is None and not self.streaming.owed:
+            await self._send_step()
+        await self._maybe_look_ahead()
+        self._maybe_draft_ahead()
+        event = await link.next_event(self.ahead.task if self.ahead else None, run.cancel_event)
+        if event is None:  # the round drafted ahead is ready, or the user asked to cancel
+            if self.ahead is not None and self.ahead.task.done():
+                sent = await self.ahead.finish(link, run)
+                self.ahead = None
+                if sent is not None:
+                    self.in_flight.append(sent)
+            return False
+        if isinstance(event, RoundVerdict):
+            return await self.on_verdict(event)
+        if isinstance(event, TokensStreamed):
+            return await self.on_streamed(event)
+        if isinstance(event, RoundDiscarded):
+            await self.on_discarded(event)
+            return False
+        return common_event(run, event)
 
-async def _ask_stream(link: Link, streaming: _Streaming, tokens: int) -> None:
-    tokens = min(tokens, link.session.welcome.limits.max_stream_tokens)
-    await link.send(link.session.stream(tokens))
-    streaming.owed += tokens
+    # -- sending ----------------------------------------------------------------------------------
+    def _next_step(self) -> Step:
+        """What to send next; the mode policy's choice goes into the answer's decision trace."""
+        if self.modes is None:
+            return _ROUND
+        step = self.modes.next_step(self.run.remaining)
+        self.run.stats.on_mode_step(step)
+        return step
 
+    async def _send_step(self) -> None:
+        step, self.step = self.step or self._next_step(), None
+        if step.round:
+            if self.streaming.since_round:
+                await self._catch_up()
+                self.streaming.since_round = False
+            self.in_flight.append(await self._send_round())
+        if step.stream:
+            await self._ask_stream(step.stream)
 
-def _streamed(run: Run, event: TokensStreamed, streaming: _Streaming, modes: ModePolicy | None) -> bool:
-    """Tokens the verifier generated alone; True when they end the answer."""
-    now = time.perf_counter()
-    count = len(event.tokens.tokens)
-    gap_ms = (now - streaming.last_at) * 1000.0 if streaming.steady else None
-    streaming.owed = max(0, streaming.owed - count)
-    streaming.steady, streaming.last_at, streaming.since_round = streaming.owed > 0, now, True
-    if modes is not None:
-        modes.observe_stream(count, event.tokens.forward_ms, gap_ms)
-    return take_streamed(run, event)
+    async def _send_round(self) -> SentRound:
+        link, run, settings = self.link, self.run, self.run.settings
+        prefix = list(run.committed)
+        plan = self.planner.plan(prefix, run.remaining, link.max_gamma(len(prefix)), run.stop_ids)
+        model, draft_ms = None, 0.0
+        if plan.model_gamma:
+            after = [*prefix, *plan.lookup]
+            model, draft_ms = await link.in_drafter(lambda: propose_timed(
+                link.drafter, after, plan.model_gamma, settings.sampling, settings.support_k, run.seed, run.stop_ids))
+            run.stats.on_drafting(draft_ms)
+        proposal = with_lookup(plan.lookup, model, settings.sampling.greedy)
+        number, frame = link.session.draft(proposal.tokens, proposal.wire())
+        await link.send(frame)
+        return SentRound(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
+                         sent_at=time.perf_counter(), context=len(plan.lookup), matched=plan.matched,
+                         found=plan.found)
 
+    async def _catch_up(self) -> None:
+        """Let the drafter read the streamed tokens before the round is timed: that forward is the price of
+        having streamed, not of drafting, and timing it would make drafting look slower than it is."""
+        drafter, prefix, run = self.link.drafter, list(self.run.committed), self.run
+        start = run.clock.ms()
+        await self.link.in_drafter(lambda: (drafter.prefill(prefix), drafter.next_logits()))
+        run.stats.on_drafting(run.clock.ms() - start)
 
-def _account(run: Run, event: RoundVerdict, current: _Round | None) -> None:
-    verdict, stats = event.verdict, run.stats
-    server_ms = verdict.queue_ms + verdict.forward_ms
-    drafted, accepted = event.drafted, verdict.accepted
-    if verdict.finished and current is not None:
-        # The request ended inside the round: drafts after the stop were never judged, and a draft that
-        # was itself the stop token comes back as the verdict's token although it was right.
-        drafted = min(drafted, accepted + 1)
-        if accepted < drafted and current.tokens[accepted] == verdict.token:
-            accepted += 1
-    stats.record_round(drafted, accepted)
-    # The answer's first round (unless a stream came first) pays first-call costs: the prompt's prefill
-    # in its wait, a drafter's first call: its acceptance counts, its times would mislead.
-    cold = stats.rounds == 1 and stats.cloud_tokens == 0
-    stats.target_forwards += 1
-    stats.verify_ms += server_ms
-    network_ms = None
-    if current is not None and not current.ahead:
-        # Rounds sent ahead waited for the previous verdict too; only plain rounds time the network.
-        network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
-        stats.network_ms += network_ms
-    # A round sent ahead queues behind the previous one; that wait is overlap, not verification cost.
-    verify_ms = verdict.forward_ms if current is not None and current.ahead else server_ms
-    run.controller.observe_round(
-        drafted=drafted, accepted=accepted, draft_ms=current.draft_ms if current else 0.0,
-        network_ms=run.controller.estimate().network_ms if network_ms is None else network_ms,
-        verify_ms=verify_ms, cold=cold)
+    async def _ask_stream(self, tokens: int) -> None:
+        session = self.link.session
+        tokens = min(tokens, session.welcome.limits.max_stream_tokens)
+        await self.link.send(session.stream(tokens))
+        self.streaming.owed += tokens
 
+    async def _maybe_look_ahead(self) -> None:
+        """While a round is verified, send the next one ahead if the lookup has it and it beats the model's
+        round drafted ahead: no drafting."""
+        run, in_flight, session = self.run, self.in_flight, self.link.session
+        if (len(in_flight) != 1 or self.ahead is not None or self.cancel_sent or self.streaming.owed
+                or not run.settings.pipeline or session.committed != in_flight[0].prefix):
+            return
+        current = in_flight[0]
+        room = run.remaining - len(current.tokens) - 1
+        position = len(current.prefix) + len(current.tokens) + 1
+        found = self.planner.look_ahead(current.prefix, current.tokens, current.context, current.matched, room,
+                                        self.link.max_gamma(position), run.stop_ids)
+        if found is None:
+            return
+        guess, tokens, matched = found
+        proposal = with_lookup(tokens, None, run.settings.sampling.greedy)
+        number, frame = session.draft(proposal.tokens, proposal.wire(), assumed=[*current.tokens, guess])
+        await self.link.send(frame)
+        run.stats.on_round_sent_ahead()
+        in_flight.append(SentRound(number=number, prefix=[*current.prefix, *current.tokens, guess], tokens=tokens,
+                                   draft_ms=0.0, ahead=True, sent_at=time.perf_counter(), context=len(tokens),
+                                   matched=matched))
 
-async def _send_round(link: Link, run: Run) -> _Round | None:
-    if len(link.session.committed) != len(run.committed):
-        return None  # a verdict is waiting in the inbox: draft after it is handled
-    gamma = min(run.controller.choose(run.remaining), link.max_gamma(len(run.committed)))
-    prefix = list(run.committed)
-    proposal, draft_ms = await link.in_drafter(lambda: _propose(link, run, prefix, gamma))
-    run.stats.edge_ms += draft_ms
-    if link.session.state is not ClientState.ACTIVE:
-        return None  # the request ended while drafting; its events are waiting in the inbox
-    number, frame = link.session.draft(proposal.tokens, proposal.wire())
-    await link.send(frame)
-    return _Round(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=False,
-                  sent_at=time.perf_counter())
+    def _maybe_draft_ahead(self) -> None:
+        run, in_flight = self.run, self.in_flight
+        room = run.remaining - len(in_flight[0].tokens) - 1 if len(in_flight) == 1 else 0
+        if (run.settings.pipeline and not self.cancel_sent and self.ahead is None and room >= 1
+                and not self.streaming.owed  # a stream follows the round: its tokens, not a guess, come next
+                and run.controller.worth_drafting_ahead(len(in_flight[0].tokens), run.controller.choose(room))):
+            self.ahead = DraftingAhead.start(self.link, run, in_flight[0], room)
 
+    # -- events -----------------------------------------------------------------------------------
+    async def on_verdict(self, event: RoundVerdict) -> bool:
+        run, in_flight = self.run, self.in_flight
+        current = in_flight.pop(0) if in_flight and in_flight[0].number == event.verdict.round else None
+        self._account(event, current)
+        if self.ahead is not None and current is not None and event.verdict.accepted == event.drafted:
+            hit = self.ahead.guessed(event.verdict.token)
+            if hit is not None:
+                run.controller.observe_guess(hit)
+        run.emit(event.new_tokens[:-1], "draft")
+        run.emit(event.new_tokens[-1:], "target")
+        if event.finished:
+            run.finish_reason = event.verdict.reason
+            return True
+        if not await self._next_round_still_fits():
+            await self._forget_rounds_ahead()  # rounds already sent ahead come back as 'discarded'
+        return False
 
-async def _catch_up(link: Link, run: Run) -> None:
-    """Let the drafter read the streamed tokens before the round is timed: that forward is the price of
-    having streamed, not of drafting, and timing it would make drafting look slower than it is."""
-    drafter, prefix = link.drafter, list(run.committed)
-    start = run.clock.ms()
-    await link.in_drafter(lambda: (drafter.prefill(prefix), drafter.next_logits()))
-    run.stats.edge_ms += run.clock.ms() - start
+    async def on_streamed(self, event: TokensStreamed) -> bool:
+        """Tokens the verifier generated alone; True when they end the answer."""
+        streaming, modes = self.streaming, self.modes
+        now = time.perf_counter()
+        count = len(event.tokens.tokens)
+        gap_ms = (now - streaming.last_at) * 1000.0 if streaming.steady else None
+        streaming.owed = max(0, streaming.owed - count)
+        streaming.steady, streaming.last_at, streaming.since_round = streaming.owed > 0, now, True
+        if modes is not None:
+            modes.observe_stream(count, event.tokens.forward_ms, gap_ms)
+        if take_streamed(self.run, event):
+            return True
+        if modes is not None and not self.cancel_sent:
+            more = modes.top_up(self.run.remaining, streaming.owed)
+            if more > 0:
+                await self._ask_stream(more)
+        return False
 
+    async def on_discarded(self, event: RoundDiscarded) -> None:
+        self.run.stats.on_round_discarded()
+        if any(r.number == event.discarded.round for r in self.in_flight):
+            # The server did not build on what this round assumed, so neither can anything drafted after
+            # it: forget those drafts and draft again from the committed tokens.
+            await self._forget_rounds_ahead()
 
-def _propose(link: Link, run: Run, prefix: list[int], gamma: int) -> tuple[DraftProposal, float]:
-    start = time.perf_counter()
-    proposal = link.drafter.propose(prefix, gamma, run.settings.sampling, run.settings.support_k, run.seed,
-                                    run.stop_ids)
-    return proposal, (time.perf_counter() - start) * 1000.0
+    def _account(self, event: RoundVerdict, current: SentRound | None) -> None:
+        run, verdict = self.run, event.verdict
+        server_ms = verdict.queue_ms + verdict.forward_ms
+        drafted, accepted = event.verified, verdict.accepted  # drafts the budget left unverified were not judged
+        run.controller.observe_server_gamma(event.suggested_gamma)
+        if verdict.finished and current is not None:
+            # The request ended inside the round: drafts after the stop were never judged, and a draft that
+            # was itself the stop token comes back as the verdict's token although it was right.
+            drafted = min(drafted, accepted + 1)
+            if accepted < drafted and current.tokens[accepted] == verdict.token:
+                accepted += 1
+        network_ms = None
+        if current is not None and not current.ahead:
+            # Rounds sent ahead waited for the previous verdict too; only plain rounds time the network.
+            network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
+        looked_up = min(current.context, drafted) if current is not None else 0
+        run.stats.on_round_verdict(drafted, accepted, server_ms, network_ms, context=looked_up)
+        # The answer's first round (unless a stream came first) pays first-call costs: the prompt's prefill
+        # in its wait, a drafter's first call: its acceptance counts, its times would mislead.
+        cold = run.stats.rounds == 1 and run.stats.cloud_tokens == 0
+        if current is not None:
+            self.planner.observe(looked_up, accepted, current.matched, current.found, event.new_tokens)
+        if looked_up and (accepted < looked_up or drafted == looked_up):
+            # The model's drafts were not judged (or there were none): the round says nothing of its
+            # acceptance or drafting time, only of the round trip.
+            if network_ms is not None:
+                run.controller.observe_network(network_ms)
+            return
+        # A round sent ahead queues behind the previous one; that wait is overlap, not verification cost.
+        verify_ms = verdict.forward_ms if current is not None and current.ahead else server_ms
+        run.controller.observe_round(
+            drafted=drafted - looked_up, accepted=accepted - looked_up, draft_ms=current.draft_ms if current else 0.0,
+            network_ms=run.controller.estimate().network_ms if network_ms is None else network_ms,
+            verify_ms=verify_ms, cold=cold)
 
+    async def _next_round_still_fits(self) -> bool:
+        """After a verdict: does the round sent or being drafted ahead continue the committed sequence?"""
+        if self.in_flight:
+            return self.in_flight[0].prefix == self.run.committed
+        if self.ahead is not None:
+            return await self.ahead.prefix() == self.run.committed
+        return True  # nothing ahead: the next round is drafted from the committed tokens
 
-def _start_ahead(link: Link, run: Run, current: _Round, room: int) -> _AheadJob:
-    base = [*current.prefix, *current.tokens]
-    gamma = max(1, min(run.controller.choose(room), link.max_gamma(len(base) + 1)))
-    job = _AheadJob(gamma=gamma, base=base)
-    loop = asyncio.get_running_loop()
-    job.guess = loop.create_future()
-    drafter, settings, seed, stop = link.drafter, run.settings, run.seed, run.stop_ids
-
-    def work() -> tuple[list[DraftProposal], float]:
-        # Assume every draft in flight is accepted and the bonus token is the draft's own best guess.
-        drafter.prefill(base)
-        guess = drafter.most_likely_next()
-        loop.call_soon_threadsafe(job.guess.set_result, guess)
-        start = time.perf_counter()
-        sequence = [*base, guess]
-        pieces: list[DraftProposal] = []
-        for _ in range(job.gamma):  # one at a time, so an abort stops it between tokens
-            if job.abort.is_set() or sequence[-1] in stop:
-                break
-            pieces.append(drafter.propose(sequence, 1, settings.sampling, settings.support_k, seed, stop))
-            sequence += pieces[-1].tokens
-        return pieces, (time.perf_counter() - start) * 1000.0
-
-    job.task = asyncio.ensure_future(link.in_drafter(work))
-    return job
-
-
-async def _collect(run: Run, job: _AheadJob) -> tuple[list[DraftProposal], float]:
-    pieces, draft_ms = await job.task
-    run.stats.edge_ms += draft_ms
-    return pieces, draft_ms
-
-
-async def _finish_ahead(link: Link, run: Run, job: _AheadJob) -> _Round | None:
-    """The ahead round is drafted: send it; the server verifies it only if the guess came true."""
-    pieces, draft_ms = await _collect(run, job)
-    if not pieces or link.session.state is not ClientState.ACTIVE:
-        return None
-    proposal = _merge(pieces)
-    prefix = await job.prefix()
-    # The session frames the round after *its* committed tokens, which already include any verdict
-    # the reader received but this loop has not handled yet: assume only what comes after those.
-    known = link.session.committed
-    if known != prefix[: len(known)]:
-        return None  # that verdict already ruled this round out
-    number, frame = link.session.draft(proposal.tokens, proposal.wire(), assumed=prefix[len(known):])
-    await link.send(frame)
-    run.stats.ahead_rounds += 1
-    run.controller.observe_draft_time(draft_ms / len(proposal.tokens))
-    return _Round(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=True,
-                  sent_at=time.perf_counter())
-
-
-async def _drop_ahead(run: Run, job: _AheadJob) -> None:
-    job.abort.set()
-    await _collect(run, job)
-
-
-async def _next_round_still_fits(run: Run, in_flight: list[_Round], job: _AheadJob | None) -> bool:
-    """After a verdict: does the round sent or being drafted ahead continue the committed sequence?"""
-    if in_flight:
-        return in_flight[0].prefix == run.committed
-    if job is not None:
-        return await job.prefix() == run.committed
-    return True  # nothing ahead: the next round is drafted from the committed tokens
-
-
-def _merge(pieces: list[DraftProposal]) -> DraftProposal:
-    tokens = [t for piece in pieces for t in piece.tokens]
-    if pieces[0].proposal is None:
-        return DraftProposal(tokens=tokens, proposal=None)
-    return DraftProposal(tokens=tokens, proposal=ProposalDistribution(
-        ids=torch.cat([p.proposal.ids for p in pieces]), probs=torch.cat([p.proposal.probs for p in pieces])))
+    async def _forget_rounds_ahead(self) -> None:
+        """Forget the rounds in flight and the one being drafted ahead (the next round is drafted from the
+        committed tokens; the drafter reconciles its cache itself)."""
+        if self.ahead is not None:
+            await self.ahead.drop(self.run)
+            self.ahead = None
+        self.in_flight.clear()

@@ -23,6 +23,9 @@ def stats_line(stats: Mapping[str, Any], finish_reason: str | None) -> str:
     if stats.get("rounds"):
         parts += [f"acceptance {stats.get('acceptance_rate', 0.0):.0%}", f"mean γ {stats.get('gamma_mean', 0.0):.1f}",
                   f"{stats.get('tokens_per_forward', 0.0):.2f} tok/forward"]
+        looked_up = (stats.get("proposed_by_source") or {}).get("context", 0)
+        if looked_up:
+            parts.append(f"{stats['accepted_by_source']['context']}/{looked_up} looked-up drafts accepted")
     elif local and mode != "cloud-only":
         parts.append("drafted locally")
     if mode != "cloud-only" and stats.get("cloud_tokens"):

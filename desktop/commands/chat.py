@@ -12,7 +12,7 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -20,11 +20,11 @@ import msgspec
 
 from specd.desktop.client.answer import Answer, Piece, Settings
 from specd.desktop.client.stats_line import stats_line as summary_line
-from specd.desktop.commands.draft_precision import settle_precision
 from specd.desktop.commands.launch import ClientSetup, build_client, check_draft_model
-from specd.desktop.drafters.precision import PrecisionPick
+from specd.desktop.precision.choice import PrecisionPick
+from specd.desktop.precision.measure import settle_precision
 from specd.shared.config import Config, default_config_path, load_config_with_origins
-from specd.shared.config_origins import flag_layer
+from specd.shared.config_origins import Origins, flag_layer
 from specd.shared.errors import ConfigError
 
 HELP = "Type a message and press Enter. /new starts a new conversation, /quit leaves (Ctrl+D too)."
@@ -67,6 +67,13 @@ CLIENT_FLAG_KEYS = {
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config with the flags applied; a draft model that is not there is refused here, before
     anything starts (see :func:`check_draft_model`)."""
+    return config_and_origins(args)[0]
+
+
+def config_and_origins(args: argparse.Namespace, extra_flags: Mapping[str, str] | None = None
+                       ) -> tuple[Config, Origins]:
+    """:func:`config_from_args` and where each value came from; ``extra_flags`` are a command's own
+    flags (``{"--api-port": "api.port"}``)."""
     path = args.config or default_config_path()
     gamma: Any = args.gamma
     if gamma is not None and gamma != "auto":
@@ -74,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             gamma = int(gamma)
         except ValueError:
             raise ConfigError(f'--gamma must be "auto" or a whole number, not {args.gamma!r}') from None
-    flags = flag_layer(args, CLIENT_FLAG_KEYS, {"--gamma": gamma, "--no-pipeline": False if args.no_pipeline else None})
+    flags = flag_layer(args, {**CLIENT_FLAG_KEYS, **(extra_flags or {})},
+                       {"--gamma": gamma, "--no-pipeline": False if args.no_pipeline else None})
     cfg, origins = load_config_with_origins(path, flags)
     check_draft_model(cfg, origins)
     if args.host or args.port:
@@ -84,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         cfg = msgspec.structs.replace(cfg, client=msgspec.structs.replace(
             cfg.client, server_url=urlunparse(url._replace(netloc=netloc))))
-    return cfg
+    return cfg, origins
 
 
 class Printer:

@@ -18,9 +18,9 @@ from dataclasses import replace
 
 from specd.desktop.client.answer import Answer
 from specd.desktop.commands.chat import Printer, add_client_options, config_from_args, say, stats_line
-from specd.desktop.commands.draft_precision import settle_precision
 from specd.desktop.commands.launch import build_client
 from specd.desktop.commands.local_verifier import LocalVerifier
+from specd.desktop.precision.measure import settle_precision
 from specd.shared.config import to_dict
 from specd.shared.models import ensure_hf_folder
 

@@ -71,8 +71,8 @@ def _smoke_test(drafter: Drafter) -> None:
 def open_drafter(row: DeviceRow, config: Config, progress: Progress | None = None, *,
                  catalog: Any = None) -> Drafter:
     """Prepare the draft model for ``row``'s backend (built and cached on first use, at the precision
-    :func:`~specd.desktop.drafters.precision.pick_precision` gives) and open it there."""
-    from specd.desktop.drafters.precision import pick_precision
+    :func:`~specd.desktop.precision.choice.pick_precision` gives) and open it there."""
+    from specd.desktop.precision.choice import pick_precision
 
     say = progress or (lambda _msg: None)
     pick = pick_precision(row, config, say)
@@ -83,7 +83,7 @@ def open_drafter(row: DeviceRow, config: Config, progress: Progress | None = Non
 
 def _open_at(row: DeviceRow, config: Config, precision: str, say: Progress, catalog: Any) -> Drafter:
     from specd.desktop.drafters.convert import prepare_draft
-    from specd.desktop.drafters.precision import draft_spec
+    from specd.desktop.precision.choice import draft_spec
 
     models = config.models
     spec = draft_spec(row, config)

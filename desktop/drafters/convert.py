@@ -1,4 +1,4 @@
-"""Preparing draft models for the edge backends, and ``specd convert``.
+"""Preparing draft models for the edge backends (``specd convert``, in commands/convert.py, runs this).
 
 Every source (preset, hub id, folder, GGUF) first becomes a Hugging Face folder
 (:func:`specd.shared.models.ensure_hf_folder`), then:
@@ -13,7 +13,6 @@ The embedded default draft (SmolLM2-135M-Instruct) is built on first use and cac
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -141,50 +140,3 @@ def prepare_draft(spec: str, backend: str, precision: str, *, cache_override: st
         return _cached(target, lambda out: export_openvino(hf_folder, out, precision, say), say,
                        f"Preparing the {backend} draft of {source.name} (once, ~15 s)")
     raise ModelError(f"unknown draft backend {backend!r}")
-
-
-# -- specd convert ------------------------------------------------------------------------------
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("convert", help="prepare a draft model for an edge backend",
-                            description="Convert a model (preset, Hugging Face id, folder or .gguf) for an edge "
-                                        "backend. Point [models] draft (or [devices.npu] model_path) at the result.")
-    parser.add_argument("--backend", required=True, choices=CONVERT_BACKENDS)
-    parser.add_argument("--precision", default="int4", choices=PRECISIONS, help="weight precision (default int4)")
-    parser.add_argument("--model", required=True, help="preset name, Hugging Face id, model folder or .gguf file")
-    parser.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
-    parser.add_argument("--execution-provider", default="cpu",
-                        help="onnxruntime-genai only: what to build for (cpu, dml, cuda, webgpu, NvTensorRtRtx)")
-    parser.set_defaults(handler=run_convert)
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    out = Path(args.out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelError(f"{out} already exists and is not empty; choose a new --out folder")
-    started = time.monotonic()
-
-    def say(message: str) -> None:
-        print(f"[{time.monotonic() - started:5.1f} s] {message}", file=sys.stderr, flush=True)
-
-    hf_folder = ensure_hf_folder(args.model, progress=say)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to the destination and rename, so an interrupted run leaves no half-written model.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        if args.backend == "onnxruntime-genai":
-            build_ortgenai(hf_folder, scratch, args.precision, say, execution_provider=args.execution_provider)
-        else:
-            from specd.desktop.drafters.openvino_export import export_openvino
-
-            export_openvino(hf_folder, scratch, args.precision, say)
-        if out.exists():
-            out.rmdir()
-        os.replace(scratch, out)
-    finally:
-        if scratch.exists():
-            import shutil
-
-            shutil.rmtree(scratch, ignore_errors=True)
-    say(f"Wrote {out}")
-    print(f"Use it with:  [models] draft = \"{out}\"  and  draft_backend = \"{args.backend}\"")
-    return 0

@@ -57,7 +57,7 @@ def take_screenshot(path: Path, sample: str = "answered") -> int:
     from specd.desktop.ui.screenshot import render_screenshot
 
     QApplication.instance() or QApplication(["specd-desktop"])
-    render_screenshot(path, app_icon(), size=(900, 620) if sample == "reconnecting" else (760, 620),
+    render_screenshot(path, app_icon(), size=(1060, 680) if sample == "reconnecting" else (1000, 680),
                       sample=sample)
     print(f"wrote {path}")
     return 0

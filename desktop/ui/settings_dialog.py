@@ -1,4 +1,4 @@
-"""Settings…: server, API key, TLS, draft model, device, sampling, γ, pipelining, start on login.
+"""Settings…: server, API key, TLS, draft model, device, sampling, γ, pipelining, system prompt, start on login.
 
 The dialog edits a :class:`UserSettings` layer over ``config.toml``. On OK the merged result is
 loaded with ``load_config``; a bad value keeps the dialog open with the reason (the same message the
@@ -45,6 +45,7 @@ TEXT_FIELDS = (
     ("sampling", "seed", "Seed (-1 = random)", int),
     ("speculation", "gamma", "γ, draft tokens per round (auto or a number)", "gamma"),
     ("speculation", "gamma_max", "Largest adaptive γ", int),
+    ("chat", "system_prompt", "System prompt of a new chat", str),
 )
 CHECK_FIELDS = (
     ("client", "tls_verify", "Verify the server's TLS certificate"),
@@ -107,8 +108,13 @@ class SettingsDialog(QDialog):
         self.start_on_login.setChecked(settings.desktop.start_on_login)
         self.highlight = QCheckBox("Highlight where each token came from (drafted here, from the verifier, local)")
         self.highlight.setChecked(settings.desktop.highlight_tokens)
+        self.local_api = QCheckBox(f"Local API: serve specd to other apps at http://{base.api.host}:{base.api.port}/v1 "
+                                   "(OpenAI) and /api (Ollama)")
+        self.local_api.setObjectName("desktop.local_api")
+        self.local_api.setChecked(settings.desktop.local_api)
         checks.addWidget(self.start_on_login)
         checks.addWidget(self.highlight)
+        checks.addWidget(self.local_api)
 
         self.error = QLabel()
         self.error.setObjectName("error")
@@ -178,7 +184,7 @@ class SettingsDialog(QDialog):
             layer = self.form_layer()
             candidate = UserSettings(layer=layer, desktop=self.settings.desktop).with_desktop(
                 device=self.device.currentData() or "", start_on_login=self.start_on_login.isChecked(),
-                highlight_tokens=self.highlight.isChecked())
+                highlight_tokens=self.highlight.isChecked(), local_api=self.local_api.isChecked())
             effective_config(self.config_path, candidate)
         except ConfigError as exc:
             self.error.setText(f"Not saved: {exc}")

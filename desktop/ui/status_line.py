@@ -24,6 +24,7 @@ class AppStatus:
     retry: RetryState | None = None
     not_ready: str = ""  # why there is no client at all (its preparation failed)
     latency: str = ""  # handshake or round-trip figure, shown while connected only
+    api_in_flight: int | None = None  # requests the local API is answering; None: it is off
 
     @property
     def phrase(self) -> str:
@@ -39,11 +40,14 @@ class AppStatus:
         if self.not_ready:
             return f"Not ready — {first_line(self.not_ready)}"
         device = (self.device or "cloud-only") if self.endpoint else ""
+        # The local API's count goes before a long reason, which the menu may cut.
+        api = f"Local API: {self.api_in_flight} in flight" if self.api_in_flight is not None else ""
         if self.state != "connected" and self.reason:
-            head = f"{self.phrase} — {first_line(self.reason)}"
+            head = f"{' · '.join(p for p in (self.phrase, api) if p)} — {first_line(self.reason)}"
+            api = ""
         else:
             head = " · ".join(p for p in (self.phrase, self.endpoint) if p)
-        return f"{head} · {device}" if device else head
+        return " · ".join(p for p in (head, device, api) if p)
 
     def detail(self) -> str:
         lines = [self.phrase]

@@ -1,4 +1,4 @@
-"""The tray menu: Open chat · Device ▸ · status line · Settings… · View logs · Quit.
+"""The tray menu: Open chat · Device ▸ · status line · Local API (URL, Copy) · Settings… · View logs · Quit.
 
 The menu is a plain ``QMenu`` built from device-probe rows, so it exists (and is tested) even where
 the platform has no system tray; :class:`~specd.desktop.ui.controller.DesktopApp` attaches it to a
@@ -40,6 +40,7 @@ class TrayMenu(QMenu):
     settings = Signal()
     view_logs = Signal()
     quit = Signal()
+    copy_api_url = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -53,6 +54,10 @@ class TrayMenu(QMenu):
         self.addSeparator()
         self.status_action = self.addAction("Starting…")
         self.status_action.setEnabled(False)
+        self.api_action = self.addAction("Local API: off (Settings…)")
+        self.api_action.setEnabled(False)
+        self.copy_api_action = self.addAction("Copy Local API URL", self.copy_api_url.emit)
+        self.copy_api_action.setVisible(False)
         self.addSeparator()
         self.addAction("Settings…", self.settings.emit)
         self.addAction("View logs", self.view_logs.emit)
@@ -102,6 +107,17 @@ class TrayMenu(QMenu):
     def active_device(self) -> str | None:
         action = self.device_group.checkedAction()
         return action.data() if action is not None else None
+
+    def set_local_api(self, url: str, error: str = "") -> None:
+        """The local API's URL with a Copy entry while it runs; off, or why it could not start."""
+        if url:
+            self.api_action.setText(f"Local API: {url}")
+        elif error:
+            self.api_action.setText(f"Local API not running: {error[:STATUS_CHARS]}".replace("&", "&&"))
+        else:
+            self.api_action.setText("Local API: off (Settings…)")
+        self.api_action.setToolTip(error or url)
+        self.copy_api_action.setVisible(bool(url))
 
     def set_status(self, text: str, detail: str = "") -> None:
         """The status line, with why it is offline; the whole text is in its tooltip."""

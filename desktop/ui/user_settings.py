@@ -39,6 +39,10 @@ class DesktopPrefs:
     device: str = ""  # a row id from device probing ("openvino:CPU"), a kind, "auto"; "" = the config's
     start_on_login: bool = False
     highlight_tokens: bool = True
+    local_api: bool = False  # serve the OpenAI/Ollama-compatible API ([api] in config.toml) while running
+    window_width: int = 0  # the chat window's size and sidebar width when last closed; 0: the default
+    window_height: int = 0
+    sidebar_width: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the specd-verifier onedir bundle (dist/specd-verifier) and a release archive to copy to a
 # server: dist/specd-verifier-VERSION-linux-ARCH.tar.gz holding the bundle, install.sh, uninstall.sh,
-# the unit, config.toml and README.md. `make package-daemon` runs this with the project's .venv.
+# copy-keys.sh, the unit, config.toml and README.md. `make package-daemon` runs this with the project's .venv.
 #
 #   packaging/linux/build.sh [--no-archive]
 #
@@ -35,7 +35,7 @@ if [ "$archive" = yes ]; then
   stage="$workdir/$name"
   rm -rf "$stage" && mkdir -p "$stage"
   cp -R "$distdir/specd-verifier" "$stage/"
-  cp "$root/packaging/linux/install.sh" "$root/packaging/linux/uninstall.sh" \
+  cp "$root/packaging/linux/install.sh" "$root/packaging/linux/uninstall.sh" "$root/packaging/linux/copy-keys.sh" \
      "$root/packaging/linux/specd-verifier.service" "$root/config.toml" "$root/README.md" "$stage/"
   tar -C "$workdir" -czf "$distdir/$name.tar.gz" "$name"
   rm -rf "$stage"

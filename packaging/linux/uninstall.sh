@@ -2,7 +2,7 @@
 # Remove the specd verifier service installed by install.sh. Safe to run again.
 #
 #   sudo ./uninstall.sh           stop and disable the service, remove the program and the unit; keep
-#                                 /etc/specd (settings, API key) and the model cache
+#                                 /etc/specd (settings, client keys) and the model cache
 #   sudo ./uninstall.sh --purge   also remove /etc/specd, /var/lib/specd and /var/cache/specd
 #
 # A venv given to install.sh --venv is yours: it is left in place.
@@ -37,7 +37,7 @@ fi
 rm -f "$DESTDIR$UNITDIR/$UNIT"
 rm -rf "$DESTDIR$UNITDIR/$UNIT.d"
 rm -rf "$DESTDIR$PREFIX/specd-verifier" "$DESTDIR$PREFIX/specd-verifier.new" "$DESTDIR$PREFIX/specd-verifier.old"
-rm -f "$DESTDIR$PREFIX/README.md"
+rm -f "$DESTDIR$PREFIX/README.md" "$DESTDIR$PREFIX/copy-keys.sh"
 rmdir "$DESTDIR$PREFIX" 2>/dev/null || true
 
 if [ "$purge" = yes ]; then
@@ -52,7 +52,7 @@ if [ "$have_systemctl" = yes ]; then
 fi
 
 if [ "$purge" = yes ]; then
-  echo "Removed specd-verifier, its settings, API key and model cache."
+  echo "Removed specd-verifier, its settings, client keys and model cache."
 else
-  echo "Removed specd-verifier. Kept $SYSCONFDIR (settings, API key) and /var/cache/specd (models): --purge removes them."
+  echo "Removed specd-verifier. Kept $SYSCONFDIR (settings, client keys) and /var/cache/specd (models): --purge removes them."
 fi

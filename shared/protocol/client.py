@@ -38,6 +38,17 @@ class RoundVerdict:
         return self.verdict.accepted
 
     @property
+    def verified(self) -> int:
+        """How many drafts the server judged: all of them unless its goodput budget verified a prefix
+        (the rest were not judged, not rejected)."""
+        return self.drafted if self.verdict.verified is None else self.verdict.verified
+
+    @property
+    def suggested_gamma(self) -> int:
+        """The γ the server would verify of the next round under its load (0: no suggestion)."""
+        return self.verdict.suggested_gamma
+
+    @property
     def finished(self) -> bool:
         return self.verdict.finished
 
@@ -223,6 +234,10 @@ class ClientSession:
         if v.accepted > len(sent.tokens):
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 f"verdict accepts {v.accepted} of {len(sent.tokens)} drafts")
+        if v.verified is not None and not v.accepted <= v.verified <= len(sent.tokens):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                f"verdict accepts {v.accepted} of {v.verified} verified drafts "
+                                f"({len(sent.tokens)} sent)")
         new_tokens = [*sent.tokens[: v.accepted], v.token]
         self.committed.extend(new_tokens)
         if v.finished:

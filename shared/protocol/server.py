@@ -34,9 +34,14 @@ class VerifiedRound(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``data`` as one binary frame."""
+    """Send ``data`` as one binary frame: ``message`` encoded (the driver counts from ``message``)."""
 
     data: bytes
+    message: m.ServerMessage | None = None
+
+    @classmethod
+    def of(cls, message: m.ServerMessage) -> Send:
+        return cls(m.encode(message), message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +184,7 @@ class ServerSession:
         welcome = m.Welcome(protocol=m.PROTOCOL_VERSION, session=self.session_id, model=self.model,
                             tokenizer=self.tokenizer, vocab_size=self.vocab_size,
                             eos=sorted(self.eos), limits=self.limits, server=self.server)
-        return [Send(m.encode(welcome))]
+        return [Send.of(welcome)]
 
     def _start(self, start: m.Start) -> list[ServerAction]:
         if self.request is not None:
@@ -215,8 +220,8 @@ class ServerSession:
         req = self.request
         if req is None or req.start.request != draft.request:
             if draft.request in self._finished_requests:
-                return [Send(m.encode(m.Discarded(request=draft.request, round=draft.round,
-                                                  position=draft.position)))]
+                return [Send.of(m.Discarded(request=draft.request, round=draft.round,
+                                                  position=draft.position))]
             raise ProtocolError(ErrorCode.UNKNOWN_REQUEST, f"no active request {draft.request}",
                                 request_id=draft.request)
         if self.state is not ServerState.SPECULATING:
@@ -234,8 +239,8 @@ class ServerSession:
             raise ProtocolError(ErrorCode.DRAFT_TOO_LONG,
                                 f"{gamma} drafts; allowed 1..{self.limits.max_draft}", request_id=draft.request)
         if draft.position != len(req.tokens) or draft.parent != req.tokens[-1]:
-            return [Send(m.encode(m.Discarded(request=draft.request, round=draft.round,
-                                              position=draft.position)))]
+            return [Send.of(m.Discarded(request=draft.request, round=draft.round,
+                                              position=draft.position))]
         if draft.position + gamma > self.limits.max_total_tokens:
             raise ProtocolError(ErrorCode.CONTEXT_FULL,
                                 f"drafts reach position {draft.position + gamma}, beyond max_total_tokens "
@@ -307,16 +312,24 @@ class ServerSession:
 
     def started(self, cached_tokens: int) -> list[ServerAction]:
         req = self._active()
-        return [Send(m.encode(m.Started(request=req.start.request, prompt_tokens=req.prompt_len,
-                                        cached_tokens=cached_tokens)))]
+        return [Send.of(m.Started(request=req.start.request, prompt_tokens=req.prompt_len,
+                                        cached_tokens=cached_tokens))]
 
-    def verdict(self, result: VerifiedRound, *, queue_ms: float = 0.0,
-                forward_ms: float = 0.0) -> list[ServerAction]:
-        """Commit a verified round, applying the stop rules, and build the ``verdict``."""
+    def verdict(self, result: VerifiedRound, *, queue_ms: float = 0.0, forward_ms: float = 0.0,
+                verified: int | None = None, suggested_gamma: int = 0) -> list[ServerAction]:
+        """Commit a verified round, applying the stop rules, and build the ``verdict``.
+
+        ``verified``: how many of the drafts were judged (a prefix; default all of them);
+        ``suggested_gamma``: the γ worth drafting next under the verifier's load (0: no suggestion).
+        """
         draft, self._pending = self._pending, None
         req = self._active()
         if draft is None:
             raise RuntimeError("verdict() without a pending draft")
+        verified = len(draft.tokens) if verified is None else verified
+        if not result.accepted <= verified <= len(draft.tokens):
+            raise RuntimeError(f"a verdict accepting {result.accepted} of {verified} verified drafts "
+                               f"(of {len(draft.tokens)} sent)")
         emitted = [*draft.tokens[: result.accepted], result.token]
         reason = None
         kept = 0
@@ -328,8 +341,9 @@ class ServerSession:
                 break
         verdict = m.Verdict(request=draft.request, round=draft.round, position=draft.position,
                             accepted=kept - 1, token=emitted[kept - 1], finished=reason is not None,
-                            reason=reason, queue_ms=queue_ms, forward_ms=forward_ms)
-        actions: list[ServerAction] = [Send(m.encode(verdict))]
+                            reason=reason, queue_ms=queue_ms, forward_ms=forward_ms, verified=verified,
+                            suggested_gamma=suggested_gamma)
+        actions: list[ServerAction] = [Send.of(verdict)]
         if reason:
             self._end_request(cancelled=False)
         return actions
@@ -368,7 +382,7 @@ class ServerSession:
             if req.chunk <= 0:
                 req.chunk = 0  # exact for the next ``stream``, whatever the driver handed
                 self._move(ServerTrigger.CHUNK_STREAMED)
-        return [Send(m.encode(msg))], reason is not None
+        return [Send.of(msg)], reason is not None
 
     def finish_cancel(self) -> list[ServerAction]:
         """End a cancelled streaming request once its generation loop has stopped."""
@@ -403,13 +417,13 @@ class ServerSession:
         self.request = None
         self._move(ServerTrigger.END)
         if cancelled:
-            return [Send(m.encode(m.Cancelled(request=req.start.request, position=len(req.tokens))))]
+            return [Send.of(m.Cancelled(request=req.start.request, position=len(req.tokens)))]
         return []
 
     def _fail(self, code: ErrorCode, message: str, *, request: int | None = None,
               fatal: bool = False) -> list[ServerAction]:
         actions: list[ServerAction] = [
-            Send(m.encode(m.Error(code=code.value, message=message, request=request, fatal=fatal)))
+            Send.of(m.Error(code=code.value, message=message, request=request, fatal=fatal))
         ]
         if fatal:
             self._move(ServerTrigger.FATAL)

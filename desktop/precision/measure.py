@@ -2,12 +2,14 @@
 the fastest and record why.
 
 The loader opens the draft at the recorded choice, or at the per-device default when none exists
-(:func:`specd.desktop.drafters.precision.pick_precision`); :func:`settle_precision` runs once the verifier
+(:func:`specd.desktop.precision.choice.pick_precision`); :func:`settle_precision` runs once the verifier
 is known. When the record holds for this draft, device and the verifier's target, nothing is built or
 measured. Otherwise every candidate is built (cached like any draft), answers :data:`MEASURE_PROMPTS`
 speculatively against the verifier, and is ranked by the γ controller's expected tokens per second at the
-measured round trip (:mod:`specd.desktop.client.precision_ranking`); the client then drafts with the
-winner. Without a reachable verifier the default stays and the measurement waits for the next time.
+measured round trip (:mod:`specd.desktop.precision.ranking`); the client then drafts with the
+winner. Each measuring answer is an ordinary ``EdgeClient.generate`` on a connection of its own, whose γ
+controller records the rounds. Without a reachable verifier the default stays and the measurement waits
+for the next time.
 """
 
 from __future__ import annotations
@@ -16,25 +18,17 @@ import asyncio
 import datetime as dt
 import time
 from dataclasses import replace
+from typing import Protocol
 
 import msgspec
 
 from specd.desktop.client.adaptive import EstimatePriors
-from specd.desktop.client.answer import Run, Settings
+from specd.desktop.client.answer import Settings
 from specd.desktop.client.connection import ConnectionFailed, Disconnected
 from specd.desktop.client.edge_client import EdgeClient
-from specd.desktop.client.precision_ranking import (
-    CandidateFigures,
-    MeasuredRound,
-    RankedCandidate,
-    RecordingController,
-    rank_candidates,
-)
-from specd.desktop.client.speculation import speculate
-from specd.desktop.commands.launch import ClientSetup
 from specd.desktop.drafters import Drafter, open_drafter
-from specd.desktop.drafters.devices import DeviceRow
-from specd.desktop.drafters.precision import (
+from specd.desktop.drafters.devices import DeviceChoice, DeviceRow
+from specd.desktop.precision.choice import (
     AUTO,
     PrecisionPick,
     candidates,
@@ -45,6 +39,13 @@ from specd.desktop.drafters.precision import (
     record_path,
     record_target,
     write_record,
+)
+from specd.desktop.precision.ranking import (
+    CandidateFigures,
+    MeasuredRound,
+    RankedCandidate,
+    RecordingController,
+    rank_candidates,
 )
 from specd.shared.config import Config
 from specd.shared.errors import RemoteError, SpecdError
@@ -58,6 +59,13 @@ MEASURE_PROMPTS = (
 )
 MEASURE_TOKENS = 32
 MEASURE_SEED = 4321
+
+
+class ClientSetup(Protocol):
+    """What settling the precision needs of a client being set up (``commands.launch.ClientSetup`` is one)."""
+
+    client: EdgeClient
+    choice: DeviceChoice | None  # None: cloud-only (no drafter)
 
 
 async def settle_precision(setup: ClientSetup, config: Config,
@@ -172,16 +180,15 @@ def measure_settings(config: Config) -> Settings:
 async def measure_candidate(client: EdgeClient, drafter: Drafter, settings: Settings) -> tuple[MeasuredRound, ...]:
     """Every round of :data:`MEASURE_PROMPTS` answered speculatively with ``drafter`` on a connection of its
     own to ``client``'s verifier, as its γ controller observed them."""
+    controller = RecordingController(settings.gamma_max)  # one across the prompts: γ keeps what it learnt
     probe = EdgeClient(client.endpoint, tokenizer=client.tokenizer, fingerprint=client.fingerprint, drafter=drafter,
-                       on_disconnect="stop")
-    controller = RecordingController(settings.gamma_max)
+                       on_disconnect="stop", estimates=controller)
     try:
-        await probe.connect()
         for number, prompt in enumerate(MEASURE_PROMPTS):
-            run = Run.begin(probe.prompt_ids([{"role": "user", "content": prompt}]), settings,
-                            settings.seed + number if settings.seed is not None else number, probe.tokenizer, None)
-            run.controller = controller  # one controller across the prompts: γ keeps what it learnt
-            await speculate(probe, run)
+            seed = settings.seed + number if settings.seed is not None else number
+            answer = await probe.chat([{"role": "user", "content": prompt}], replace(settings, seed=seed))
+            if answer.finish_reason == "disconnected":
+                raise Disconnected(f"the verifier at {client.endpoint.display} went away")
     except ConnectionFailed as exc:
         raise Disconnected(str(exc)) from None
     finally:

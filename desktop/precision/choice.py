@@ -3,7 +3,7 @@
 With ``"auto"`` (the default) the precision is chosen by measurement: the candidates a device can run
 (:func:`candidates`: int4 and int8 on a CPU, fp16 too on a GPU; an NPU keeps what its execution provider
 needs) are built, measured against the verifier and the fastest is kept
-(:mod:`specd.desktop.commands.draft_precision` does that; it needs a verifier). This module knows what
+(:mod:`specd.desktop.precision.measure` does that; it needs a verifier). This module knows what
 can be built for a device, the documented per-device default used until a measurement exists
 (:data:`DEFAULT_PRECISION`), and the record of a measured choice: a small JSON file beside the built
 drafts, ``<cache>/drafts/precision-<draft>-<device>.json``, holding the choice, its reason and the figures.

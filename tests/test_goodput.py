@@ -1,0 +1,218 @@
+"""The goodput budget's choice (daemon/goodput.py) against scripted forward costs and acceptances, and the
+engine trimming rounds to it: a trimmed round is judged as a round of fewer drafts, greedy answers equal
+the target's own, and the session's suggested γ follows the load."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from specd.daemon.engine import Engine, EngineLimits
+from specd.daemon.goodput import Acceptance, ForwardCost, Offer, choose, expected_tokens, suggested_gamma
+from specd.daemon.rounds import RoundDrafts, round_verdict
+from specd.daemon.target import TargetModel
+from specd.shared.sampling import SamplingParams
+from tests.tiny_models import tiny_llama
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def scripted(per_row_ms: float, per_position_ms: float, fixed_ms: float = 0.0, rows=(1, 4, 16, 64)) -> ForwardCost:
+    """A cost model calibrated on forwards that cost exactly ``fixed + per_row·rows + per_position·rows·width``."""
+    cost = ForwardCost()
+    cost.calibrate([(r, w, (fixed_ms + per_row_ms * r + per_position_ms * r * w) / 1000)
+                    for r in rows for w in (1, 3, 9)])
+    return cost
+
+
+def offers(n: int, drafts: int, rate: float) -> list[Offer]:
+    return [Offer(drafts=drafts, h=[rate] * 16) for _ in range(n)]
+
+
+def test_expected_tokens_is_one_plus_the_surviving_prefix():
+    assert expected_tokens([0.5] * 4, 0) == 1.0
+    assert expected_tokens([0.5] * 4, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens([1.0, 0.0, 1.0], 3) == 2.0
+
+
+def test_a_flat_forward_cost_verifies_every_draft():
+    """Weights read once per forward (a GPU at small batch): extra positions are nearly free."""
+    cost = scripted(per_row_ms=0.1, per_position_ms=0.01, fixed_ms=20.0)
+    choice = choose(offers(8, 8, 0.5), cost, max_rows=64, max_positions=4096)
+    assert choice.width == 9 and choice.rows == 8
+
+
+def test_a_cost_in_proportion_to_positions_verifies_nothing_at_low_acceptance():
+    """Each position costs as much as a cloud step: a draft accepted 30 % of the time never pays."""
+    cost = scripted(per_row_ms=0.0, per_position_ms=10.0)
+    choice = choose(offers(32, 8, 0.3), cost, max_rows=64, max_positions=4096)
+    assert choice.width == 1  # one cloud step per session
+    assert choice.verified(Offer(drafts=8, h=[0.3] * 8)) == 0
+
+
+def test_the_width_moves_with_the_load_and_the_acceptance():
+    """A per-session cost (fixed work per row) plus a per-position one: more sessions or a weaker draft
+    narrow the forward, as the best fixed γ of the capacity runs does."""
+    cost = ForwardCost()
+    # Sublinear in rows, as on a CPU: one row of width w costs 20 + w ms, 64 rows 100 + 60w ms.
+    cost.calibrate([(1, w, (20 + w) / 1000) for w in (1, 3, 9)] + [(64, w, (100 + 60 * w) / 1000) for w in (1, 3, 9)])
+    few = choose(offers(1, 8, 0.8), cost, max_rows=64, max_positions=4096).width
+    many = choose(offers(64, 8, 0.8), cost, max_rows=64, max_positions=4096).width
+    weak = choose(offers(64, 8, 0.5), cost, max_rows=64, max_positions=4096).width
+    assert few == 9 and 1 < weak < many < few
+
+
+def test_the_choice_maximises_goodput_over_every_width():
+    cost = scripted(per_row_ms=1.0, per_position_ms=2.0, fixed_ms=5.0)
+    ready = [Offer(drafts=d, h=[0.9, 0.7, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1]) for d in (8, 4, 2, 6)]
+    choice = choose(ready, cost, max_rows=64, max_positions=4096)
+
+    def rate(width: int) -> float:
+        return sum(expected_tokens(o.h, min(o.drafts, width - 1)) for o in ready) / cost.seconds(4, width)
+
+    assert rate(choice.width) >= max(rate(w) for w in range(1, 10)) / 1.02  # within the margin
+    assert [choice.verified(o) for o in ready] == [min(o.drafts, choice.width - 1) for o in ready]
+
+
+def test_max_positions_leaves_rows_for_the_next_forward():
+    cost = scripted(per_row_ms=0.0, per_position_ms=0.001, fixed_ms=50.0)  # nearly flat: wide is best
+    choice = choose(offers(10, 8, 0.9), cost, max_rows=64, max_positions=36)
+    assert choice.width * choice.rows <= 36 and choice.rows >= 1
+
+
+def test_idle_time_between_forwards_favours_verifying_everything():
+    """A lone client drafting while the verifier waits: trimming would save time nobody else uses."""
+    cost = scripted(per_row_ms=0.0, per_position_ms=10.0)
+    assert choose(offers(1, 8, 0.6), cost, max_rows=64, max_positions=4096).width < 9
+    assert choose(offers(1, 8, 0.6), cost, max_rows=64, max_positions=4096, idle_s=1.0).width == 9
+
+
+def test_the_suggested_gamma_is_what_the_load_would_verify():
+    cost = ForwardCost()
+    cost.calibrate([(1, w, (20 + w) / 1000) for w in (1, 3, 9)] + [(64, w, (100 + 60 * w) / 1000) for w in (1, 3, 9)])
+    lone = suggested_gamma(offers(1, 2, 0.8), cost, ceiling=16, max_rows=64, max_positions=4096)
+    crowd = suggested_gamma(offers(64, 8, 0.8), cost, ceiling=16, max_rows=64, max_positions=4096)
+    assert lone > 2  # more than it offered: the hint can grow again
+    assert 1 <= crowd < lone
+    flat_out = suggested_gamma(offers(64, 8, 0.1), scripted(0.0, 10.0), ceiling=16, max_rows=64, max_positions=4096)
+    assert flat_out == 1  # never 0: a round needs a draft
+
+
+def test_the_cost_level_follows_measured_forwards_and_keeps_its_shape():
+    cost = scripted(per_row_ms=1.0, per_position_ms=2.0, fixed_ms=5.0)
+    before = cost.seconds(16, 3) / cost.seconds(16, 1)
+    for _ in range(100):  # the machine got twice as slow
+        cost.observe(16, 2, 2 * cost._shape(16, 2))
+    assert cost.seconds(16, 2) == pytest.approx(2 * cost._shape(16, 2), rel=1e-3)
+    assert cost.seconds(16, 3) / cost.seconds(16, 1) == pytest.approx(before)
+    assert cost.seconds(4, 3) == pytest.approx(cost.scale * cost._shape(4, 3))  # rows never run: the level only
+
+
+def test_acceptance_counts_only_judged_drafts():
+    acc = Acceptance(positions=4)
+    for _ in range(50):
+        acc.observe(verified=2, accepted=2)  # both verified accepted; drafts 3-4 never judged
+    h = acc.conditional(4)
+    assert h[0] > 0.95 and h[1] > 0.95
+    assert h[2] == pytest.approx(acc.overall) and h[3] == pytest.approx(acc.overall)
+    for _ in range(50):
+        acc.observe(verified=4, accepted=0)
+    assert acc.conditional(1)[0] < 0.1
+
+
+# -- the engine trims rounds to the budget ------------------------------------------------------
+
+@pytest.fixture
+def engine_factory():
+    executor = ThreadPoolExecutor(max_workers=1)
+    model = tiny_llama(1)
+    target = TargetModel(model, None, name="tiny", device=torch.device("cpu"), dtype=torch.float32)
+
+    def make(cost: ForwardCost, sessions: int = 4) -> Engine:
+        limits = EngineLimits(max_sessions=sessions, slot_len=128, goodput_budget=True, max_draft=8)
+        return Engine.create(target, limits, executor, cost)
+
+    yield model, make
+    executor.shutdown(wait=False)
+
+
+def _greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+async def _greedy_session(engine: Engine, prompt: list[int], n: int, drafts: list[int],
+                          log: list[tuple[int, int]]) -> list[int]:
+    session = engine.open()
+    committed = list(prompt)
+    await engine.prefill(session, committed, 0)
+    while len(committed) - len(prompt) < n:
+        judged, _q, _r = await engine.run(session, committed[:-1], [committed[-1], *drafts],
+                                          round_verdict(RoundDrafts(torch.tensor(drafts)), GREEDY, 0, len(committed)),
+                                          drafts=len(drafts))
+        session.acceptance.observe(judged.verified, judged.accepted)
+        log.append((judged.verified, session.suggested_gamma))
+        committed += [*drafts[:judged.accepted], judged.token]
+    engine.close(session)
+    return committed[len(prompt):len(prompt) + n]
+
+
+@pytest.mark.parametrize("per_position_ms", [1000.0, 0.001], ids=["trimmed", "whole"])
+async def test_trimmed_rounds_give_the_targets_own_greedy_answer(engine_factory, per_position_ms):
+    """Under a budget that trims every round to nothing (or verifies all), four concurrent greedy sessions
+    still produce the target's own greedy continuation."""
+    model, make = engine_factory
+    engine = make(scripted(per_row_ms=0.0, per_position_ms=per_position_ms, fixed_ms=10.0))
+    prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 20, 21, 22, 23], [1, 3]]
+    drafts = [4, 4, 4]  # rarely the target's choice: acceptance falls, the budget trims
+    logs: list[list[tuple[int, int]]] = [[] for _ in prompts]
+    answers = await asyncio.gather(*(_greedy_session(engine, p, 12, drafts, log)
+                                     for p, log in zip(prompts, logs, strict=True)))
+    await engine.close_all()
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer == _greedy_reference(model, prompt, 12)
+    verified = [v for log in logs for v, _ in log]
+    hints = [h for log in logs for _, h in log]
+    if per_position_ms > 1:
+        assert verified[-1] == 0 and min(verified) == 0 and min(hints) == 1
+    else:
+        assert set(verified) == {3} and max(hints) == 8
+
+
+async def test_a_sampled_round_trimmed_to_k_is_judged_as_a_round_of_k(engine_factory):
+    """The verdict of a round the engine trimmed to k drafts is the verdict of the same k drafts sent alone:
+    same seed, same position, same draws."""
+    torch.manual_seed(0)
+    vocab, gamma, k = 64, 4, 2
+    drafts = torch.tensor([5, 6, 7, 8])
+    ids = torch.stack([torch.randperm(vocab)[:8] for _ in range(gamma)])
+    ids[:, 0] = drafts
+    q = torch.softmax(torch.randn(gamma, 8), dim=-1)
+    logits = torch.randn(gamma + 1, vocab)
+    params = SamplingParams(temperature=1.0)
+    whole = round_verdict(RoundDrafts(drafts, ids, q), params, seed=3, position=10)
+    alone = round_verdict(RoundDrafts(drafts[:k], ids[:k], q[:k]), params, seed=3, position=10)
+    for seed_logits in range(20):
+        torch.manual_seed(seed_logits)
+        logits = torch.randn(gamma + 1, vocab)
+        trimmed = whole(logits[:k + 1])
+        assert trimmed.verified == k and trimmed == alone(logits[:k + 1])
+    assert whole(logits[:1]).verified == 0
+
+
+def test_a_width_never_run_is_judged_between_the_widths_that_ran():
+    """Forwards of widths 1 and 3 ran cheaper than calibrated: width 2 is not left at the old shape (which
+    would make it look dearer than both and lock the budget at width 1)."""
+    cost = scripted(per_row_ms=0.0, per_position_ms=10.0)
+    for _ in range(60):
+        for width in (1, 3):
+            cost.observe(64, width, 0.5 * cost._shape(64, width))
+    assert cost.seconds(64, 1) < cost.seconds(64, 2) < cost.seconds(64, 3)
+    ratio = cost.seconds(64, 2) / cost.seconds(64, 1)
+    assert ratio == pytest.approx(2.0, rel=0.05)  # the calibrated shape's ratio, at the measured level
