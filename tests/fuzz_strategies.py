@@ -2,7 +2,9 @@
 
 ``SPECD_FUZZ_EXAMPLES`` (an integer) raises every fuzz test's example count, e.g.
 ``SPECD_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_fuzz_messages.py tests/test_fuzz_session.py``.
-Unset, the counts are sized so the fuzz tests together stay well under a minute in CI.
+Unset, the counts are sized so the fuzz tests together stay well under a minute in CI, and with
+``CI=true`` the examples are derandomised (tests/conftest.py: the same examples on every run); set, they
+are random — `make reliability` runs them so.
 """
 
 from __future__ import annotations

@@ -158,3 +158,22 @@ def test_transformers_assisted_generation_on_tiny_models(tmp_path):
         assert result["plain_tokens_per_second"] == pytest.approx(plain_rate)
         assert result["assisted_speedup"] == pytest.approx(assisted_rate / plain_rate)
     assert "int8" in result["assistant"] and result["note"]
+
+
+def test_the_mode_decisions_are_counted_and_the_first_switch_to_streaming_is_in_the_report():
+    from specd.desktop.bench.report import build_report, markdown
+    from specd.desktop.bench.runner import BenchResult
+
+    switched = _record("spec-pipelined", 200, 64, 4000)
+    switched.stats.update(cloud_tokens=40, mode_switches=[
+        {"at_token": 0, "to": "rounds", "speculative_tok_s": 16.0, "streaming_tok_s": 12.0, "gamma": 8, "why": ""},
+        {"at_token": 24, "to": "streaming", "speculative_tok_s": 9.5, "streaming_tok_s": 14.2, "gamma": 3,
+         "why": "streaming is faster"},
+        {"at_token": 40, "to": "probe", "speculative_tok_s": 9.5, "streaming_tok_s": 14.2, "gamma": 3, "why": ""}])
+    records = [_record("cloud-only", 200, 64, 5000), switched]
+    cell = summarise(records)["cpu"]["200"]["spec-pipelined"]
+    assert (cell["streamed_tokens"], cell["probes"], cell["switches_to_streaming"]) == (40, 1, 1)
+    assert summarise(records)["cpu"]["200"]["cloud-only"]["streamed_tokens"] == 0
+    text = markdown(build_report(BenchResult(records=records), {}))
+    assert "## Mode decisions" in text
+    assert "| cpu | 200 | spec-pipelined | 40 of 64 | 1 | 1 | p #1 at token 24: 9.5 vs 14.2 tok/s (γ 3) |" in text

@@ -12,6 +12,7 @@ import socket
 import pytest
 
 from specd.daemon.server import Verifier
+from specd.desktop.client.adaptive import EstimatePriors
 from specd.desktop.client.answer import Settings
 from specd.desktop.commands.chat import stats_line
 from specd.desktop.commands.launch import build_client
@@ -118,6 +119,12 @@ async def test_auto_waits_for_a_verifier_then_measures_records_and_reuses_the_ch
             speeds = [c["expected_tokens_per_second"] for c in record["candidates"]]
             assert speeds == sorted(speeds, reverse=True) and speeds[-1] > 0
             assert all(c["rounds"] >= len(MEASURE_PROMPTS) - 1 for c in record["candidates"])  # ≥ 1 a prompt
+            # What was measured seeds the estimates the answers start from (acceptance, draft and verify time).
+            chosen_figures = record["candidates"][0]
+            priors = setup.client.estimate_priors
+            assert priors.source == "draft precision record" and priors.gamma == chosen_figures["gamma"]
+            assert priors.alpha == pytest.approx(chosen_figures["acceptance"], abs=1e-9)
+            assert priors.draft_ms_per_token == pytest.approx(chosen_figures["draft_ms_per_token"])
             answer = await setup.client.generate([1, 9, 33, 4, 17], GREEDY)
             assert answer.stats.draft_precision == pick.precision and answer.stats.draft_precision_reason == pick.reason
             assert f"(onnxruntime-genai, {pick.precision})" in stats_line(answer)
@@ -131,6 +138,7 @@ async def test_auto_waits_for_a_verifier_then_measures_records_and_reuses_the_ch
             assert builds == [] and setup.client.drafter.precision == chosen and pick.source == "measured"
             assert not any("measuring" in line for line in said)
             assert any("measured before, recorded in" in line and str(path) in line for line in said)
+            assert setup.client.estimate_priors == EstimatePriors.from_record(json.loads(path.read_text()))
         finally:
             await close(setup)
         # 4. A corrupt record is named, removed, and the choice measured again (the drafts stay cached).

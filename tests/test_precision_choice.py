@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from specd.desktop.client.adaptive import GammaController
+from specd.desktop.client.adaptive import EstimatePriors, GammaController
 from specd.desktop.drafters.devices import DeviceRow
 from specd.desktop.precision.choice import (
     DEFAULT_PRECISION,
@@ -79,7 +79,7 @@ def test_the_expected_speed_is_the_gamma_controllers_own_estimate():
     tokens over its round time."""
     measured = rounds(25, gamma=3, accepted=2, draft_ms_per_token=4.0, network_ms=10.0, verify_ms=30.0)
     ranked = rank_candidates([CandidateFigures("int8", measured)], gamma_max=6)[0]
-    controller = GammaController(6, forgetting=0.02)
+    controller = GammaController(6, forgetting=0.02, priors=EstimatePriors(samples=0.0))
     for r in measured:
         controller.observe_round(drafted=r.drafted, accepted=r.accepted, draft_ms=r.draft_ms,
                                  network_ms=r.network_ms, verify_ms=r.verify_ms)

@@ -54,6 +54,19 @@ def test_a_stream_chunk_returns_to_drafts_after_its_last_token():
     assert isinstance(pair.server.receive(frame)[0], s.DraftReceived)
 
 
+def test_a_driver_handing_more_tokens_than_the_chunk_owes_sends_only_those_asked_for():
+    """The session, not the driver, keeps the chunk exact: extra tokens are dropped, and the next
+    ``stream`` asks the driver for exactly its own count (found by fuzzing at 2000 examples)."""
+    pair = _pair().ready(max_new_tokens=8)
+    pair.server.receive(pair.client.stream(1))
+    actions, done = pair.server.stream([9, 10, 11])
+    assert not done and [e.tokens.tokens for e in pair.deliver(actions)] == [[9]]
+    assert pair.server.state is s.ServerState.SPECULATING and pair.server.request.chunk == 0
+    assert pair.server.committed == pair.client.committed
+    assert [type(a) for a in pair.server.receive(pair.client.stream(2))] == [s.StreamRequested]
+    assert pair.server.request.chunk == 2
+
+
 def test_a_stop_rule_inside_a_stream_ends_the_request():
     pair = _pair().ready(max_new_tokens=8)
     pair.server.receive(pair.client.stream(5))

@@ -155,6 +155,11 @@ def mode_figures(records: list[RunRecord]) -> dict[str, Any]:
         "drafted_by_position": drf_pos,
         "assessment": assessment(acceptance_rate) if drafted else None,
         "local_tokens": generated - verified,
+        # The mode chooser's decisions (answer stats' ``mode_switches``): tokens the verifier streamed alone
+        # within speculative answers, probes, and switches from rounds to streaming.
+        "streamed_tokens": sum(s.get("cloud_tokens", 0) for s in stats if s.get("mode") == "speculative"),
+        "probes": sum(1 for s in stats for d in s.get("mode_switches", []) if d["to"] == "probe"),
+        "switches_to_streaming": sum(1 for s in stats for d in s.get("mode_switches", []) if d["to"] == "streaming"),
         "finish_reasons": sorted({str(r.finish_reason) for r in records}),
     }
 

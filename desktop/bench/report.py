@@ -140,6 +140,7 @@ def markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     if report.get("worst_cell_summary"):
         out += [f"**{report['worst_cell_summary']}** (the lowest speedup against cloud-only over every device and "
                 "RTT; the first mode is the one the config runs)", ""]
+    out += _decisions(report)
     out += _devices(report)
     out += _sessions(report)
     out += _hf(report.get("hf_assisted"))
@@ -202,6 +203,34 @@ def _speedup_vs_rtt(report: dict) -> list[str]:
             out.append(f"| {rtt} | " + " | ".join(_f(cells.get(m), 2, "×") for m in modes) + " |")
         out.append("")
     return out
+
+
+def _decisions(report: dict) -> list[str]:
+    """Where the mode chooser streamed: per cell, the tokens streamed, probes and switches, and the rates that
+    decided the first switch to streaming (from the answers' ``mode_switches``)."""
+    first_switch: dict[tuple[str, str, str], str] = {}
+    for run in report["runs"]:
+        key = (run["device"], f"{run['rtt_ms']:g}", run["mode"])
+        decision = next((d for d in run["stats"].get("mode_switches", []) if d["to"] == "streaming"), None)
+        if decision is not None and key not in first_switch:
+            first_switch[key] = (f"{run['prompt_id']} #{run['iteration'] + 1} at token {decision['at_token']}: "
+                                 f"{decision['speculative_tok_s']} vs {decision['streaming_tok_s']} tok/s "
+                                 f"(γ {decision['gamma']})")
+    rows = []
+    for device, rtts in report["by_rtt"].items():
+        for rtt, cells in rtts.items():
+            for mode, fig in cells.items():
+                if mode in SPEC_MODES and (fig.get("probes") or fig.get("switches_to_streaming")
+                                           or fig.get("streamed_tokens")):
+                    rows.append(f"| {device} | {rtt} | {mode} | {fig['streamed_tokens']} of {fig['generated_tokens']}"
+                                f" | {fig['probes']} | {fig['switches_to_streaming']} | "
+                                f"{first_switch.get((device, rtt, mode), '–')} |")
+    if not rows:
+        return []
+    return ["## Mode decisions (rounds or the verifier streaming alone)", "",
+            "| device | RTT ms | mode | tokens streamed | probes | switches to streaming | first switch: speculative "
+            "vs streaming rate |", "|---|---|---|---|---|---|---|", *rows, "",
+            "Each answer's full trace is in bench.json (`runs[].stats.mode_switches`).", ""]
 
 
 def _devices(report: dict) -> list[str]:

@@ -11,17 +11,19 @@ long when the draft agrees with the target, short when it does not or when draft
 to the round trip. It also says when drafting the next round ahead is worth it (see
 :meth:`GammaController.worth_drafting_ahead`).
 
-:class:`ModeChooser` puts the same estimates next to the verifier's cloud-only streaming rate (its time
-per decode step) and picks, per round, the faster of a speculative round and streaming. While it
-streams, a probe round now and then re-measures acceptance; probes back off so that at long round trips
-they cost about 2 % of the time, and are skipped where even a round accepted in full could not win.
+:class:`~specd.desktop.client.mode_chooser.ModeChooser` (its own module) puts the same estimates next
+to the verifier's cloud-only streaming rate and picks, per round, the faster of a speculative round and
+streaming; :class:`Step` and :class:`ModePolicy` here are the vocabulary the round loop shares with it.
+
+Estimates must not mislead from the first round: every estimate starts from a prior worth a sample or
+more (:class:`EstimatePriors`, seeded from the draft precision record when one exists), so a first
+sample moves it rather than replacing it, and a *cold* round (an answer's first, when the drafter ran
+its first call and the verifier had just prefilled the prompt) teaches acceptance but not time.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 
@@ -32,15 +34,50 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-class _Ema:
-    def __init__(self, value: float, weight: float) -> None:
+class ForgettingMean:
+    """An exponentially forgetting mean that starts from a prior worth ``prior_samples`` samples: until
+    the forgetting weight takes over, samples are averaged with the prior (the first of them weighs
+    1/(1 + prior_samples), not 1), so one odd first measurement cannot set the estimate alone."""
+
+    def __init__(self, value: float, weight: float, prior_samples: float = 1.0) -> None:
         self.value = value
         self.weight = weight
+        self.prior_samples = prior_samples
+        self.samples = 0
         self.seen = False
 
     def update(self, sample: float) -> None:
-        self.value = sample if not self.seen else (1 - self.weight) * self.value + self.weight * sample
+        self.samples += 1
+        weight = max(self.weight, 1.0 / (self.samples + self.prior_samples))
+        self.value = (1 - weight) * self.value + weight * sample
         self.seen = True
+
+
+@dataclass(frozen=True, slots=True)
+class EstimatePriors:
+    """Where the estimates start before this client measured anything: built-in guesses, or what the
+    draft precision record measured for this draft against this verifier (:meth:`from_record`)."""
+
+    alpha: float = 0.7
+    draft_ms_per_token: float = 8.0
+    network_ms: float = 5.0
+    verify_ms: float = 60.0  # one round of ``gamma`` drafts
+    gamma: int = 1
+    samples: float = 1.0  # how many measured samples the prior is worth
+    source: str = "built-in"
+
+    @classmethod
+    def from_record(cls, record: dict) -> EstimatePriors | None:
+        """The figures a precision record holds for the precision it chose; None when it has none."""
+        chosen = next((c for c in record.get("candidates") or () if isinstance(c, dict)
+                       and c.get("precision") == record.get("precision")), None)
+        try:
+            return cls(alpha=min(0.99, max(0.01, float(chosen["acceptance"]))),
+                       draft_ms_per_token=max(0.0, float(chosen["draft_ms_per_token"])),
+                       network_ms=max(0.0, float(chosen["network_ms"])), verify_ms=max(0.0, float(chosen["verify_ms"])),
+                       gamma=max(1, int(chosen["gamma"])), samples=1.0, source="draft precision record")
+        except (TypeError, KeyError, ValueError):
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,25 +93,38 @@ class GammaController:
     """Chooses γ in ``[1, gamma_max]``; a fixed γ when ``fixed`` is given."""
 
     def __init__(self, gamma_max: int, fixed: int | None = None, *, forgetting: float = 0.15,
-                 prior_alpha: float = 0.7) -> None:
+                 prior_alpha: float | None = None, priors: EstimatePriors | None = None) -> None:
         if gamma_max < 1:
             raise ValueError("gamma_max must be >= 1")
+        priors = priors or EstimatePriors()
+        if prior_alpha is not None:
+            priors = replace(priors, alpha=prior_alpha)
+        self.priors = priors
         self.gamma_max = gamma_max
         self.fixed = None if fixed is None else max(1, min(fixed, gamma_max))
         self.forgetting = forgetting
-        # Acceptance as discounted successes / trials of the geometric acceptance process.
-        self._success = prior_alpha * 4.0
-        self._trials = 4.0
-        self._draft_ms = _Ema(8.0, forgetting)
-        self._network_ms = _Ema(5.0, forgetting)
-        # t_verify(γ) = fixed + per_token · (γ + 1), fitted by discounted least squares.
+        # Acceptance as discounted successes / trials of the geometric acceptance process; the prior is
+        # worth six trials, so one round rejected at its first draft cannot make drafting look hopeless.
+        self._success = priors.alpha * 6.0
+        self._trials = 6.0
+        self._draft_ms = ForgettingMean(priors.draft_ms_per_token, forgetting, priors.samples)
+        # The round trip is this connection's: the handshake's measured one replaces any prior outright.
+        self._network_ms = ForgettingMean(priors.network_ms, forgetting, 0.0)
+        # t_verify(γ) = fixed + per_token · (γ + 1), fitted by discounted least squares; a recorded
+        # verify time enters as a pseudo-observation worth ``priors.samples`` rounds.
         self._sxx = self._sx = self._sy = self._sxy = self._n = 0.0
-        self._verify_default = 60.0
+        self._verify_default = priors.verify_ms
+        self._rounds = 0.0  # discounted count of the rounds observed (the pseudo-observation is not one)
+        self.rounds_observed = 0  # every round observed, as a plain count (tells new evidence apart)
+        if priors.source != "built-in":
+            x, w = float(priors.gamma + 1), priors.samples
+            self._sxx, self._sx, self._sy, self._sxy, self._n = w * x * x, w * x, w * priors.verify_ms, \
+                w * x * priors.verify_ms, w
         # Per-position acceptance given the earlier drafts were accepted, discounted per observation.
         self._pos_success = [0.0] * gamma_max
         self._pos_trials = [0.0] * gamma_max
         # How often the draft's guess of the bonus token was right (for drafting ahead).
-        self._guess_hits = prior_alpha
+        self._guess_hits = priors.alpha
         self._guess_trials = 1.0
         # The γ the verifier's goodput budget suggested in its last verdict (0: none): drafts past it
         # would not be verified under its present load.
@@ -82,7 +132,9 @@ class GammaController:
 
     # -- observations ---------------------------------------------------------------------------
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
-                      verify_ms: float) -> None:
+                      verify_ms: float, cold: bool = False) -> None:
+        """One verdict. ``cold``: its times include first-call costs (the answer's first round: a cold
+        drafter, the prompt's prefill in the wait): acceptance is learnt from it, time is not."""
         decay = 1.0 - self.forgetting
         rejected = 1.0 if accepted < drafted else 0.0
         self._success = decay * self._success + accepted
@@ -90,6 +142,10 @@ class GammaController:
         for i in range(min(drafted, accepted + 1, self.gamma_max)):  # positions that were judged
             self._pos_success[i] = decay * self._pos_success[i] + (1.0 if i < accepted else 0.0)
             self._pos_trials[i] = decay * self._pos_trials[i] + 1.0
+        self._rounds = decay * self._rounds + 1.0
+        self.rounds_observed += 1
+        if cold:
+            return
         if drafted > 0 and draft_ms > 0:
             self._draft_ms.update(draft_ms / drafted)
         self._network_ms.update(max(0.0, network_ms))
@@ -127,7 +183,7 @@ class GammaController:
 
     def position_acceptance(self) -> list[float]:
         """h_i: the chance the i-th draft is accepted when the ones before it were."""
-        alpha, weight = self.alpha, 2.0
+        alpha, weight = self.alpha, 3.0
         return [min(0.99, max(0.01, (s + alpha * weight) / (t + weight)))
                 for s, t in zip(self._pos_success, self._pos_trials, strict=True)]
 
@@ -171,7 +227,7 @@ class GammaController:
     @property
     def rounds_seen(self) -> float:
         """Discounted count of the rounds observed (0 before the first)."""
-        return self._n
+        return self._rounds
 
     def single_step_ms(self) -> float:
         """The verify cost of one position: the prior for the verifier's decode step."""
@@ -226,10 +282,20 @@ class GammaController:
 @dataclass(frozen=True, slots=True)
 class Step:
     """What to send next when nothing is in flight: a round, then (``stream`` > 0) that many tokens
-    generated by the verifier alone; a round followed by a stream is a probe."""
+    generated by the verifier alone; a round followed by a stream is a probe. The rates that decided it
+    (tokens per second, None where a policy does not say) travel along for the answer's decision trace."""
 
     round: bool
     stream: int = 0
+    speculative_tok_s: float | None = field(default=None, compare=False)
+    streaming_tok_s: float | None = field(default=None, compare=False)
+    gamma: int | None = field(default=None, compare=False)
+    why: str = field(default="", compare=False)
+
+    @property
+    def mode(self) -> str:
+        """``rounds``, ``streaming`` or ``probe`` (a round, then streaming at once)."""
+        return ("probe" if self.stream else "rounds") if self.round else "streaming"
 
 
 class ModePolicy(Protocol):
@@ -244,114 +310,3 @@ class ModePolicy(Protocol):
     def observe_stream(self, tokens: int, forward_ms: float, gap_ms: float | None) -> None:
         """``tokens`` arrived, sampled in ``forward_ms``; ``gap_ms`` after the previous ones of a stream that
         did not run dry (None: the first of a stream)."""
-
-
-class ModeChooser:
-    """Speculative rounds or cloud-only streaming, whichever the estimates say is faster, per round.
-
-    Speculation yields E(γ)/(γ·t_draft + RTT + t_verify(γ)) tokens per ms (``GammaController.rate``);
-    streaming 1/t_step, with t_step the median gap between streamed tokens (the verifier's forward time
-    before any gap is seen, and before any stream the verify cost of one position). While streaming,
-    the chooser asks for enough tokens ahead to cover a round trip, so the verifier never waits for the
-    next ask. A probe (a round, then streaming again at once) is due after ``interval`` ms of
-    streaming; the interval starts at ten times what a probe costs (time lost against streaming),
-    doubles while probes confirm streaming, and is capped at the cost divided by ``probe_share``.
-    """
-
-    def __init__(self, controller: GammaController, *, probe_share: float = 0.02, first_share: float = 0.1,
-                 min_chunk: int = 8) -> None:
-        self.controller = controller
-        self.probe_share = probe_share
-        self.first_share = first_share
-        self.min_chunk = min_chunk
-        self._gaps: deque[float] = deque(maxlen=16)
-        self._forward = _Ema(0.0, controller.forgetting)
-        self._streamed_ms = 0.0  # streaming time since the last probe
-        self._interval_ms: float | None = None  # None: start from the first share at the next probe
-        self._probing = False
-
-    # -- estimates ------------------------------------------------------------------------------
-    def step_ms(self) -> float:
-        """Time per token when the verifier streams alone."""
-        if len(self._gaps) >= 3:
-            return statistics.median(self._gaps)
-        if self._forward.seen:
-            return self._forward.value
-        return self.controller.single_step_ms()
-
-    def speculative_rate(self, remaining: int, *, optimistic: bool = False) -> float:
-        """Tokens per ms of the round the controller would send; ``optimistic``: the best γ if every draft
-        were accepted."""
-        controller = self.controller
-        if not optimistic:
-            return controller.rate(controller.choose(remaining))
-        upper = controller.fixed or max(1, min(controller.gamma_max, remaining - 1))
-        return max(controller.rate(gamma, optimistic=True) for gamma in range(1, upper + 1))
-
-    def streaming_rate(self) -> float:
-        return 1.0 / max(1e-6, self.step_ms())
-
-    def prefers_streaming(self, remaining: int) -> bool:
-        return self.streaming_rate() > self.speculative_rate(remaining)
-
-    def probe_cost_ms(self, remaining: int) -> float:
-        """Time a probe round loses against streaming: the round's time less what streaming would make of
-        the tokens it yields."""
-        gamma = self.controller.choose(remaining)
-        lost = self.controller.round_ms(gamma) - self.controller.expected_tokens(gamma) * self.step_ms()
-        return max(self.step_ms(), lost)
-
-    def probe_due(self, remaining: int) -> bool:
-        if self.speculative_rate(remaining, optimistic=True) <= self.streaming_rate():
-            return False  # not even a round accepted in full would be faster: nothing to learn
-        if self.controller.rounds_seen <= 0:
-            return True  # acceptance never measured
-        if self._interval_ms is None:
-            self._interval_ms = self.probe_cost_ms(remaining) / self.first_share
-        return self._streamed_ms >= self._interval_ms
-
-    def lead_tokens(self) -> int:
-        """Tokens to keep asked for ahead: a round trip's worth of steps, and two to spare."""
-        return int(self.controller.estimate().network_ms / max(1e-6, self.step_ms())) + 2
-
-    # -- decisions --------------------------------------------------------------------------------
-    def next_step(self, remaining: int) -> Step:
-        self._judge_probe(remaining)
-        if not self.prefers_streaming(remaining):
-            self._interval_ms = None  # speculation wins: start over next time streaming does
-            return Step(round=True)
-        chunk = min(remaining, max(self.min_chunk, 2 * self.lead_tokens()))
-        if remaining > 1 and self.probe_due(remaining):
-            self._probing, self._streamed_ms = True, 0.0
-            return Step(round=True, stream=max(1, chunk - 1))
-        return Step(round=False, stream=chunk)
-
-    def top_up(self, remaining: int, owed: int) -> int:
-        self._judge_probe(remaining)
-        lead = self.lead_tokens()
-        if owed > lead or remaining <= owed:
-            return 0
-        if not self.prefers_streaming(remaining) or self.probe_due(remaining):
-            return 0  # let the stream end; the next step is a round
-        return min(remaining - owed, max(self.min_chunk, 2 * lead))
-
-    def _judge_probe(self, remaining: int) -> None:
-        """After a probe's verdict: back off while streaming still wins, start over once it does not."""
-        if not self._probing:
-            return
-        self._probing = False
-        if self.prefers_streaming(remaining):
-            cap = self.probe_cost_ms(remaining) / self.probe_share
-            first = self.probe_cost_ms(remaining) / self.first_share
-            self._interval_ms = min(cap, 2.0 * (self._interval_ms or first))
-        else:
-            self._interval_ms = None
-
-    def observe_stream(self, tokens: int, forward_ms: float, gap_ms: float | None) -> None:
-        if tokens <= 0:
-            return
-        if forward_ms > 0:
-            self._forward.update(forward_ms / tokens)
-        if gap_ms is not None:
-            self._gaps.append(gap_ms / tokens)
-        self._streamed_ms += gap_ms if gap_ms is not None else self.step_ms() * tokens

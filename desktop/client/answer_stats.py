@@ -4,7 +4,9 @@ the events that change it: a verdict, a discarded round, streamed tokens, drafti
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from specd.desktop.client.adaptive import Step
 
 Source = Literal["draft", "target", "local", "cloud"]
 Mode = Literal["speculative", "local", "cloud-only", "edge-only"]
@@ -46,6 +48,9 @@ class AnswerStats:
     # Drafts by where they came from: the draft model, or the context lookup (free drafts from the conversation).
     proposed_by_source: dict[str, int] = field(default_factory=lambda: {"model": 0, "context": 0})
     accepted_by_source: dict[str, int] = field(default_factory=lambda: {"model": 0, "context": 0})
+    # The mode chooser's decision trace: the answer's first step, every change between rounds and
+    # streaming, and every probe, each with the two rates (tok/s) that decided it.
+    mode_switches: list[dict[str, Any]] = field(default_factory=list)
 
     # -- derived ----------------------------------------------------------------------------------
     @property
@@ -132,6 +137,19 @@ class AnswerStats:
 
     def on_reconnect(self) -> None:
         self.reconnects += 1
+
+    def on_mode_step(self, step: Step) -> None:
+        """A mode policy's step: into the decision trace when it changes the mode or probes."""
+        if self.mode_switches and self.mode_switches[-1]["to"] == step.mode != "probe":
+            return
+
+        def rate(value: float | None) -> float | None:
+            return None if value is None else round(value, 2)
+
+        self.mode_switches.append({"at_token": self.generated, "to": step.mode,
+                                   "speculative_tok_s": rate(step.speculative_tok_s),
+                                   "streaming_tok_s": rate(step.streaming_tok_s), "gamma": step.gamma,
+                                   "why": step.why})
 
     def on_answer_end(self, mode: Mode, total_ms: float, bytes_sent: int = 0, bytes_received: int = 0) -> None:
         self.mode, self.total_ms = mode, total_ms

@@ -28,7 +28,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from specd.desktop.client.adaptive import GammaController, ModeChooser, ModePolicy
+from specd.desktop.client.adaptive import EstimatePriors, GammaController, ModePolicy
 from specd.desktop.client.answer import Answer, PieceCallback, Run, Settings
 from specd.desktop.client.cloud_local import generate_cloud, generate_local
 from specd.desktop.client.connection import (
@@ -39,6 +39,7 @@ from specd.desktop.client.connection import (
     plain_close_reason,
     reconnect,
 )
+from specd.desktop.client.mode_chooser import ModeChooser
 from specd.desktop.client.round_planner import SourceAcceptance
 from specd.desktop.client.speculation import Speculation
 from specd.desktop.drafters.base import Drafter
@@ -79,6 +80,9 @@ class EdgeClient:
         self._eos: frozenset[int] | None = None
         self._pace = RateLimiter(0)  # the server's message rate limit, from its welcome
         self._controller = estimates  # kept across answers (see _estimates); None: made at the first answer
+        # Where a new controller's estimates start: the draft precision record's figures once the precision
+        # is settled (desktop/precision/measure.py), else built-in guesses.
+        self.estimate_priors: EstimatePriors | None = None
         self.modes: ModePolicy | None = None
         self._handshake_ms: float | None = None
         self._context_acceptance = SourceAcceptance()  # the context lookup's, kept across answers like the controller
@@ -304,7 +308,7 @@ class EdgeClient:
         fixed or adaptive as ``settings`` say; the mode chooser reads the same estimates."""
         controller = self._controller
         if controller is None or controller.gamma_max != settings.gamma_max:
-            controller = GammaController(settings.gamma_max, settings.gamma)
+            controller = GammaController(settings.gamma_max, settings.gamma, priors=self.estimate_priors)
             if self._handshake_ms is not None:
                 controller.observe_network(self._handshake_ms)
             self._controller = controller

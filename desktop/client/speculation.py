@@ -107,7 +107,12 @@ class Speculation:
 
     # -- sending ----------------------------------------------------------------------------------
     def _next_step(self) -> Step:
-        return self.modes.next_step(self.run.remaining) if self.modes is not None else _ROUND
+        """What to send next; the mode policy's choice goes into the answer's decision trace."""
+        if self.modes is None:
+            return _ROUND
+        step = self.modes.next_step(self.run.remaining)
+        self.run.stats.on_mode_step(step)
+        return step
 
     async def _send_step(self) -> None:
         step, self.step = self.step or self._next_step(), None
@@ -241,6 +246,9 @@ class Speculation:
             network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
         looked_up = min(current.context, drafted) if current is not None else 0
         run.stats.on_round_verdict(drafted, accepted, server_ms, network_ms, context=looked_up)
+        # The answer's first round (unless a stream came first) pays first-call costs: the prompt's prefill
+        # in its wait, a drafter's first call: its acceptance counts, its times would mislead.
+        cold = run.stats.rounds == 1 and run.stats.cloud_tokens == 0
         if current is not None:
             self.planner.observe(looked_up, accepted, current.matched, current.found, event.new_tokens)
         if looked_up and (accepted < looked_up or drafted == looked_up):
@@ -254,7 +262,7 @@ class Speculation:
         run.controller.observe_round(
             drafted=drafted - looked_up, accepted=accepted - looked_up, draft_ms=current.draft_ms if current else 0.0,
             network_ms=run.controller.estimate().network_ms if network_ms is None else network_ms,
-            verify_ms=verify_ms)
+            verify_ms=verify_ms, cold=cold)
 
     async def _next_round_still_fits(self) -> bool:
         """After a verdict: does the round sent or being drafted ahead continue the committed sequence?"""

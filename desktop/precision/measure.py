@@ -22,6 +22,7 @@ from typing import Protocol
 
 import msgspec
 
+from specd.desktop.client.adaptive import EstimatePriors
 from specd.desktop.client.answer import Settings
 from specd.desktop.client.connection import ConnectionFailed, Disconnected
 from specd.desktop.client.edge_client import EdgeClient
@@ -96,6 +97,7 @@ async def settle_precision(setup: ClientSetup, config: Config,
     if record is not None and record_matches(record, row, config, choices):
         if record["target"] == target and record["precision"] == drafter.precision:
             say(f"Draft precision: {record['reason']} (measured before, recorded in {path})")
+            client.estimate_priors = EstimatePriors.from_record(record)  # what it measured seeds the estimates
             return PrecisionPick(record["precision"], record["reason"], "measured")
         if record["target"] != target:
             say(f"{path} was measured against {record['target']}; measuring again against {target}")
@@ -104,11 +106,12 @@ async def settle_precision(setup: ClientSetup, config: Config,
     if measured is None:
         return PrecisionPick(client.drafter.precision, client.drafter.precision_reason, "default")
     ranked, reason, failed = measured
-    write_record(path, {"precision": ranked[0].precision, "reason": reason, "target": target,
-                        **record_identity(row, config),
-                        "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                        "prompts": len(MEASURE_PROMPTS), "max_new_tokens": MEASURE_TOKENS,
-                        "candidates": [c.to_json() for c in ranked], "failed": failed})
+    record = {"precision": ranked[0].precision, "reason": reason, "target": target, **record_identity(row, config),
+              "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "prompts": len(MEASURE_PROMPTS), "max_new_tokens": MEASURE_TOKENS,
+              "candidates": [c.to_json() for c in ranked], "failed": failed}
+    write_record(path, record)
+    client.estimate_priors = EstimatePriors.from_record(record)
     say(f"Draft precision: {reason} (chosen in {time.perf_counter() - started:.0f} s, recorded in {path})")
     return PrecisionPick(ranked[0].precision, reason, "measured")
 

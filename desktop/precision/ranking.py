@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from specd.desktop.client.adaptive import GammaController
+from specd.desktop.client.adaptive import EstimatePriors, GammaController
 
 # Replays forget little, so every measured round counts about alike (a live answer forgets faster to follow
 # the conversation; a measurement wants the mean).
 REPLAY_FORGETTING = 0.02
+#: A replay's times are the measured rounds' alone (no built-in guess averaged in).
+MEASURED_ONLY = EstimatePriors(samples=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,7 @@ class MeasuredRound:
     draft_ms: float
     network_ms: float
     verify_ms: float
+    cold: bool = False  # an answer's first round: its times include first-call costs
 
 
 class RecordingController(GammaController):
@@ -42,7 +45,7 @@ class RecordingController(GammaController):
 
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
                       verify_ms: float, **more: Any) -> None:
-        self.rounds.append(MeasuredRound(drafted, accepted, draft_ms, network_ms, verify_ms))
+        self.rounds.append(MeasuredRound(drafted, accepted, draft_ms, network_ms, verify_ms, bool(more.get("cold"))))
         super().observe_round(drafted=drafted, accepted=accepted, draft_ms=draft_ms, network_ms=network_ms,
                               verify_ms=verify_ms, **more)  # whatever else the controller observes
 
@@ -61,7 +64,7 @@ class CandidateFigures:
 
     @property
     def draft_ms_per_token(self) -> float:
-        timed = [r for r in self.rounds if r.drafted > 0 and r.draft_ms > 0]
+        timed = [r for r in self.rounds if r.drafted > 0 and r.draft_ms > 0 and not r.cold]
         drafted = sum(r.drafted for r in timed)
         return sum(r.draft_ms for r in timed) / drafted if drafted else 0.0
 
@@ -92,10 +95,10 @@ class RankedCandidate:
 
 def replay(rounds: tuple[MeasuredRound, ...] | list[MeasuredRound], gamma_max: int) -> GammaController:
     """A fresh γ controller that has observed ``rounds``."""
-    controller = GammaController(gamma_max, forgetting=REPLAY_FORGETTING)
+    controller = GammaController(gamma_max, forgetting=REPLAY_FORGETTING, priors=MEASURED_ONLY)
     for r in rounds:
         controller.observe_round(drafted=r.drafted, accepted=r.accepted, draft_ms=r.draft_ms,
-                                 network_ms=r.network_ms, verify_ms=r.verify_ms)
+                                 network_ms=r.network_ms, verify_ms=r.verify_ms, cold=r.cold)
     return controller
 
 

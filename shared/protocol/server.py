@@ -357,10 +357,14 @@ class ServerSession:
         """Commit tokens the target sampled alone; returns the actions and whether the request ended.
 
         In ``STREAMING_CHUNK`` the session returns to ``SPECULATING`` once every token asked for is sent
-        (``streaming`` is then false: the generation loop stops).
+        (``streaming`` is then false: the generation loop stops). A driver that hands more tokens than the
+        chunk still owes has only the owed ones committed and sent — the client asked for that many — and
+        drops the rest as a rejected draft is dropped (the next round's position says where to go on).
         """
         req = self._active()
         position = len(req.tokens)
+        if self.state is ServerState.STREAMING_CHUNK:
+            tokens = tokens[: max(0, req.chunk)]
         kept: list[int] = []
         reason = None
         for token in tokens:
@@ -376,6 +380,7 @@ class ServerSession:
         elif self.state is ServerState.STREAMING_CHUNK:
             req.chunk -= len(kept)
             if req.chunk <= 0:
+                req.chunk = 0  # exact for the next ``stream``, whatever the driver handed
                 self._move(ServerTrigger.CHUNK_STREAMED)
         return [Send.of(msg)], reason is not None
 
