@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import http
-import ipaddress
 import json
 import logging
 import ssl
@@ -36,6 +35,7 @@ from specd.daemon.notify import Notifier, cancel_quietly, extend_start_timeout, 
 from specd.daemon.target import TargetModel
 from specd.shared import __version__
 from specd.shared import messages as m
+from specd.shared.addresses import is_loopback
 from specd.shared.config import Config, read_secret
 from specd.shared.config_origins import Origins
 from specd.shared.errors import ConfigError, ErrorCode
@@ -45,15 +45,6 @@ log = logging.getLogger("specd.daemon")
 
 # How long SIGTERM waits for in-flight rounds before closing the remaining connections anyway.
 DRAIN_TIMEOUT_S = 10.0
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Verifier:

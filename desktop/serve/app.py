@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import errno
 import hmac
-import ipaddress
 import logging
 import socket
 import sys
@@ -30,6 +29,7 @@ from specd.desktop.serve import ollama_routes, openai_routes
 from specd.desktop.serve.browser_guard import BrowserGuard
 from specd.desktop.serve.errors import AUTHENTICATION, NOT_FOUND, SERVER_ERROR, ApiError
 from specd.desktop.serve.state import ServeState, error_json, json_response
+from specd.shared.addresses import is_loopback
 from specd.shared.errors import SpecdError
 
 try:  # httptools' C parser: a request's way in costs a third of h11's (benchmarks/serve_overhead.py)
@@ -42,15 +42,6 @@ log = logging.getLogger("specd.serve")
 
 class BindError(SpecdError):
     """The API cannot listen where it was told to."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def key_matches(api_key: str, header: str | None) -> bool:

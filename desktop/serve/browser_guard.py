@@ -14,26 +14,21 @@ without touching them:
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from specd.desktop.serve.errors import ApiError
 from specd.desktop.serve.state import error_json
+from specd.shared.addresses import is_loopback
 
 PERMISSION = "permission_error"
 
 
 def is_loopback_name(host: str) -> bool:
-    """``localhost`` or a loopback address, as written in a URL or a ``Host`` header (no port)."""
-    name = host.strip("[]").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    """A name of this machine as written in a URL or a ``Host`` header (no port); browsers resolve every
+    ``*.localhost`` name to loopback (RFC 6761)."""
+    return is_loopback(host) or host.lower().endswith(".localhost")
 
 
 def host_name(header: str) -> str:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from specd.desktop.client.connection import ConnectionFailed
 from specd.desktop.client.edge_client import EdgeClient, StatusCallback
 from specd.desktop.commands.launch import ClientSetup, build_client
-from specd.desktop.serve.app import ApiServer, BindError, build_app, is_loopback
+from specd.desktop.serve.app import ApiServer, BindError, build_app
 from specd.desktop.serve.pool import ClientPool
 from specd.desktop.serve.state import ServeState
+from specd.shared.addresses import is_loopback
 from specd.shared.config import Config, read_secret
 from specd.shared.config_origins import Origins
 from specd.shared.errors import ConfigError, RemoteError
