@@ -39,7 +39,8 @@ def parse(*argv: str):
 
 
 async def test_bench_measures_every_mode_and_writes_the_report(config_file, tmp_path):
-    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}})
+    # Whole rounds (no goodput budget): the spec-fixed cells below reproduce each other round for round.
+    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}, "limits": {"goodput_budget": False}})
     out = tmp_path / "out"
     async with Verifier(verifier_cfg) as verifier:
         args = parse("--config", str(config_file), "--host", "127.0.0.1", "--port", str(verifier.port),
@@ -109,7 +110,8 @@ def test_bench_flags_are_checked():
 
 
 async def test_two_devices_are_compared(config_file, tmp_path):
-    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}})
+    # Whole rounds (no goodput budget): the spec-fixed cells below reproduce each other round for round.
+    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}, "limits": {"goodput_budget": False}})
     out = tmp_path / "out"
     async with Verifier(verifier_cfg) as verifier:
         args = parse("--config", str(config_file), "--host", "127.0.0.1", "--port", str(verifier.port),
@@ -131,7 +133,8 @@ async def test_two_devices_are_compared(config_file, tmp_path):
 
 async def test_the_copy_prompts_are_reported_beside_the_standard_set(config_file, tmp_path):
     """``--prompts standard copy`` with the context proposer on (spec-pipelined) and off (spec-no-context)."""
-    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}})
+    # Whole rounds (no goodput budget): the spec-fixed cells below reproduce each other round for round.
+    verifier_cfg = load_config(config_file, overrides={"server": {"port": 0}, "limits": {"goodput_budget": False}})
     out = tmp_path / "out"
     async with Verifier(verifier_cfg) as verifier:
         args = parse("--config", str(config_file), "--host", "127.0.0.1", "--port", str(verifier.port),
