@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 
@@ -54,13 +55,35 @@ def _deterministic_torch():
 @pytest.fixture
 def qloop(qapp):
     """A qasync event loop on pytest-qt's QApplication: run the UI's coroutines with
-    ``qloop.run_until_complete(...)`` (qtbot does not run ``asyncio`` tasks by itself)."""
+    ``qloop.run_until_complete(...)`` (qtbot does not run ``asyncio`` tasks by itself). Cycles are collected
+    on the Qt thread only, as in the app (see specd.desktop.ui.qt_garbage)."""
     import asyncio
 
     import qasync
 
+    from specd.desktop.ui.qt_garbage import QtThreadCollector
+
     loop = qasync.QEventLoop(qapp, already_running=False)
     asyncio.set_event_loop(loop)
-    yield loop
-    loop.close()  # also stops its worker threads
+    with QtThreadCollector():
+        yield loop
+        loop.close()  # also stops its worker threads
     asyncio.set_event_loop(None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _imports_out_of_the_collectors_way():
+    """The libraries loaded so far (torch, transformers, Qt) are never garbage: keep the collector from
+    walking them on every full collection below."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
+def _qt_objects_freed_on_the_qt_thread(request):
+    """After a test that used Qt, its Qt objects caught in cycles are freed here, on the Qt thread: left
+    to a later test's worker thread, Qt could not stop their timers and would later crash on them."""
+    yield
+    if "qapp" in request.fixturenames:
+        gc.collect()

@@ -74,6 +74,7 @@ def run_app(args: argparse.Namespace) -> int:
         show_error_dialog,
     )
     from specd.desktop.ui.controller import DesktopApp
+    from specd.desktop.ui.qt_garbage import QtThreadCollector
     from specd.desktop.ui.qt_platform import platform_problem
     from specd.shared.config import default_config_path
     from specd.shared.errors import ConfigError
@@ -110,7 +111,7 @@ def run_app(args: argparse.Namespace) -> int:
     quitting = asyncio.Event()
     app.aboutToQuit.connect(quitting.set)
     heartbeat = quit_on_signals(desktop)
-    with loop:
+    with QtThreadCollector(), loop:  # the loop closes first, then its cycles are collected on this thread
         desktop.spawn(desktop.start())
         loop.run_until_complete(quitting.wait())
         if not desktop.closed.is_set():  # Qt quit by itself (log out): still close the client cleanly
