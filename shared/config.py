@@ -83,7 +83,7 @@ class SamplingConfig(_Section):
 
 class SpeculationConfig(_Section):
     gamma: Positive | Literal["auto"] = "auto"
-    gamma_max: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    gamma_max: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
     proposal_top_k: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     pipeline: bool = True
     mode_switching: bool = True

@@ -40,7 +40,7 @@ def _write(tmp_path, text: str) -> Path:
     ("[devices]\nedge_device = \"tpu\"\n", "[devices] edge_device: 'tpu' is not allowed"),
     ("[devices.gpu]\ndevice_id = -1\n", "[devices.gpu] device_id: expected `int` >= 0"),
     ("[sampling]\ntop_p = 0.0\n", "[sampling] top_p: expected `float` > 0.0"),
-    ("[speculation]\ngamma = 9\n", "gamma = 9 (in {path}) exceeds [speculation] gamma_max = 8 (the default)"),
+    ("[speculation]\ngamma = 17\n", "gamma = 17 (in {path}) exceeds [speculation] gamma_max = 16 (the default)"),
     ("[server]\ntls_cert = \"a.pem\"\n", "tls_cert and tls_key must be given together"),
     ("[server]\ndevice = \"gpu\"\n", "allowed auto, cpu, cuda or cuda:N"),
     ("[client]\nserver_url = \"http://x\"\n", "must start with ws:// or wss://"),
@@ -96,11 +96,11 @@ def flags(values: dict) -> ConfigLayer:
 
 
 @pytest.mark.parametrize(("file_text", "layer", "override", "message"), [
-    ("", None, flags({"speculation": {"gamma": 9}}), "--gamma 9 exceeds [speculation] gamma_max = 8 (the default)"),
+    ("", None, flags({"speculation": {"gamma": 17}}), "--gamma 17 exceeds [speculation] gamma_max = 16 (the default)"),
     ("[speculation]\ngamma_max = 4\n", None, flags({"speculation": {"gamma": 6}}),
      "--gamma 6 exceeds [speculation] gamma_max = 4 (in {path})"),
-    ("", ConfigLayer({"speculation": {"gamma": 9}}, "Settings"), None,
-     "[speculation] gamma = 9 (in Settings) exceeds [speculation] gamma_max = 8 (the default)"),
+    ("", ConfigLayer({"speculation": {"gamma": 17}}, "Settings"), None,
+     "[speculation] gamma = 17 (in Settings) exceeds [speculation] gamma_max = 16 (the default)"),
     ("[speculation]\ngamma = 3\n", ConfigLayer({"speculation": {"gamma_max": 20}}, "Settings"), None,
      "[speculation] gamma_max = 20 (in Settings) exceeds [limits] max_draft = 16 (the default)"),
     ("[server]\nport = 80\n", None, flags({"server": {"port": 70000}}), "--port 70000: expected `int` <= 65535"),

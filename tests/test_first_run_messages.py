@@ -136,7 +136,7 @@ def test_a_bad_value_from_settings_names_settings_not_the_config_file(tmp_path):
     config_file.write_text("[sampling]\ntemperature = 0.3\n")
     with pytest.raises(ConfigError) as err:
         effective_config(config_file, UserSettings(layer={"speculation": {"gamma": 20}}))
-    assert str(err.value) == "[speculation] gamma = 20 (in Settings) exceeds [speculation] gamma_max = 8 (the default)"
+    assert str(err.value) == "[speculation] gamma = 20 (in Settings) exceeds [speculation] gamma_max = 16 (the default)"
 
 
 # -- item: a model folder without a tokenizer ----------------------------------------------------------
@@ -214,4 +214,4 @@ async def test_chat_flags_are_named_in_errors_not_the_config_file(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text("[sampling]\ntemperature = 0.3\n")
     code, _out, err = await specd_chat("--gamma", "20", config=config)
-    assert code == 1 and err.splitlines() == ["specd: --gamma 20 exceeds [speculation] gamma_max = 8 (the default)"]
+    assert code == 1 and err.splitlines() == ["specd: --gamma 20 exceeds [speculation] gamma_max = 16 (the default)"]

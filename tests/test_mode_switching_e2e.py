@@ -96,7 +96,8 @@ async def test_the_chooser_streams_at_a_long_round_trip_and_remembers_it(folders
     # Probes only: each a round of at most γ_max drafts and its bonus; at most one per 16 streamed tokens.
     for answer, most in ((first, 3), (second, 2)):
         rounds = answer.stats.rounds
-        assert rounds <= most and answer.stats.cloud_tokens >= answer.stats.generated - 9 * rounds
+        assert rounds <= most
+        assert answer.stats.cloud_tokens >= answer.stats.generated - (settings.gamma_max + 1) * rounds
     trace = second.stats.mode_switches
     assert trace[0]["to"] in ("streaming", "probe") and trace[0]["at_token"] == 0  # a probe may fall due there
     assert all(d["streaming_tok_s"] > d["speculative_tok_s"] > 0 for d in trace), "streaming decided each step"

@@ -109,7 +109,7 @@ def make_dialog(qtbot, config_file, settings=None, api_key=None) -> SettingsDial
     ("sampling.temperature", "warm", r"\[sampling\] temperature: 'warm' is not a number"),
     ("sampling.temperature", "200", r"temperature: expected `float` <= 100"),
     ("sampling.max_new_tokens", "0", r"max_new_tokens: expected `int` >= 1"),
-    ("speculation.gamma", "20", r"gamma = 20 \(in Settings\) exceeds \[speculation\] gamma_max = 8 \(the default\)"),
+    ("speculation.gamma", "20", r"gamma = 20 \(in Settings\) exceeds \[speculation\] gamma_max = 16 \(the default\)"),
     ("speculation.gamma", "often", r"is not an integer or \"auto\""),
     ("client.server_url", "http://example.com", r"must start with ws:// or wss://"),
     ("client.server_url", "ws://", r"^Not saved: Server URL: 'ws://' has no host name; e\.g\. ws://127\.0\.0\.1:8765"),
@@ -169,7 +169,7 @@ def test_a_bad_value_in_settings_toml_names_settings_toml(tmp_path, config_file)
     with pytest.raises(ConfigError) as caught:
         effective_config(config_file, settings, layer_source=str(tmp_path / "settings.toml"))
     assert str(caught.value) == (f"[speculation] gamma = 20 (in {tmp_path / 'settings.toml'}) exceeds "
-                                 "[speculation] gamma_max = 8 (the default)")
+                                 "[speculation] gamma_max = 16 (the default)")
     config_file.write_text("[sampling]\ntop_p = 7\n")  # the file itself is wrong: it is the one named
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(config_file))}: \[sampling\] top_p"):
         effective_config(config_file, settings, layer_source="settings.toml")

@@ -35,7 +35,7 @@ class Settings:
     max_new_tokens: int = 256
     seed: int | None = None
     gamma: int | None = None  # None: adaptive
-    gamma_max: int = 8
+    gamma_max: int = 16
     support_k: int = 32
     pipeline: bool = True
     stop: tuple[int, ...] = ()
