@@ -101,7 +101,7 @@ def test_stats_per_position_and_json():
 
 
 def test_dump_toml_round_trips_the_config():
-    cfg = load_config(None, overrides={"models": {"target": 'C:\\models\\"quoted"'}, "limits": {"max_draft": 12}})
+    cfg = load_config(None, overrides={"models": {"target": 'C:\\models\\"quoted"'}, "limits": {"max_draft": 24}})
     text = dump_toml(to_dict(cfg))
     assert tomllib.loads(text) == to_dict(cfg)
     assert load_config(None, overrides=tomllib.loads(text)) == cfg

@@ -86,7 +86,9 @@ async def test_rounds_from_the_context_proposer_follow_the_targets_law(models):
         result = await run_case(case, models)
     print(result.summary())  # shown with -s
     kinds = result.sample.kinds
-    assert kinds["looked-up drafts"] >= 2 * SHORT["case"] and kinds["model drafts"], result.summary()
+    # The planner picks lookups by measured speed, so how many it sends varies with the machine (392–520
+    # of about 1,100 drafts in 200 answers): ask for one per answer on average, and model drafts too.
+    assert kinds["looked-up drafts"] >= SHORT["case"] and kinds["model drafts"], result.summary()
     assert kinds["ahead rounds"] > SHORT["case"] // 10, result.summary()
     assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
