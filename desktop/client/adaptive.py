@@ -168,7 +168,8 @@ class GammaController:
         self._guess_trials = decay * self._guess_trials + 1.0
 
     def observe_network(self, round_trip_ms: float) -> None:
-        """A round trip timed outside a round (the handshake: hello → welcome)."""
+        """A round trip timed outside a round: the handshake (hello → welcome), or a stream asked with
+        nothing in flight (the wait for its first token, less that token's forward)."""
         self._network_ms.update(max(0.0, round_trip_ms))
 
     def observe_draft_time(self, ms_per_token: float) -> None:

@@ -9,15 +9,17 @@ Estimates can be wrong in either direction, so a decision is never final:
 
 - **The decode step follows the verifier.** While streaming it is the verifier's own ``forward_ms`` per
   token plus the gap the client sees beyond it; while speculating, the verify cost of one position from
-  the rounds, calibrated by what the last stream measured. A verifier that becomes faster or slower
+  the rounds, calibrated by what the last stream measured (once the rounds' fit rests on a few rounds,
+  not on priors). A verifier that becomes faster or slower
   mid-answer moves the comparison within a few rounds or tokens.
 - **Probing never stops for good.** While streaming, a probe (a round, with the next stream asked for in
   the same send) re-measures acceptance. The first probe after a switch comes within
   ``first_probe_tokens`` streamed tokens — after ``first_share`` of the time instead, once several rounds
   say that not even a round accepted in full could win — so a wrong switch is undone within the answer;
   each probe that confirms streaming clearly (rounds below ``close_call`` of its rate) doubles the
-  interval, up to the probe's cost over ``probe_share``
-  (≈ 2 % of the time), which bounds what probing loses where streaming really is faster.
+  interval, and a close call grows it by half, up to the probe's cost over ``probe_share`` (≈ 2 % of
+  the time), which bounds what probing loses where streaming really is faster. A close call backs off
+  too: where the two modes are near, a probe every few tokens would cost more than a wrong choice does.
 - **The decode step is measured, not assumed.** Before any stream it is extrapolated from the rounds'
   forwards over γ + 1 positions, and what one position costs is a guess there (on a CPU a forward grows
   with its positions); so the first time rounds win, the round is followed by ``step_probe`` streamed
@@ -41,7 +43,7 @@ class ModeChooser:
         self.first_share = first_share
         self.min_chunk = min_chunk
         self.first_probe_tokens = first_probe_tokens
-        self.close_call = close_call  # a probe backs off only when rounds reach less than this share of streaming
+        self.close_call = close_call  # a probe backs off fully when rounds reach less than this share of streaming
         self.step_probe = 2  # tokens streamed once, after a round, to measure the decode step
         forgetting = controller.forgetting
         self._stream_forward: ForgettingMean | None = None  # the verifier's forward per streamed token
@@ -136,7 +138,10 @@ class ModeChooser:
         rates = {"speculative_tok_s": 1000.0 * rate, "streaming_tok_s": 1000.0 * self.streaming_rate(remaining),
                  "gamma": gamma}
         if not self.prefers_streaming(remaining, fresh=True):
-            self._interval_ms = None  # speculation wins: start afresh next time streaming does
+            if not self.prefers_streaming(remaining):
+                # Speculation beats streaming itself, not only a stream's round trip over the few tokens
+                # left: start the probe schedule afresh next time streaming wins.
+                self._interval_ms = None
             if self._stream_forward is None and self.controller.rounds_observed and remaining > self.step_probe + 1:
                 # The decode step was only ever extrapolated from rounds' forwards (γ + 1 positions each,
                 # and what one position costs is a guess): stream a few tokens after this round, once.
@@ -169,10 +174,10 @@ class ModeChooser:
         if self.prefers_streaming(remaining):
             if self._interval_ms is None:  # the first probe of all: the schedule starts now
                 self._interval_ms = self._first_interval(remaining)
-            elif self.speculative_rate(remaining) < self.close_call * self.streaming_rate():
+            else:
+                clear = self.speculative_rate(remaining) < self.close_call * self.streaming_rate()
                 cap = self.probe_cost_ms(remaining) / self.probe_share
-                self._interval_ms = min(cap, 2.0 * self._interval_ms)
-            # else a close call: probe again as soon (such probes cost little: the two rates are near)
+                self._interval_ms = min(cap, (2.0 if clear else 1.5) * self._interval_ms)
         else:
             self._interval_ms = None
 
@@ -185,7 +190,7 @@ class ModeChooser:
             if self._stream_forward is None:  # the rounds' estimate is the prior, worth one sample
                 self._stream_forward = ForgettingMean(controller.single_step_ms(), controller.forgetting)
             self._stream_forward.update(per_token)
-            if controller.rounds_observed:
+            if controller.rounds_seen >= 3:  # a fit of a round or two is mostly priors: no scale to keep
                 self._calibration.update(per_token / max(1e-3, controller.single_step_ms()))
             if gap_ms is not None:
                 self._overhead.update(max(0.0, gap_ms / tokens - per_token))

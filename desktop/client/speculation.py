@@ -40,6 +40,7 @@ class _Streaming:
     steady: bool = False  # the last tokens arrived with more still owed: the next gap is one decode step
     last_at: float = 0.0
     since_round: bool = False  # tokens were streamed since the last round: the drafter has not read them
+    asked_at: float | None = None  # when a stream was asked with nothing in flight: its first token times the link
 
 
 async def speculate(link: Link, run: Run) -> None:
@@ -152,6 +153,8 @@ class Speculation:
     async def _ask_stream(self, tokens: int) -> None:
         session = self.link.session
         tokens = min(tokens, session.welcome.limits.max_stream_tokens)
+        if not self.streaming.owed and not self.in_flight and self.run.stats.generated:
+            self.streaming.asked_at = time.perf_counter()  # (the first tokens of all wait for the prefill)
         await self.link.send(session.stream(tokens))
         self.streaming.owed += tokens
 
@@ -212,6 +215,13 @@ class Speculation:
         gap_ms = (now - streaming.last_at) * 1000.0 if streaming.steady else None
         streaming.owed = max(0, streaming.owed - count)
         streaming.steady, streaming.last_at, streaming.since_round = streaming.owed > 0, now, True
+        if streaming.asked_at is not None:
+            # A stream asked with nothing in flight: its first tokens came a round trip and their forward
+            # after the ask. While streaming, rounds are rare, and this keeps the round trip current (the
+            # tokens to ask for ahead and a fresh stream's rate depend on it).
+            elapsed_ms = (now - streaming.asked_at) * 1000.0
+            self.run.controller.observe_network(max(0.0, elapsed_ms - event.tokens.forward_ms))
+            streaming.asked_at = None
         if modes is not None:
             modes.observe_stream(count, event.tokens.forward_ms, gap_ms)
         if take_streamed(self.run, event):
