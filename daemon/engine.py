@@ -123,6 +123,7 @@ class Engine:
                  executor: ThreadPoolExecutor, cost: ForwardCost | None = None) -> None:
         self.target, self.backend, self.limits = target, backend, limits
         self.cost = cost or ForwardCost()
+        self.acceptance = Acceptance.pooled()  # every session's rounds: the prior of each session's own
         self.batched = isinstance(backend, SlotBackend) and backend.max_rows > 1
         self.on_forward: Callable[[ForwardStats], None] | None = None
         self._executor = executor
@@ -204,7 +205,7 @@ class Engine:
     def open(self) -> EngineSession:
         if not self._free:
             raise EngineFull(f"all {self.capacity} KV slots are in use")
-        return EngineSession(slot=self._free.pop(0))
+        return EngineSession(slot=self._free.pop(0), acceptance=Acceptance(population=self.acceptance))
 
     def close(self, session: EngineSession) -> None:
         """Free the session's slot; a job of it still queued is dropped before the next forward."""

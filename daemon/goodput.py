@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 # Acceptance before a session's first rounds are seen (SmolLM2 pairs measure 0.4–0.9), worth this many rounds.
 PRIOR_ACCEPTANCE = 0.6
 PRIOR_WEIGHT = 2.0
-# Older rounds count less: a session's acceptance moves with what it writes.
+# Older rounds count less: a session's acceptance moves with what it writes. The population of all
+# sessions receives every session's rounds, so it forgets per round far more slowly.
 ACCEPTANCE_FORGETTING = 0.1
+POPULATION_FORGETTING = 0.01
 # Weight of each forward's measured ÷ predicted seconds in the cost model's level, and in its correction
 # of the shape at that forward's width and rows.
 COST_FORGETTING = 0.1
@@ -41,9 +43,18 @@ MARGIN = 0.02
 
 @dataclass(slots=True)
 class Acceptance:
-    """A session's acceptance per draft position, from the rounds the verifier judged (discounted)."""
+    """A session's acceptance per draft position, from the rounds the verifier judged (discounted).
+
+    With a ``population`` (every session's rounds pooled, :meth:`pooled`), a new session starts from the
+    population's acceptance instead of a fixed guess, and a position this session has rarely had judged
+    takes the population's rate at that position, scaled by how this session compares overall: the
+    shape across positions is a property of the pair and the text (acceptance often rises once a run of
+    drafts has held), which a session of a dozen rounds cannot measure at its deeper positions alone.
+    """
 
     positions: int = 16
+    population: Acceptance | None = None
+    forgetting: float = ACCEPTANCE_FORGETTING
     _success: list[float] = field(default_factory=list)
     _trials: list[float] = field(default_factory=list)
     _all_success: float = PRIOR_ACCEPTANCE * PRIOR_WEIGHT
@@ -52,30 +63,46 @@ class Acceptance:
     def __post_init__(self) -> None:
         self._success = [0.0] * self.positions
         self._trials = [0.0] * self.positions
+        if self.population is not None:
+            self._all_success = self.population.overall * PRIOR_WEIGHT
+
+    @classmethod
+    def pooled(cls, positions: int = 16) -> Acceptance:
+        """The population of an engine's sessions: forgets slowly, since every session's rounds arrive."""
+        return cls(positions=positions, forgetting=POPULATION_FORGETTING)
 
     def observe(self, verified: int, accepted: int) -> None:
         """A round verified ``verified`` drafts and accepted the first ``accepted``; drafts past the first
         rejection were not judged and count for nothing."""
-        decay = 1.0 - ACCEPTANCE_FORGETTING
+        decay = 1.0 - self.forgetting
         judged = min(verified, accepted + 1)
         self._all_success = decay * self._all_success + accepted
         self._all_trials = decay * self._all_trials + judged
         for i in range(min(judged, self.positions)):
             self._success[i] = decay * self._success[i] + (1.0 if i < accepted else 0.0)
             self._trials[i] = decay * self._trials[i] + 1.0
+        if self.population is not None:
+            self.population.observe(verified, accepted)
 
     @property
     def overall(self) -> float:
         return min(0.99, max(0.01, self._all_success / self._all_trials))
 
     def conditional(self, count: int) -> list[float]:
-        """``h_1 … h_count``: each position's own rate, shrunk towards the overall one (positions seen
-        rarely, and those never offered, take the overall rate)."""
+        """``h_1 … h_count``: each position's own rate, shrunk towards a prior for that position (positions
+        seen rarely, and those never offered, take the prior): the population's rate there scaled by this
+        session's overall ÷ the population's, or without a population this session's overall rate."""
         alpha = self.overall
+        if self.population is not None:
+            shape = self.population.conditional(count)
+            level = alpha / self.population.overall
+            priors = [min(0.99, max(0.01, rate * level)) for rate in shape]
+        else:
+            priors = [alpha] * count
         out = []
         for i in range(count):
             s, t = (self._success[i], self._trials[i]) if i < self.positions else (0.0, 0.0)
-            out.append(min(0.99, max(0.01, (s + alpha * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT))))
+            out.append(min(0.99, max(0.01, (s + priors[i] * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT))))
         return out
 
 

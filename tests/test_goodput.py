@@ -123,6 +123,33 @@ def test_acceptance_counts_only_judged_drafts():
     assert acc.conditional(1)[0] < 0.1
 
 
+def test_a_session_takes_the_populations_shape_at_positions_it_rarely_had_judged():
+    """Every session's rounds pooled: acceptance that rises along the round (0.5, then 0.8, 0.9, 0.94 once
+    the drafts before held). A new session starts from the population's overall rate; one whose first
+    drafts were rejected three times keeps that (its own position 1), and its unjudged positions take the
+    population's rising shape at its own lower level, not one flat rate."""
+    population = Acceptance.pooled(positions=4)
+    counts = [0] * 50 + [1] * 10 + [2] * 4 + [3] * 2 + [4] * 34  # accepted drafts of rounds of 4
+    rounds = [counts[(i * 37) % 100] for i in range(100)]  # interleaved: the population forgets slowly
+    for accepted in rounds * 3:
+        population.observe(verified=4, accepted=accepted)
+    shape = population.conditional(4)
+    assert shape[0] == pytest.approx(0.5, abs=0.03) and shape[1] == pytest.approx(0.8, abs=0.05)
+    assert shape[0] < shape[1] < shape[2] < shape[3]
+    fresh = Acceptance(positions=4, population=population)
+    assert fresh.overall == pytest.approx(population.overall)
+    weak = Acceptance(positions=4, population=population)
+    for _ in range(3):
+        weak.observe(verified=4, accepted=0)
+    h = weak.conditional(4)
+    assert h[0] < 0.3
+    assert h[1] < h[2] < h[3] and all(mine < theirs for mine, theirs in zip(h[1:], shape[1:], strict=True))
+    alone = Acceptance(positions=4)  # without a population: one flat rate past the judged positions
+    for _ in range(3):
+        alone.observe(verified=4, accepted=0)
+    assert alone.conditional(4)[1] == alone.conditional(4)[3]
+
+
 # -- the engine trims rounds to the budget ------------------------------------------------------
 
 @pytest.fixture
