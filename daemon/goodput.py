@@ -59,6 +59,9 @@ class Acceptance:
     _trials: list[float] = field(default_factory=list)
     _all_success: float = PRIOR_ACCEPTANCE * PRIOR_WEIGHT
     _all_trials: float = PRIOR_WEIGHT
+    # conditional(count) since the last round, kept where it rests on this object's rounds alone (a pool's
+    # is asked by every session of a forward); one with a population follows the population's rounds too
+    _computed: dict[int, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._success = [0.0] * self.positions
@@ -81,6 +84,7 @@ class Acceptance:
         for i in range(min(judged, self.positions)):
             self._success[i] = decay * self._success[i] + (1.0 if i < accepted else 0.0)
             self._trials[i] = decay * self._trials[i] + 1.0
+        self._computed.clear()
         if self.population is not None:
             self.population.observe(verified, accepted)
 
@@ -92,6 +96,8 @@ class Acceptance:
         """``h_1 … h_count``: each position's own rate, shrunk towards a prior for that position (positions
         seen rarely, and those never offered, take the prior): the population's rate there scaled by this
         session's overall ÷ the population's, or without a population this session's overall rate."""
+        if count in self._computed:
+            return self._computed[count]
         alpha = self.overall
         if self.population is not None:
             shape = self.population.conditional(count)
@@ -103,6 +109,8 @@ class Acceptance:
         for i in range(count):
             s, t = (self._success[i], self._trials[i]) if i < self.positions else (0.0, 0.0)
             out.append(min(0.99, max(0.01, (s + priors[i] * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT))))
+        if self.population is None:
+            self._computed[count] = out
         return out
 
 
