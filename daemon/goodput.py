@@ -39,6 +39,10 @@ COST_FORGETTING = 0.1
 SHAPE_FORGETTING = 0.2
 # A narrower forward is chosen only when it beats the wider ones by this much.
 MARGIN = 0.02
+# A session none of whose drafts were judged for this many rounds in a row has one verified in its next
+# round, and in each round after while those are accepted: its acceptance is otherwise never measured
+# again, so drafts that got better (a copy, looked up in the conversation) would be trimmed for good.
+EXPLORE_AFTER = 8
 
 
 @dataclass(slots=True)
@@ -59,6 +63,7 @@ class Acceptance:
     _trials: list[float] = field(default_factory=list)
     _all_success: float = PRIOR_ACCEPTANCE * PRIOR_WEIGHT
     _all_trials: float = PRIOR_WEIGHT
+    _unjudged: int = 0  # rounds in a row of which no draft was verified
     # conditional(count) since the last round, kept where it rests on this object's rounds alone (a pool's
     # is asked by every session of a forward); one with a population follows the population's rounds too
     _computed: dict[int, list[float]] = field(default_factory=dict)
@@ -79,6 +84,10 @@ class Acceptance:
         rejection were not judged and count for nothing."""
         decay = 1.0 - self.forgetting
         judged = min(verified, accepted + 1)
+        if verified == 0:
+            self._unjudged += 1
+        elif not (self.starved and accepted >= verified):  # a right draft explored: explore the next round too
+            self._unjudged = 0
         self._all_success = decay * self._all_success + accepted
         self._all_trials = decay * self._all_trials + judged
         for i in range(min(judged, self.positions)):
@@ -87,6 +96,12 @@ class Acceptance:
         self._computed.clear()
         if self.population is not None:
             self.population.observe(verified, accepted)
+
+    @property
+    def starved(self) -> bool:
+        """No draft of this session was judged for ``EXPLORE_AFTER`` rounds, or the ones verified since
+        were all accepted: verify one, to measure again."""
+        return self._unjudged >= EXPLORE_AFTER
 
     @property
     def overall(self) -> float:

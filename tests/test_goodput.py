@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from specd.daemon.engine import Engine, EngineLimits
-from specd.daemon.goodput import Acceptance, ForwardCost, Offer, choose, expected_tokens, suggested_gamma
+from specd.daemon.goodput import EXPLORE_AFTER, Acceptance, ForwardCost, Offer, choose, expected_tokens, suggested_gamma
 from specd.daemon.rounds import RoundDrafts, round_verdict
 from specd.daemon.target import TargetModel
 from specd.shared.sampling import SamplingParams
@@ -243,3 +243,36 @@ def test_a_width_never_run_is_judged_between_the_widths_that_ran():
     assert cost.seconds(64, 1) < cost.seconds(64, 2) < cost.seconds(64, 3)
     ratio = cost.seconds(64, 2) / cost.seconds(64, 1)
     assert ratio == pytest.approx(2.0, rel=0.05)  # the calibrated shape's ratio, at the measured level
+
+
+async def test_a_session_trimmed_to_nothing_has_a_draft_verified_now_and_then(engine_factory):
+    """A session whose drafts were all trimmed away for EXPLORE_AFTER rounds has one verified in its next
+    round, and in every round after while those are accepted: without it the acceptance is never measured
+    again, and drafts that became right (text copied from the conversation) would stay trimmed for good."""
+    model, make = engine_factory
+    engine = make(scripted(per_row_ms=0.0, per_position_ms=10.0, fixed_ms=10.0), sessions=1)
+    prompt = [1, 5, 6, 7]
+    reference = _greedy_reference(model, prompt, 120)
+    session = engine.open()
+    committed = list(prompt)
+    await engine.prefill(session, committed, 0)
+    verified_log = []
+    while len(committed) < 100:
+        made = len(committed) - len(prompt)
+        wrong = len(verified_log) < 30
+        drafts = [4, 4, 4] if wrong else reference[made:made + 3]  # rarely the target's choice, then its own
+        judged, _q, _r = await engine.run(session, committed[:-1], [committed[-1], *drafts],
+                                          round_verdict(RoundDrafts(torch.tensor(drafts)), GREEDY, 0, len(committed)),
+                                          drafts=len(drafts))
+        session.acceptance.observe(judged.verified, judged.accepted)
+        verified_log.append(judged.verified)
+        committed += [*drafts[:judged.accepted], judged.token]
+    engine.close(session)
+    await engine.close_all()
+    assert committed[len(prompt):] == reference[:len(committed) - len(prompt)]
+    first_trim = verified_log.index(0)
+    assert first_trim < 30 - EXPLORE_AFTER - 1
+    assert verified_log[first_trim:first_trim + EXPLORE_AFTER + 1] == [0] * EXPLORE_AFTER + [1], str(verified_log)
+    right = verified_log[30:]
+    explored = right.index(1)
+    assert explored <= EXPLORE_AFTER and min(right[explored:]) >= 1, str(verified_log)
