@@ -57,10 +57,19 @@ class SlowDrafter(TorchDrafter):
         return super().next_logits()
 
 
+class GuessesTheEnd(TorchDrafter):
+    """A drafter whose guess of the verifier's next token is always end-of-sequence."""
+
+    def most_likely_next(self) -> int:
+        super().most_likely_next()
+        return 2
+
+
 def client_for(url: str, draft_folder, *, on_disconnect: str = "local", drafter: bool = True,
-               slow: bool = False, client_class: type[EdgeClient] = EdgeClient) -> EdgeClient:
+               slow: bool = False, client_class: type[EdgeClient] = EdgeClient,
+               drafter_class: type[TorchDrafter] | None = None) -> EdgeClient:
     tokenizer = AutoTokenizer.from_pretrained(str(draft_folder))
-    kind = SlowDrafter if slow else TorchDrafter
+    kind = drafter_class or (SlowDrafter if slow else TorchDrafter)
     return client_class(Endpoint(url=url, open_timeout=5), tokenizer=tokenizer,
                       fingerprint=tokenizer_fingerprint(tokenizer),
                       drafter=kind(draft_folder, "cpu") if drafter else None,
@@ -412,3 +421,26 @@ async def test_the_client_keeps_under_the_verifiers_message_rate(folders):
     # Every draft is right, so each round is one draft and the bonus token: 50 rounds, more than the
     # verifier's burst (2 × 20 messages) allows at once.
     assert answer.stats.rounds == -(-len(expected) // 2) > 2 * 20
+
+
+async def test_a_guess_that_ends_the_answer_is_drafted_ahead_once_per_round(folders, always_draft_ahead,
+                                                                          monkeypatch):
+    """Nothing is drafted after a guessed end of the answer; the round in flight is not drafted ahead
+    again and again while it is verified (that kept the drafter busy, and the verifier's CPU with it)."""
+    from specd.desktop.client.drafting_ahead import DraftingAhead
+
+    starts = []
+    start = DraftingAhead.start.__func__
+
+    def counted(cls, link, run, current, *args, **kwargs):
+        starts.append(current.number)
+        return start(cls, link, run, current, *args, **kwargs)
+
+    monkeypatch.setattr(DraftingAhead, "start", classmethod(counted))
+    expected = reference_greedy(folders["target"], PROMPT, GREEDY.max_new_tokens)
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        answer = await generate(verifier.url, folders["draft"], replace(GREEDY, context_proposer=False),
+                                drafter_class=GuessesTheEnd)
+    assert answer.token_ids == expected
+    assert answer.stats.ahead_rounds == 0 and answer.stats.rounds > 3
+    assert 0 < len(starts) == len(set(starts)) <= answer.stats.rounds

@@ -57,6 +57,7 @@ class Speculation:
         self.streaming = _Streaming()
         self.in_flight: list[SentRound] = []
         self.ahead: DraftingAhead | None = None
+        self.nothing_ahead_of: int | None = None  # the round in flight whose drafting ahead had nothing to send
         self.cancel_sent = False
         self.step: Step | None = None  # what to send once nothing is in flight (None: ask the policy then)
         lookup = ContextLookup() if run.settings.context_proposer else None
@@ -96,6 +97,8 @@ class Speculation:
                 self.ahead = None
                 if sent is not None:
                     self.in_flight.append(sent)
+                elif self.in_flight:  # e.g. the guess ends the answer: do not draft it again until the verdict
+                    self.nothing_ahead_of = self.in_flight[0].number
             return False
         if isinstance(event, RoundVerdict):
             return await self.on_verdict(event)
@@ -186,6 +189,7 @@ class Speculation:
         room = run.remaining - len(in_flight[0].tokens) - 1 if len(in_flight) == 1 else 0
         if (run.settings.pipeline and not self.cancel_sent and self.ahead is None and room >= 1
                 and not self.streaming.owed  # a stream follows the round: its tokens, not a guess, come next
+                and in_flight[0].number != self.nothing_ahead_of
                 and run.controller.worth_drafting_ahead(len(in_flight[0].tokens), run.controller.choose(room))):
             self.ahead = DraftingAhead.start(self.link, run, in_flight[0], room)
 
