@@ -19,6 +19,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -67,6 +68,9 @@ SWITCHING_CASE = Case("temperature-1, switching modes", SamplingParams(temperatu
 # and rounds where the lookup runs out and the model continues it (mixed).
 CONTEXT_CASE = Case("temperature-1, context proposer", SamplingParams(temperature=1.0), gamma=3, tokens=6,
                     context_proposer=True, first_seed=10 * 10**6)
+# The same, every round drafted ahead on the lookup's guess (:func:`drafted_ahead_with_lookups`).
+CONTEXT_AHEAD_CASE = replace(CONTEXT_CASE, name="temperature-1, context proposer, drafted ahead", tokens=8,
+                             first_seed=11 * 10**6)
 
 
 def context_prompt(models: Models, length: int = 4) -> tuple[int, ...]:
@@ -89,6 +93,44 @@ def look_ahead_always() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def drafted_ahead_with_lookups() -> Iterator[Counter]:
+    """Draft every round ahead in the drafter thread (never a looked-up round sent ahead without drafting),
+    on the lookup's guess wherever it has one, so the χ² cases see rounds drafted ahead that start with
+    looked-up tokens, continued by the model (every other one, cut to one looked-up token) or not. Yields a
+    count of those rounds, as sent."""
+    from specd.desktop.client.drafting_ahead import DraftingAhead
+    from specd.desktop.client.round_planner import AheadPlan, RoundPlanner
+
+    sent: Counter = Counter()
+    finish = DraftingAhead.finish
+
+    async def counted(job: DraftingAhead, link, run):
+        round_sent = await finish(job, link, run)
+        if round_sent is not None and job.plan.lookup:
+            sent["drafted ahead, looked-up first"] += 1
+            sent["drafted ahead, looked-up then model"] += bool(job.plan.model_gamma)
+        return round_sent
+
+    plan_ahead = RoundPlanner.plan_ahead
+
+    def trusted(planner: RoundPlanner, *args, **kwargs) -> AheadPlan | None:
+        ahead = plan_ahead(planner, *args, **kwargs)
+        if ahead is None:
+            return None
+        plan = ahead.plan
+        sent["planned"] += 1
+        if sent["planned"] % 2 and len(plan.lookup) > 1:  # every other round: one looked up, the model after
+            plan = replace(plan, lookup=plan.lookup[:1], model_gamma=plan.gamma - 1)
+        return replace(ahead, plan=plan, trusted=True)
+
+    with mock.patch.object(RoundPlanner, "look_ahead", return_value=None), \
+            mock.patch.object(RoundPlanner, "plan_ahead", trusted), \
+            mock.patch("specd.desktop.client.adaptive.GammaController.worth_drafting_ahead", return_value=True), \
+            mock.patch.object(DraftingAhead, "finish", counted):
+        yield sent
+
+
 SUBPROCESS_CASE = Case("temperature-1, specd-verifier subprocess", SamplingParams(temperature=1.0), gamma=2,
                        tokens=4, pipeline=False, first_seed=5 * 10**6)
 # Concurrent sessions whose rounds the verifier's goodput budget trims to a random prefix (0 … γ drafts).
@@ -104,8 +146,8 @@ FULL = {"case": 2000, "control": 1000}
 
 def short_alpha() -> float:
     """The level each case of the short run is tested at (the short cases, the switching, the trimmed and the
-    context one)."""
-    return FAMILY_ALPHA / (len(SHORT_CASES) + 3)
+    two context ones)."""
+    return FAMILY_ALPHA / (len(SHORT_CASES) + 4)
 
 
 async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict:
@@ -120,6 +162,11 @@ async def run_all(models: Models, scale: float, power_repeats: int, say) -> dict
             result = await run_case(replace(case, answers=full["case"]), models, verifier=verifier, drive=drive)
         say(result.summary())
         out["cases"].append(result)
+    with drafted_ahead_with_lookups():
+        result = await run_case(replace(CONTEXT_AHEAD_CASE, prompt=context_prompt(models), answers=full["case"]),
+                                models)
+    say(result.summary())
+    out["cases"].append(result)
     for name, rule in CONTROLS.items():
         result = await run_case(replace(CONTROL_CASE, name=name, answers=full["control"]), models, rule=rule)
         say(result.summary())

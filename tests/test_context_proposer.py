@@ -134,6 +134,22 @@ def test_a_round_in_flight_is_followed_by_one_looked_up_ahead():
     assert planner(0.2, draft_ms=30.0).look_ahead(copy, [4, 5, 6], 3, 3, 20, 4, frozenset()) is None  # rarely used
 
 
+def test_the_round_drafted_ahead_is_offered_the_lookups_guess_and_round():
+    copy = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3]
+    good = planner(0.9, draft_ms=30.0)
+    ahead = good.plan_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset())
+    assert ahead.guess == 7 and ahead.plan.lookup == (8, 9, 10, 11) and ahead.plan.matched == 7
+    assert ahead.trusted  # its copies come true more often than the drafter's guesses (the prior's)
+    assert good.plan_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset({7})) is None  # the guess ends it
+    assert good.plan_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset({9})).plan.lookup == (8, 9)
+    assert good.plan_ahead(copy, [9, 9], room=20, max_gamma=4, stop=frozenset()) is None  # no match
+    assert RoundPlanner(good.controller, None).plan_ahead(copy, [4, 5, 6], 20, 4, frozenset()) is None
+    for _ in range(30):
+        good.acceptance.observe(drafted=4, accepted=0, matched=7)
+    worse = good.plan_ahead(copy, [4, 5, 6], room=20, max_gamma=4, stop=frozenset())
+    assert not worse.trusted and worse.plan.lookup == () and worse.plan.model_gamma >= 1  # the model drafts it
+
+
 def test_lookup_acceptance_is_measured_per_source_and_match_length():
     acceptance = SourceAcceptance()
     assert acceptance.first(2) < acceptance.first(4) < acceptance.first(8)  # a long match: more likely a copy

@@ -21,6 +21,7 @@ from tests.lossless_harness import (
     trimmed_rounds,
 )
 from tests.lossless_run import (
+    CONTEXT_AHEAD_CASE,
     CONTEXT_CASE,
     CONTROL_CASE,
     CONTROLS,
@@ -29,6 +30,7 @@ from tests.lossless_run import (
     SWITCHING_CASE,
     TRIMMED_CASE,
     context_prompt,
+    drafted_ahead_with_lookups,
     look_ahead_always,
     short_alpha,
 )
@@ -90,6 +92,19 @@ async def test_rounds_from_the_context_proposer_follow_the_targets_law(models):
     # 1,141 drafts in 200 answers in one CI run): ask for one per answer on average, and model drafts too.
     assert kinds["looked-up drafts"] >= SHORT["case"] and kinds["model drafts"], result.summary()
     assert kinds["ahead rounds"] > SHORT["case"] // 10, result.summary()
+    assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
+    assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+async def test_rounds_drafted_ahead_that_start_with_looked_up_drafts_follow_the_targets_law(models):
+    """Rounds drafted ahead whose guess the lookup shares: its tokens first, then the model's (or none)."""
+    case = replace(CONTEXT_AHEAD_CASE, answers=SHORT["case"], prompt=context_prompt(models))
+    with drafted_ahead_with_lookups() as sent:
+        result = await run_case(case, models)
+    print(result.summary(), dict(sent))  # shown with -s
+    assert sent["drafted ahead, looked-up first"] > SHORT["case"] // 10, (result.summary(), dict(sent))
+    assert sent["drafted ahead, looked-up then model"] > 0, (result.summary(), dict(sent))
+    kinds = result.sample.kinds
     assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
 

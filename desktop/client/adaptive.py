@@ -167,6 +167,11 @@ class GammaController:
         self._guess_hits = decay * self._guess_hits + (1.0 if hit else 0.0)
         self._guess_trials = decay * self._guess_trials + 1.0
 
+    @property
+    def guess_rate(self) -> float:
+        """How often the guess a round drafted ahead was built on came true."""
+        return self._guess_hits / self._guess_trials
+
     def observe_network(self, round_trip_ms: float) -> None:
         """A round trip timed outside a round: the handshake (hello → welcome), or a stream asked with
         nothing in flight (the wait for its first token, less that token's forward)."""
@@ -272,7 +277,7 @@ class GammaController:
         p_all = 1.0
         for i in range(gamma_now):
             p_all *= h[min(i, len(h) - 1)]
-        p_used = p_all * self._guess_hits / self._guess_trials
+        p_used = p_all * self.guess_rate
         est = self.estimate()
         saving = gamma_next * est.draft_ms_per_token + est.network_ms
         return p_used * saving > (1.0 - p_used) * est.draft_ms_per_token

@@ -3,7 +3,10 @@
 The round drafted ahead assumes every draft in flight is accepted and the bonus token is the draft's own
 best guess; it is proposed after ``committed + drafts in flight + [guess]`` and stays useful only while the
 committed sequence becomes exactly that prefix (the verifier discards it otherwise). Drafts are keyed by
-position and seed, so drafting ahead changes when tokens come, never which.
+position and seed, so drafting ahead changes when tokens come, never which. When the context lookup
+continues the drafts in flight with the same guess (or its guesses come true more often than the
+drafter's), the round takes the lookup's guess and starts with what it looked up, at no drafting cost; the
+model drafts after it as the planner's split says.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import time
 
 from specd.desktop.client.answer import Run
 from specd.desktop.client.link import Link
-from specd.desktop.client.rounds import SentRound, merge
+from specd.desktop.client.round_planner import AheadPlan, RoundPlan
+from specd.desktop.client.rounds import SentRound, merge, with_lookup
 from specd.desktop.drafters.base import DraftProposal
 from specd.shared.protocol import ClientState
 
@@ -22,28 +26,36 @@ from specd.shared.protocol import ClientState
 class DraftingAhead:
     """One round being drafted ahead of ``current``'s verdict (:meth:`start`), then sent or dropped."""
 
-    def __init__(self, gamma: int, base: list[int]) -> None:
+    def __init__(self, gamma: int, base: list[int], looked_up: AheadPlan | None = None) -> None:
         self.gamma = gamma
         self.base = base  # the current round's prefix and drafts; the guess comes after them
+        self.looked_up = looked_up  # the lookup's guess and round, used if the drafter's guess is the same
+        self.plan = RoundPlan((), gamma)  # the round drafted, once the guess is made
         self.abort = threading.Event()
         self.guess: asyncio.Future = asyncio.get_running_loop().create_future()
         self.task: asyncio.Future | None = None
 
     @classmethod
-    def start(cls, link: Link, run: Run, current: SentRound, room: int) -> DraftingAhead:
+    def start(cls, link: Link, run: Run, current: SentRound, room: int,
+              looked_up: AheadPlan | None = None) -> DraftingAhead:
         base = [*current.prefix, *current.tokens]
-        job = cls(max(1, min(run.controller.choose(room), link.max_gamma(len(base) + 1))), base)
+        job = cls(max(1, min(run.controller.choose(room), link.max_gamma(len(base) + 1))), base, looked_up)
         loop = asyncio.get_running_loop()
         drafter, settings, seed, stop = link.drafter, run.settings, run.seed, run.stop_ids
 
         def work() -> tuple[list[DraftProposal], float]:
             drafter.prefill(base)
             guess = drafter.most_likely_next()
+            lookup = job.looked_up
+            if lookup is not None and (lookup.guess == guess or lookup.trusted):
+                guess, job.plan = lookup.guess, lookup.plan
+            else:
+                job.plan = RoundPlan((), job.gamma)
             loop.call_soon_threadsafe(job.guess.set_result, guess)
             start = time.perf_counter()
-            sequence = [*base, guess]
+            sequence = [*base, guess, *job.plan.lookup]
             pieces: list[DraftProposal] = []
-            for _ in range(job.gamma):  # one at a time, so an abort stops it between tokens
+            for _ in range(job.plan.model_gamma):  # one at a time, so an abort stops it between tokens
                 if job.abort.is_set() or sequence[-1] in stop:
                     break
                 pieces.append(drafter.propose(sequence, 1, settings.sampling, settings.support_k, seed, stop))
@@ -64,9 +76,10 @@ class DraftingAhead:
     async def finish(self, link: Link, run: Run) -> SentRound | None:
         """The round is drafted: send it; the verifier verifies it only if what it assumed came true."""
         pieces, draft_ms = await self._collect(run)
-        if not pieces or link.session.state is not ClientState.ACTIVE:
+        plan = self.plan
+        if (not pieces and not plan.lookup) or link.session.state is not ClientState.ACTIVE:
             return None
-        proposal = merge(pieces)
+        proposal = with_lookup(plan.lookup, merge(pieces) if pieces else None, run.settings.sampling.greedy)
         prefix = await self.prefix()
         # The session frames the round after *its* committed tokens, which end before the round in flight:
         # the round assumes what comes after them (that round's drafts and the guess).
@@ -76,9 +89,11 @@ class DraftingAhead:
         number, frame = link.session.draft(proposal.tokens, proposal.wire(), assumed=prefix[len(known):])
         await link.send(frame)
         run.stats.on_round_sent_ahead()
-        run.controller.observe_draft_time(draft_ms / len(proposal.tokens))
+        if pieces:
+            run.controller.observe_draft_time(draft_ms / sum(len(piece.tokens) for piece in pieces))
         return SentRound(number=number, prefix=prefix, tokens=proposal.tokens, draft_ms=draft_ms, ahead=True,
-                         sent_at=time.perf_counter())
+                         sent_at=time.perf_counter(), context=len(plan.lookup), matched=plan.matched,
+                         found=plan.found)
 
     async def drop(self, run: Run) -> None:
         """Stop drafting (between tokens) and forget the round."""

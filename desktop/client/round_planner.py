@@ -97,6 +97,17 @@ class RoundPlan:
         return len(self.lookup) + self.model_gamma
 
 
+@dataclass(frozen=True, slots=True)
+class AheadPlan:
+    """What the lookup offers the round drafted ahead: its guess of the verifier's next token, the round to
+    send after that guess, and whether to bet on it where the drafter guesses otherwise (the lookup's guess
+    comes true more often than the drafter's have)."""
+
+    guess: int
+    plan: RoundPlan
+    trusted: bool
+
+
 class RoundPlanner:
     """Plans each round from the committed tokens; ``lookup`` None: the model drafts every round."""
 
@@ -114,7 +125,30 @@ class RoundPlanner:
         upper = max(1, min(max_gamma, controller.fixed or controller.gamma_max, remaining - 1))
         self.lookup.sync(committed)
         found, matched = self.lookup.find((), upper)
-        found = _until_stop(found, stop)
+        return self._choose(_until_stop(found, stop), matched, gamma, upper)
+
+    def plan_ahead(self, committed: Sequence[int], in_flight: Sequence[int], room: int, max_gamma: int,
+                   stop: frozenset[int]) -> AheadPlan | None:
+        """For the round drafted ahead of ``in_flight`` (after ``committed``): the lookup's guess of the
+        verifier's next token and the plan for the round after it. None when the lookup has nothing to
+        continue the drafts in flight with."""
+        if self.lookup is None or room < 1 or any(token in stop for token in in_flight):
+            return None
+        controller = self.controller
+        upper = max(1, min(max_gamma, controller.fixed or controller.gamma_max, room))
+        self.lookup.sync(committed)
+        found, matched = self.lookup.find(in_flight, upper + 1)
+        if len(found) < 2 or found[0] in stop:
+            return None
+        gamma = min(controller.choose(room), max_gamma)
+        plan = self._choose(_until_stop(found[1:], stop), matched + 1, gamma, upper)
+        return AheadPlan(found[0], plan, trusted=self.acceptance.first(matched) > controller.guess_rate)
+
+    def _choose(self, found: list[int], matched: int, gamma: int, upper: int) -> RoundPlan:
+        """Of the ``found`` looked-up tokens (by a match of ``matched``), how many to send, continued by how
+        many model drafts: the split with the most expected tokens per millisecond, against γ = ``gamma``
+        from the model alone."""
+        controller = self.controller
         if not found:
             return RoundPlan((), gamma)
         if controller.fixed is not None:  # a fixed γ: the lookup, continued by the model up to γ
@@ -122,7 +156,7 @@ class RoundPlanner:
         best, best_rate = RoundPlan((), gamma, matched, tuple(found)), controller.rate(gamma)
         est = controller.estimate()
         h = controller.position_acceptance()
-        for length in range(1, len(found) + 1):
+        for length in range(1, min(len(found), upper) + 1):
             accepted_lookup, reach = self.acceptance.expected_accepted(length, matched)
             for model_gamma in range(0, upper - length + 1):
                 tokens = 1.0 + accepted_lookup + reach * (controller.expected_tokens(model_gamma, h) - 1.0)

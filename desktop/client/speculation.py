@@ -191,7 +191,11 @@ class Speculation:
                 and not self.streaming.owed  # a stream follows the round: its tokens, not a guess, come next
                 and in_flight[0].number != self.nothing_ahead_of
                 and run.controller.worth_drafting_ahead(len(in_flight[0].tokens), run.controller.choose(room))):
-            self.ahead = DraftingAhead.start(self.link, run, in_flight[0], room)
+            current = in_flight[0]
+            position = len(current.prefix) + len(current.tokens) + 1
+            looked_up = self.planner.plan_ahead(current.prefix, current.tokens, room, self.link.max_gamma(position),
+                                                run.stop_ids)
+            self.ahead = DraftingAhead.start(self.link, run, current, room, looked_up)
 
     # -- events -----------------------------------------------------------------------------------
     async def on_verdict(self, event: RoundVerdict) -> bool:
