@@ -90,6 +90,16 @@ async def test_bench_measures_every_mode_and_writes_the_report(config_file, tmp_
     assert all(s["total_verified_tokens_per_second"] > 0 for s in sessions)
     assert report["meta"]["title"] == "tiny" and "specd bench" in report["meta"]["command"]
     assert len(report["runs"]) == 2 * len(MODES)
+    # every answer read its prompt as a new question does, whichever mode or round trip read it before
+    from transformers import AutoTokenizer
+
+    from specd.desktop.bench.prompts import select_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(load_config(config_file).models.draft)
+    prompt = tokenizer.apply_chat_template(select_prompts(1)[0].conversation(), add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    cached = {r["stats"]["cached_prompt_tokens"] for r in report["runs"] if r["mode"] != "edge-only"}
+    assert len(cached) == 1 and 0 < cached.pop() < len(prompt) - 4
     text = (out / "report.md").read_text()
     assert "| spec-pipelined |" in text and "Concurrent edge clients" in text and "by added RTT" in text
     for name in ("speedup_vs_rtt.png", "time_breakdown.png", "acceptance_by_position.png"):

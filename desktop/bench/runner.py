@@ -16,8 +16,9 @@ The adaptive modes switch to the verifier streaming alone where that is faster, 
 All verifier traffic goes through a :class:`~specd.desktop.bench.netem.ThreadedProxy` whose delay is set
 to each ``--rtt-ms`` in turn. Modes take turns prompt by prompt, so a change in the machine's load (other
 programs, thermal limits) touches every mode alike rather than one of them; their order rotates from
-prompt to prompt, since the first edge mode of a prompt pays for reading it (the drafter's prefill, the
-verifier's prompt cache) and the others find it cached.
+prompt to prompt. Before each measured answer its client answers another question in one token, so every
+answer reads its prompt as a new question does — the drafter's prefill and the verifier's — and none
+finds it cached by the mode or iteration before it (only the system prompt, which every question shares).
 """
 
 from __future__ import annotations
@@ -209,17 +210,17 @@ class BenchRunner:
                               prompt: BenchPrompt, index: int, iteration: int, rtt: float) -> None:
         seed = answer_seed(self.plan.settings.seed, index, iteration)
         base = replace(self.plan.settings, seed=seed)
-        # The first edge mode of a prompt pays for reading it (the drafter's prefill, the verifier's prompt
-        # cache); their order rotates from prompt to prompt so that no mode always does.
         edge = [m for m in self.plan.modes if m != BASELINE]  # cloud-only runs on a client of its own
         turn = (index + iteration) % max(1, len(edge))
         for mode in (*[m for m in self.plan.modes if m == BASELINE], *edge[turn:], *edge[:turn]):
             if mode == BASELINE:
                 if cloud is not None:
+                    await _forget_the_prompt(cloud, base)
                     answer = await cloud.client.chat(_conversation(prompt), base)
                     self._record("-", rtt, mode, prompt, iteration, seed, answer)
                 continue
             for run, setup in edges:
+                await _forget_the_prompt(setup, base)
                 if mode == "edge-only":
                     answer = await self._edge_only(setup, prompt, base)
                 else:
@@ -279,6 +280,19 @@ class BenchRunner:
 
 def _conversation(prompt: BenchPrompt) -> list[dict[str, str]]:
     return prompt.conversation()
+
+
+_OTHER_QUESTION = [{"role": "user", "content": "Hello."}]
+
+
+async def _forget_the_prompt(setup: ClientSetup, settings: Settings) -> None:
+    """Let the client's verifier session and drafter hold another conversation, so that the next answer
+    reads its prompt as a new question would, whichever mode or iteration read it last."""
+    client = setup.client
+    await client.chat(_OTHER_QUESTION, replace(settings, max_new_tokens=1))
+    if client.drafter is not None:
+        ids = client.prompt_ids(_OTHER_QUESTION)
+        await client.in_drafter(lambda: client.drafter.prefill(ids))
 
 
 async def _close(setup: ClientSetup) -> None:
