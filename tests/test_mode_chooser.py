@@ -56,6 +56,27 @@ def test_the_first_answer_uses_priors_and_the_handshakes_round_trip():
     assert ModeChooser(near).next_step(100) == Step(round=True)
 
 
+def test_the_decode_step_is_measured_only_where_it_could_change_the_choice():
+    """Before any stream the step is a guess from the rounds' forwards. Rounds far faster than it need no
+    stream to measure it (it would break drafting ahead); rounds within twice its rate get one, once."""
+    def after_rounds(draft_ms: float) -> ModeChooser:
+        controller = GammaController(8)
+        controller.observe_network(1.0)
+        for _ in range(3):
+            controller.observe_round(drafted=4, accepted=4, draft_ms=4 * draft_ms, network_ms=1.0, verify_ms=60.0)
+        return ModeChooser(controller)
+
+    fast = after_rounds(draft_ms=2.0)
+    assert fast.speculative_rate(100) > 2 * fast.streaming_rate()
+    assert fast.next_step(100) == Step(round=True)
+    near = after_rounds(draft_ms=40.0)
+    assert near.streaming_rate() < near.speculative_rate(100) < 2 * near.streaming_rate()
+    first = near.next_step(100)
+    assert first.round and first.stream == near.step_probe and first.why == "probe: streaming rate never measured"
+    near.observe_stream(2, 2 * 40.0, None)
+    assert near.next_step(100) == Step(round=True)
+
+
 def test_a_probe_that_finds_speculation_faster_switches_back():
     modes = chooser(network_ms=20.0, accepted_of_4=0)
     assert modes.next_step(200).stream > 0  # streaming while acceptance is poor

@@ -22,8 +22,10 @@ Estimates can be wrong in either direction, so a decision is never final:
   too: where the two modes are near, a probe every few tokens would cost more than a wrong choice does.
 - **The decode step is measured, not assumed.** Before any stream it is extrapolated from the rounds'
   forwards over γ + 1 positions, and what one position costs is a guess there (on a CPU a forward grows
-  with its positions); so the first time rounds win, the round is followed by ``step_probe`` streamed
-  tokens, once, and their forward times calibrate the extrapolation from then on.
+  with its positions); so the first time rounds win by less than ``step_margin`` (a step that much
+  shorter than the guess could change the choice), the round is followed by ``step_probe`` streamed
+  tokens, once, and their forward times calibrate the extrapolation from then on. Where rounds win by
+  more, that stream would only cost time (it breaks drafting ahead, and the drafter must read its tokens).
 - **Every switch is traced**: the :class:`~specd.desktop.client.adaptive.Step` carries the two rates that
   decided it, and the answer's stats keep them (``mode_switches``).
 """
@@ -45,6 +47,7 @@ class ModeChooser:
         self.first_probe_tokens = first_probe_tokens
         self.close_call = close_call  # a probe backs off fully when rounds reach less than this share of streaming
         self.step_probe = 2  # tokens streamed once, after a round, to measure the decode step
+        self.step_margin = 2.0  # ... once rounds are less than this many times as fast as the guessed step
         forgetting = controller.forgetting
         self._stream_forward: ForgettingMean | None = None  # the verifier's forward per streamed token
         self._overhead = ForgettingMean(0.0, forgetting)  # what a streamed token costs beyond its forward
@@ -142,7 +145,8 @@ class ModeChooser:
                 # Speculation beats streaming itself, not only a stream's round trip over the few tokens
                 # left: start the probe schedule afresh next time streaming wins.
                 self._interval_ms = None
-            if self._stream_forward is None and self.controller.rounds_observed and remaining > self.step_probe + 1:
+            if (self._stream_forward is None and self.controller.rounds_observed and remaining > self.step_probe + 1
+                    and rate < self.step_margin * self.streaming_rate()):
                 # The decode step was only ever extrapolated from rounds' forwards (γ + 1 positions each,
                 # and what one position costs is a guess): stream a few tokens after this round, once.
                 self._probing, self._streamed_ms = True, 0.0
