@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from specd.daemon.goodput import Acceptance, ForwardCost, Offer, choose, suggested_gamma
+from specd.daemon.goodput import Acceptance, Choice, ForwardCost, Offer, choose, suggested_gamma
 from specd.daemon.kv_backends import KVBackend, SessionBackend, SlotBackend
 from specd.daemon.kv_slots import BatchRow, KVShape, batched_support, slot_count
 from specd.daemon.target import TargetModel
@@ -290,9 +290,11 @@ class Engine:
         """The rounds forward under the goodput budget: the width, the rows it leaves room for, each
         round trimmed to it, and each session's suggested γ."""
         ceiling = max(self.limits.max_draft, max(j.drafts for j in rounds))
-        offers = [Offer(drafts=j.drafts, h=j.session.acceptance.offered(ceiling)) for j in rounds]
+        offers = [Offer(drafts=j.drafts, h=j.session.acceptance.conditional(ceiling)) for j in rounds]
         sizes = dict(max_rows=self.backend.max_rows, max_positions=self.limits.max_batch_tokens, idle_s=self._idle_s)
         choice = choose(offers, self.cost, **sizes)
+        if choice.width == 1 and any(j.drafts and j.session.acceptance.starved for j in rounds[:choice.rows]):
+            choice = Choice(width=2, rows=choice.rows, goodput=choice.goodput)  # measure acceptance again
         hint = suggested_gamma(offers[:choice.rows], self.cost, ceiling=self.limits.max_draft, **sizes)
         batch = []
         for job, offer in zip(rounds[:choice.rows], offers, strict=False):

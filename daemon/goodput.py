@@ -39,10 +39,9 @@ COST_FORGETTING = 0.1
 SHAPE_FORGETTING = 0.2
 # A narrower forward is chosen only when it beats the wider ones by this much.
 MARGIN = 0.02
-# A session none of whose drafts were judged for this many rounds in a row is offered at no less than the
-# prior acceptance (a new session's without a population), and stays so while the drafts verified are all
-# accepted: its acceptance is otherwise never measured again, so drafts that got better (a copy, looked up
-# in the conversation) would be trimmed for good. Whether it pays to verify them is still the budget's call.
+# A session none of whose drafts were judged for this many rounds in a row has one verified in its next
+# round, and in each round after while those are accepted: its acceptance is otherwise never measured
+# again, so drafts that got better (a copy, looked up in the conversation) would be trimmed for good.
 EXPLORE_AFTER = 8
 
 
@@ -101,14 +100,8 @@ class Acceptance:
     @property
     def starved(self) -> bool:
         """No draft of this session was judged for ``EXPLORE_AFTER`` rounds, or the ones verified since
-        were all accepted."""
+        were all accepted: verify one, to measure again."""
         return self._unjudged >= EXPLORE_AFTER
-
-    def offered(self, count: int) -> list[float]:
-        """What the budget weighs this session's drafts by: :meth:`conditional`, raised to the prior
-        acceptance while it is :attr:`starved` (optimism where nothing is measured any more)."""
-        h = self.conditional(count)
-        return [max(PRIOR_ACCEPTANCE, rate) for rate in h] if self.starved else h
 
     @property
     def overall(self) -> float:

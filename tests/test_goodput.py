@@ -245,15 +245,12 @@ def test_a_width_never_run_is_judged_between_the_widths_that_ran():
     assert ratio == pytest.approx(2.0, rel=0.05)  # the calibrated shape's ratio, at the measured level
 
 
-async def test_a_session_trimmed_to_nothing_is_weighed_at_the_prior_again(engine_factory):
-    """A session whose drafts were all trimmed away for EXPLORE_AFTER rounds is weighed at no less than the
-    prior acceptance, and stays so while its verified drafts are accepted: without it the acceptance is
-    never measured again, and drafts that became right (text copied from the conversation) would stay
-    trimmed for good. Here verifying pays at the prior: one draft is verified, and once the drafts are
-    right the budget verifies them all again."""
+async def test_a_session_trimmed_to_nothing_has_a_draft_verified_now_and_then(engine_factory):
+    """A session whose drafts were all trimmed away for EXPLORE_AFTER rounds has one verified in its next
+    round, and in every round after while those are accepted: without it the acceptance is never measured
+    again, and drafts that became right (text copied from the conversation) would stay trimmed for good."""
     model, make = engine_factory
     engine = make(scripted(per_row_ms=0.0, per_position_ms=10.0, fixed_ms=10.0), sessions=1)
-    engine.cost.observe = lambda rows, width, seconds: None  # keep the scripted costs (a tiny model is faster)
     prompt = [1, 5, 6, 7]
     reference = _greedy_reference(model, prompt, 120)
     session = engine.open()
@@ -277,4 +274,5 @@ async def test_a_session_trimmed_to_nothing_is_weighed_at_the_prior_again(engine
     assert first_trim < 30 - EXPLORE_AFTER - 1
     assert verified_log[first_trim:first_trim + EXPLORE_AFTER + 1] == [0] * EXPLORE_AFTER + [1], str(verified_log)
     right = verified_log[30:]
-    assert 1 in right[:EXPLORE_AFTER + 1] and right[-1] == 3, str(verified_log)
+    explored = right.index(1)
+    assert explored <= EXPLORE_AFTER and min(right[explored:]) >= 1, str(verified_log)
