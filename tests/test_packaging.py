@@ -14,6 +14,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,9 +211,18 @@ def test_copy_keys_gives_the_service_a_private_copy_and_signals_it(tmp_path):
     subprocess.run([str(script), str(source), str(copy)], check=True, timeout=30)
     assert copy.read_text() == "[keys.a]\n" and mode(copy) == 0o600
     assert (copy.stat().st_uid, copy.stat().st_gid) == (state.stat().st_uid, state.stat().st_gid)
-    marker = tmp_path / "hup"
-    waiter = subprocess.Popen(["sh", "-c", f'trap "echo hup > {marker}; exit 0" HUP; while :; do sleep 0.05; done'])
+    marker, ready = tmp_path / "hup", tmp_path / "ready"
+    # A Python waiter, not `sh -c 'trap …'`: a shell cannot trap a signal it was started with ignored (a
+    # test run under nohup), and the file it writes once the handler is set keeps the HUP from coming first.
+    waiter = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGHUP, lambda *_: (pathlib.Path({str(marker)!r}).write_text('hup\\n'), sys.exit(0)))\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "while True:\n    time.sleep(0.05)\n")])
     try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         source.write_text("[keys.b]\n")
         subprocess.run([str(script), str(source), str(copy), str(waiter.pid)], check=True, timeout=30)
         assert waiter.wait(10) == 0 and marker.read_text() == "hup\n"
