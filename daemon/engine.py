@@ -294,7 +294,8 @@ class Engine:
         sizes = dict(max_rows=self.backend.max_rows, max_positions=self.limits.max_batch_tokens, idle_s=self._idle_s)
         choice = choose(offers, self.cost, **sizes)
         if choice.width == 1 and any(j.drafts and j.session.acceptance.starved for j in rounds[:choice.rows]):
-            choice = Choice(width=2, rows=choice.rows, goodput=choice.goodput)  # measure acceptance again
+            rows = max(1, min(choice.rows, self.limits.max_batch_tokens // 2))  # width 2 takes twice the positions
+            choice = Choice(width=2, rows=rows, goodput=choice.goodput)  # measure acceptance again
         hint = suggested_gamma(offers[:choice.rows], self.cost, ceiling=self.limits.max_draft, **sizes)
         batch = []
         for job, offer in zip(rounds[:choice.rows], offers, strict=False):

@@ -158,8 +158,9 @@ def engine_factory():
     model = tiny_llama(1)
     target = TargetModel(model, None, name="tiny", device=torch.device("cpu"), dtype=torch.float32)
 
-    def make(cost: ForwardCost, sessions: int = 4) -> Engine:
-        limits = EngineLimits(max_sessions=sessions, slot_len=128, goodput_budget=True, max_draft=8)
+    def make(cost: ForwardCost, sessions: int = 4, max_batch_tokens: int = 512) -> Engine:
+        limits = EngineLimits(max_sessions=sessions, slot_len=128, goodput_budget=True, max_draft=8,
+                              max_batch_tokens=max_batch_tokens)
         return Engine.create(target, limits, executor, cost)
 
     yield model, make
@@ -276,3 +277,28 @@ async def test_a_session_trimmed_to_nothing_has_a_draft_verified_now_and_then(en
     right = verified_log[30:]
     explored = right.index(1)
     assert explored <= EXPLORE_AFTER and min(right[explored:]) >= 1, str(verified_log)
+
+
+async def test_starved_sessions_explored_together_stay_within_the_batch_token_limit(engine_factory):
+    """Eight starved sessions at once, with room for eight positions a forward: exploring verifies one
+    draft each in forwards of at most four rows, never one forward of sixteen positions."""
+    model, make = engine_factory
+    cost = scripted(per_row_ms=0.0, per_position_ms=1000.0, fixed_ms=10.0)
+    engine = make(cost, sessions=8, max_batch_tokens=8)
+    forwards: list[tuple[int, int]] = []
+    observe = cost.observe
+
+    def record(rows: int, width: int, seconds: float) -> None:
+        forwards.append((rows, width))
+        observe(rows, width, seconds)
+
+    cost.observe = record
+    prompts = [[1, 5 + i, 6, 7] for i in range(8)]
+    logs: list[list[tuple[int, int]]] = [[] for _ in prompts]
+    answers = await asyncio.gather(*(_greedy_session(engine, p, 14, [4, 4, 4], log)
+                                     for p, log in zip(prompts, logs, strict=True)))
+    await engine.close_all()
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer == _greedy_reference(model, prompt, 14)
+    assert any(width == 2 for _rows, width in forwards), forwards  # exploring happened
+    assert max(rows * width for rows, width in forwards) <= 8, forwards
