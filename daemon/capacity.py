@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from specd.daemon.engine import Engine, EngineLimits, ForwardStats
-from specd.daemon.goodput import ForwardCost
+from specd.daemon.goodput import Acceptance, ForwardCost
 from specd.daemon.rounds import RoundDrafts, cloud_token, round_verdict
 from specd.daemon.target import TargetModel
 from specd.shared.errors import ConfigError
@@ -173,16 +173,18 @@ async def _cloud(engine: Engine, rec: RecordedSession, tokens: int, latencies: l
 
 async def measure(target: TargetModel, recording: list[RecordedSession], *, mode: str, batched: bool,
                   sessions: int, gamma: int, tokens: int, max_batch_tokens: int,
-                  executor: ThreadPoolExecutor, budget: bool = False, cost: ForwardCost | None = None) -> Cell:
+                  executor: ThreadPoolExecutor, budget: bool = False, cost: ForwardCost | None = None,
+                  population: Acceptance | None = None) -> Cell:
     """``sessions`` concurrent sessions of ``mode`` (speculative or cloud), ``tokens`` new tokens each;
-    ``budget``: speculative rounds under the goodput budget (``cost``: the forward-cost model to start from)."""
+    ``budget``: speculative rounds under the goodput budget (``cost``: the forward-cost model to start from;
+    ``population``: the acceptance of the rounds judged before, which this cell's rounds join)."""
     longest = max(len(r.prompt) for r in recording)
     budget = budget and mode == "speculative"
     limits = EngineLimits(max_sessions=sessions, slot_len=longest + tokens + 2 * gamma + 2,
                           max_batch_tokens=max_batch_tokens, one_session_per_forward=not batched,
                           goodput_budget=budget, max_draft=gamma)
     engine = await asyncio.get_running_loop().run_in_executor(executor, Engine.create, target, limits, executor,
-                                                              cost)
+                                                              cost, population)
     if engine.capacity < sessions:
         raise ConfigError(f"the KV memory holds {engine.capacity} of {sessions} sessions on {target.device}")
     stats: list[ForwardStats] = []

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed draft tokens per round (default 2 4 8); the budget's sessions offer up to the largest")
     add("--no-budget", action="store_true",
         help="leave out the sessions under the goodput budget (only fixed γ and cloud-only)")
+    add("--fresh-population", action="store_true",
+        help="start every cell's acceptance from the prior, as a verifier just started; by default the "
+        "speculative cells share one population, as one verifier's sessions do, so the budget of a cell "
+        "starts from the acceptance of the rounds judged before it")
     add("--tokens", type=int, default=64, metavar="N", help="new tokens per session (default 64)")
     add("--modes", nargs="+", choices=("speculative", "cloud"), default=["speculative", "cloud"])
     add("--one-session-per-forward", action="store_true",
@@ -71,6 +75,7 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from specd.daemon.capacity import RECORDINGS, calibrated_cost, load_recording, measure, random_target
     from specd.daemon.capacity_report import headline_table, table, write_outputs
+    from specd.daemon.goodput import Acceptance
     from specd.daemon.target import TargetModel, resolve_device, resolve_dtype
 
     if min(args.sessions) < 1 or min(args.gamma) < 1 or args.tokens < 1:
@@ -109,6 +114,9 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if budget:
         plan = [p for n in args.sessions for p in
                 [*(q for q in plan if q[2] == n), ("speculative", True, n, max(args.gamma), True)]]
+    # One verifier process serves one load after another: every speculative cell's rounds join the same
+    # pooled acceptance, which a session of the budget starts from (unless --fresh-population).
+    population = None if args.fresh_population else Acceptance.pooled()
     for i, (mode, batched, n, gamma, under_budget) in enumerate(plan, 1):
         what = f"{mode}{'' if batched else ' (one session per forward)'}, {n} session(s)" + \
                (f" under the goodput budget, γ ≤ {gamma}" if under_budget else f", γ={gamma}" if gamma else "")
@@ -116,14 +124,14 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
         began = time.monotonic()
         cell = await measure(target, recording, mode=mode, batched=batched, sessions=n, gamma=gamma or 1,
                              tokens=args.tokens, max_batch_tokens=config.limits.max_batch_tokens, executor=executor,
-                             budget=under_budget, cost=cost)
+                             budget=under_budget, cost=cost, population=population)
         cells.append(cell)
         log.info("      %.1f tokens/s in all, p99 %.0f ms (%.1f s)", cell.aggregate_tps, cell.p99_ms,
                  time.monotonic() - began)
     meta = {"target": target.name, "device": str(target.device), "dtype": str(target.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "tokens": args.tokens, "recording": str(recording_path.name),
             "recorded_draft": meta_rec.get("draft", "?"), "recorded_gamma": meta_rec.get("gamma", "?"),
-            "max_batch_tokens": config.limits.max_batch_tokens,
+            "max_batch_tokens": config.limits.max_batch_tokens, "shared_population": population is not None,
             "command": "specd-verifier capacity " + " ".join(argv)}
     print(table(cells))
     print()

@@ -122,8 +122,12 @@ def markdown(report: dict[str, Any], cells: list[Cell]) -> str:
              f"`{meta['command']}`", "",
              f"Draft rounds replayed from `{meta['recording']}` ({meta['recorded_draft']}, recorded at "
              f"γ = {meta['recorded_gamma']}). {meta['tokens']} new tokens per session; round latency is one "
-             "verify (speculative) or one step (cloud-only), queueing included.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             "verify (speculative) or one step (cloud-only), queueing included. "
+             + ("The speculative cells share one pooled acceptance, in the order of the table, as one "
+                "verifier's sessions do: a budget session starts from the rounds judged before it."
+                if meta.get("shared_population") else
+                "Every cell's acceptance starts from the prior, as a verifier just started (--fresh-population)."),
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(cells)]
     head, rows = _headline_rows(cells)
     if any(row[3] != "-" or row[5] != "-" for row in rows):

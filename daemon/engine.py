@@ -120,10 +120,12 @@ class Engine:
     """Batched verification over one :class:`TargetModel`; create with :meth:`create` on any thread."""
 
     def __init__(self, target: TargetModel, backend: KVBackend, limits: EngineLimits,
-                 executor: ThreadPoolExecutor, cost: ForwardCost | None = None) -> None:
+                 executor: ThreadPoolExecutor, cost: ForwardCost | None = None,
+                 population: Acceptance | None = None) -> None:
         self.target, self.backend, self.limits = target, backend, limits
         self.cost = cost or ForwardCost()
-        self.acceptance = Acceptance.pooled()  # every session's rounds: the prior of each session's own
+        # every session's rounds: the prior of each session's own
+        self.acceptance = population if population is not None else Acceptance.pooled()
         self.batched = isinstance(backend, SlotBackend) and backend.max_rows > 1
         self.on_forward: Callable[[ForwardStats], None] | None = None
         self._executor = executor
@@ -138,9 +140,11 @@ class Engine:
 
     @classmethod
     def create(cls, target: TargetModel, limits: EngineLimits, executor: ThreadPoolExecutor,
-               cost: ForwardCost | None = None) -> Engine:
+               cost: ForwardCost | None = None, population: Acceptance | None = None) -> Engine:
         """Size the KV memory (logged), pick the batched or the one-session backend (logged); with the
-        goodput budget on, time a few forwards to seed the cost model (unless ``cost`` is calibrated)."""
+        goodput budget on, time a few forwards to seed the cost model (unless ``cost`` is calibrated).
+        ``cost`` and ``population`` (the pooled acceptance of every session's rounds) carry over what an
+        earlier engine of the same process measured."""
         if limits.max_batch_tokens < 1:
             raise ConfigError("[limits] max_batch_tokens must be at least 1")
         reason = batched_support(target.model)
@@ -160,7 +164,7 @@ class Engine:
         else:
             log.warning("batching off for %s: %s; one session per forward", target.name, reason)
             backend = SessionBackend(target.model, capacity=limits.max_sessions)
-        engine = cls(target, backend, limits, executor, cost)
+        engine = cls(target, backend, limits, executor, cost, population)
         if limits.goodput_budget and not engine.cost.calibrated:
             engine.calibrate()
         return engine

@@ -119,8 +119,10 @@ def test_capacity_writes_its_table_json_and_markdown(tiny_folder, tmp_path, caps
     assert [row["sessions"] for row in report["headline"]] == [1, 3]
     for row in report["headline"]:
         assert row["best_fixed"]["gamma"] == 2 and row["budget"]["vs_cloud"] > 0 and row["budget_vs_best_fixed"] > 0
+    assert report["meta"]["shared_population"] is True
     markdown = (out / "capacity.md").read_text()
     assert "| speculative |" in markdown and "| speculative budget |" in markdown and "budget ÷ best" in markdown
+    assert "share one pooled acceptance" in markdown
     printed = capsys.readouterr().out
     assert "tok/s all" in printed and "budget ÷ best" in printed
 

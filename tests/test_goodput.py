@@ -302,3 +302,27 @@ async def test_starved_sessions_explored_together_stay_within_the_batch_token_li
         assert answer == _greedy_reference(model, prompt, 14)
     assert any(width == 2 for _rows, width in forwards), forwards  # exploring happened
     assert max(rows * width for rows, width in forwards) <= 8, forwards
+
+
+async def test_capacity_cells_share_one_population_as_one_verifiers_sessions_do():
+    """``specd-verifier capacity`` runs one load after another on one verifier: a budget cell's sessions
+    start from the acceptance of the rounds judged before it, so drafts that were all accepted are verified
+    whole from the first round, where a verifier just started trims them at the prior (--fresh-population)."""
+    from specd.daemon.capacity import RecordedRound, RecordedSession, measure
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    target = TargetModel(tiny_llama(1), None, name="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    recording = [RecordedSession(prompt=[1, 5, 6, 7], rounds=[RecordedRound([8, 9, 10, 11], accepted=4)])]
+    cost = scripted(per_row_ms=0.0, per_position_ms=10.0, fixed_ms=10.0)  # at the prior (0.6) one draft pays
+    cost.observe = lambda *_args: None  # the tiny model's own timings would make every width look free
+    common = dict(sessions=1, gamma=4, tokens=10, max_batch_tokens=64, executor=executor, cost=cost)
+    try:
+        population = Acceptance.pooled()
+        await measure(target, recording, mode="speculative", batched=True, population=population, **common)
+        assert population.overall > 0.9
+        warm = await measure(target, recording, mode="speculative", batched=True, budget=True,
+                             population=population, **common)
+        cold = await measure(target, recording, mode="speculative", batched=True, budget=True, **common)
+    finally:
+        executor.shutdown(wait=False)
+    assert warm.verified_gamma == 4 and cold.verified_gamma < 2, (warm, cold)
