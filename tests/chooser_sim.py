@@ -34,7 +34,7 @@ class Costs:
     verify_fixed_ms: Cost = field(default_factory=lambda: const(60.0))  # a forward over γ+1 positions:
     verify_per_token_ms: Cost = field(default_factory=lambda: const(4.0))  # fixed + per_token·(γ+1)
     alpha: float = 0.9
-    cold_draft_ms: float | None = None  # the drafter's very first round, per token
+    first_prompt_read_ms: float = 0.0  # the drafter's first call of all reads the prompt cold, before a round
     cold_extra_network_ms: float = 0.0  # the first round waits for the prompt's prefill
     first_accepts: int | None = None  # how many drafts the very first round accepts (None: drawn)
 
@@ -93,8 +93,9 @@ class Simulation:
     def _round(self, remaining: int, *, cold: bool) -> int:
         costs, now = self.costs, self.clock
         gamma = self.controller.choose(remaining)
-        per_token = costs.cold_draft_ms if self.first_round and costs.cold_draft_ms else costs.draft_ms(now)
-        draft = gamma * per_token
+        if self.first_round:  # the round loop lets the drafter read the prompt before it times a round
+            self.clock += costs.first_prompt_read_ms
+        draft = gamma * costs.draft_ms(now)
         network = costs.rtt_ms(now) + (costs.cold_extra_network_ms if self.first_round else 0.0)
         verify = costs.verify(now, gamma)
         if self.first_round and costs.first_accepts is not None:

@@ -65,6 +65,16 @@ class GuessesTheEnd(TorchDrafter):
         return 2
 
 
+class ReadsPromptsSlowly(TorchDrafter):
+    """A drafter whose forward over several tokens at once (a prompt, streamed tokens) takes 0.4 s, as a
+    cold first call does; one token at a time it is as fast as a tiny model."""
+
+    def _forward(self, token_ids, start):
+        if len(token_ids) > 1:
+            time.sleep(0.4)
+        return super()._forward(token_ids, start)
+
+
 def client_for(url: str, draft_folder, *, on_disconnect: str = "local", drafter: bool = True,
                slow: bool = False, client_class: type[EdgeClient] = EdgeClient,
                drafter_class: type[TorchDrafter] | None = None) -> EdgeClient:
@@ -444,3 +454,27 @@ async def test_a_guess_that_ends_the_answer_is_drafted_ahead_once_per_round(fold
     assert answer.token_ids == expected
     assert answer.stats.ahead_rounds == 0 and answer.stats.rounds > 3
     assert 0 < len(starts) == len(set(starts)) <= answer.stats.rounds
+
+
+async def test_a_rounds_drafting_is_timed_without_reading_the_prompt(folders, monkeypatch):
+    """The drafter reads the prompt before the first round is timed, all but its last token: a round's
+    drafting time is γ one-token forwards, never the prompt's read (a cold prompt read timed inside the first
+    round made its drafts look five times dearer than they were)."""
+    from specd.desktop.client import speculation
+
+    timed: list[float] = []
+    propose_timed = speculation.propose_timed
+
+    def recording(*args, **kwargs):
+        proposal, ms = propose_timed(*args, **kwargs)
+        timed.append(ms)
+        return proposal, ms
+
+    monkeypatch.setattr(speculation, "propose_timed", recording)
+    expected = reference_greedy(folders["target"], PROMPT, GREEDY.max_new_tokens)
+    async with Verifier(verifier_config(folders["target"])) as verifier:
+        answer = await generate(verifier.url, folders["draft"], replace(GREEDY, context_proposer=False),
+                                drafter_class=ReadsPromptsSlowly)
+    assert answer.token_ids == expected
+    assert timed and max(timed) < 300.0, timed
+    assert answer.stats.edge_ms >= 400.0  # the read is still the drafter's work in the answer's stats

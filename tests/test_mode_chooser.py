@@ -105,11 +105,12 @@ def streaming_only_ms(costs: Costs, rtt: float, tokens: int) -> float:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_a_cold_unlucky_first_round_does_not_lock_speculation_out(seed):
-    """The trace of issue 27: the first round ever meets a cold drafter (72 ms a token instead of 13) and
-    the prompt's prefill in its wait (80 ms of apparent network on loopback), and accepts 0 drafts. Its
-    times are not learnt, its acceptance moves the prior without replacing it, and whatever it streams
-    because of it is undone within 16 tokens: as fast as rounds alone from the first answer on."""
-    costs = Costs(cold_draft_ms=72.0, cold_extra_network_ms=80.0, first_accepts=0)
+    """The trace of issue 27: the drafter's first call reads the prompt cold (177 ms, which timed inside the
+    first round made its 3 drafts look 72 ms a token instead of 13), the round waits for the prompt's
+    prefill (80 ms of apparent network on loopback), and it accepts 0 drafts. Its wait is not learnt, its
+    acceptance moves the prior without replacing it, and whatever it streams because of it is undone
+    within 16 tokens: as fast as rounds alone from the first answer on."""
+    costs = Costs(first_prompt_read_ms=177.0, cold_extra_network_ms=80.0, first_accepts=0)
     chooser, rounds_only = simulation(costs, rtt=0.5, seed=seed), simulation(costs, rtt=0.5, policy=False, seed=seed)
     answers = [chooser.answer(64) for _ in range(3)]
     baseline = [rounds_only.answer(64) for _ in range(3)]
@@ -117,7 +118,7 @@ def test_a_cold_unlucky_first_round_does_not_lock_speculation_out(seed):
     # Within 4 % of rounds alone: the price is the two tokens streamed once to measure the decode step.
     assert sum(t.ms for t in answers) <= 1.04 * sum(t.ms for t in baseline)
     estimate = chooser.controller.estimate()
-    assert estimate.draft_ms_per_token == pytest.approx(13.0, rel=0.05), "the cold round's time was not learnt"
+    assert estimate.draft_ms_per_token == pytest.approx(13.0, rel=0.05), "the prompt read was not timed"
     assert estimate.network_ms < 5.0
 
 
@@ -213,8 +214,11 @@ def test_the_decision_trace_keeps_the_first_step_every_switch_and_every_probe():
 def test_a_slow_draft_far_away_streams_nearly_as_fast_as_streaming_alone(rtt):
     """The torch draft on one core (60 ms a token) against a CPU verifier 200–400 ms away: rounds accepted
     almost in full are still slower than streaming. A first stream measured while the rounds' verify fit
-    rested on priors must not scale the decode step later (a 67 ms step taken for 85 ms kept rounds on);
-    probes that find the two modes near back off. Over six answers: within 9 % of streaming alone."""
+    rested on priors must not scale the decode step later (a 67 ms step taken for 85 ms kept rounds on),
+    nor may a fit of a few rounds that no stream has calibrated (one of 124 ms for a 67 ms step started an
+    answer on rounds); the first round's drafting time is learnt (60 ms a token, where the built-in prior
+    says 8); probes that find the two modes near back off. Over six answers: within 8 % of streaming
+    alone, 7 % on average."""
     ratios, streamed = [], 0
     for seed in range(3):
         costs = Costs(rtt_ms=const(rtt), draft_ms=const(60.0), step_ms=const(67.0),
@@ -223,5 +227,5 @@ def test_a_slow_draft_far_away_streams_nearly_as_fast_as_streaming_alone(rtt):
         answers = [chooser.answer(64) for _ in range(6)]
         ratios.append(6 * streaming_only_ms(costs, rtt, 64) / sum(t.ms for t in answers))
         streamed += sum(t.streamed for t in answers)
-    assert min(ratios) >= 0.9 and sum(ratios) / len(ratios) >= 0.91, ratios
+    assert min(ratios) >= 0.92 and sum(ratios) / len(ratios) >= 0.93, ratios
     assert streamed >= 3 * 6 * 64 // 2, "most tokens streamed"

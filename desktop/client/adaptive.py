@@ -17,8 +17,9 @@ streaming; :class:`Step` and :class:`ModePolicy` here are the vocabulary the rou
 
 Estimates must not mislead from the first round: every estimate starts from a prior worth a sample or
 more (:class:`EstimatePriors`, seeded from the draft precision record when one exists), so a first
-sample moves it rather than replacing it, and a *cold* round (an answer's first, when the drafter ran
-its first call and the verifier had just prefilled the prompt) teaches acceptance but not time.
+sample moves it rather than replacing it, and a *cold* round (an answer's first, which waited for the
+verifier's prefill of the prompt) teaches acceptance and drafting time, not the round trip or the verify
+time. Its drafting is timed warm: the round loop lets the drafter read the prompt before it.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ class GammaController:
     # -- observations ---------------------------------------------------------------------------
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
                       verify_ms: float, cold: bool = False) -> None:
-        """One verdict. ``cold``: its times include first-call costs (the answer's first round: a cold
-        drafter, the prompt's prefill in the wait): acceptance is learnt from it, time is not."""
+        """One verdict. ``cold``: the answer's first round, whose wait included the verifier's prefill of
+        the prompt: acceptance and drafting time are learnt from it, the round trip and verify time are not."""
         decay = 1.0 - self.forgetting
         rejected = 1.0 if accepted < drafted else 0.0
         self._success = decay * self._success + accepted
@@ -144,10 +145,10 @@ class GammaController:
             self._pos_trials[i] = decay * self._pos_trials[i] + 1.0
         self._rounds = decay * self._rounds + 1.0
         self.rounds_observed += 1
-        if cold:
-            return
         if drafted > 0 and draft_ms > 0:
             self._draft_ms.update(draft_ms / drafted)
+        if cold:
+            return
         self._network_ms.update(max(0.0, network_ms))
         x, y = float(drafted + 1), max(0.0, verify_ms)
         self._sxx = decay * self._sxx + x * x

@@ -71,8 +71,7 @@ class Speculation:
         try:
             self.step = self._next_step()
             if self.step.round:
-                prompt = list(run.committed)
-                await link.in_drafter(lambda: link.drafter.prefill(prompt))  # while the verifier prefills
+                await self._catch_up()  # the prompt, while the verifier prefills it
             while not await self._turn():
                 pass
         finally:
@@ -146,11 +145,16 @@ class Speculation:
                          found=plan.found)
 
     async def _catch_up(self) -> None:
-        """Let the drafter read the streamed tokens before the round is timed: that forward is the price of
-        having streamed, not of drafting, and timing it would make drafting look slower than it is."""
-        drafter, prefix, run = self.link.drafter, list(self.run.committed), self.run
+        """Let the drafter read what it has not (the prompt, streamed tokens) before a round is timed, all
+        but the last token: that forward is the price of the prompt or of having streamed, not of drafting,
+        and timing it would make drafting look slower than it is (a cold prompt read made a first round's
+        drafts look 5× dearer). The last token is left for the round's first draft to read, as after any
+        verdict, so the round times γ forwards of one token."""
+        drafter, known, run = self.link.drafter, list(self.run.committed)[:-1], self.run
+        if not known:
+            return
         start = run.clock.ms()
-        await self.link.in_drafter(lambda: (drafter.prefill(prefix), drafter.next_logits()))
+        await self.link.in_drafter(lambda: (drafter.prefill(known), drafter.next_logits()))
         run.stats.on_drafting(run.clock.ms() - start)
 
     async def _ask_stream(self, tokens: int) -> None:
@@ -264,8 +268,8 @@ class Speculation:
             network_ms = max(0.0, (time.perf_counter() - current.sent_at) * 1000.0 - server_ms)
         looked_up = min(current.context, drafted) if current is not None else 0
         run.stats.on_round_verdict(drafted, accepted, server_ms, network_ms, context=looked_up)
-        # The answer's first round (unless a stream came first) pays first-call costs: the prompt's prefill
-        # in its wait, a drafter's first call: its acceptance counts, its times would mislead.
+        # The answer's first round (unless a stream came first) waits for the prompt's prefill: its
+        # acceptance and drafting time count (the drafter read the prompt untimed), its wait would mislead.
         cold = run.stats.rounds == 1 and run.stats.cloud_tokens == 0
         if current is not None:
             self.planner.observe(looked_up, accepted, current.matched, current.found, event.new_tokens)
