@@ -139,7 +139,8 @@ async def test_seeded_sampling_is_reproducible_and_pipelining_changes_nothing(fo
 
 async def test_adaptive_gamma_follows_acceptance(folders):
     """Over a 40 ms round trip a draft that is always right earns long rounds; one that is always wrong
-    is kept to a single draft per round."""
+    is kept to a single draft per round (or none verified, a cloud step, where the budget finds it not
+    worth the verify)."""
     from specd.desktop.bench.netem import DelayProxy
 
     settings = replace(GREEDY, max_new_tokens=60, pipeline=False)
@@ -151,7 +152,7 @@ async def test_adaptive_gamma_follows_acceptance(folders):
     assert other.stats.acceptance_rate < 0.5
     assert same.stats.gamma_mean > other.stats.gamma_mean + 2
     assert max(same.stats.gammas) == settings.gamma_max
-    assert other.stats.gammas[-10:] == [1] * 10
+    assert max(other.stats.gammas[-10:]) <= 1  # one draft sent; the verifier's budget may verify none of it
 
 
 async def test_verifier_gone_mid_answer_continues_locally_then_resumes(folders):
@@ -478,3 +479,26 @@ async def test_a_rounds_drafting_is_timed_without_reading_the_prompt(folders, mo
     assert answer.token_ids == expected
     assert timed and max(timed) < 300.0, timed
     assert answer.stats.edge_ms >= 400.0  # the read is still the drafter's work in the answer's stats
+
+
+async def test_a_round_trip_that_grew_is_measured_where_the_stream_runs_dry(folders):
+    """The round trip grows from 10 to 200 ms between two answers that stream (a laptop-slow draft against
+    a fast verifier). The first answer's estimate asks too few tokens ahead, so the stream runs dry at the
+    next top-up; that stall measures the new round trip, and the rest is asked far enough ahead."""
+    from specd.desktop.bench.netem import DelayProxy
+
+    settings = replace(GREEDY, max_new_tokens=80, mode_switching=True)
+    expected = reference_greedy(folders["target"], LONG_PROMPT, settings.max_new_tokens)
+    async with (Verifier(verifier_config(folders["target"])) as verifier,
+                DelayProxy("127.0.0.1", verifier.port, rtt_ms=10) as proxy):
+        client = client_for(proxy.url(), folders["draft"], slow=True)
+        try:
+            first = await client.generate(list(LONG_PROMPT), settings)
+            proxy.rtt_ms = 200
+            second = await client.generate(list(LONG_PROMPT), settings)
+            network_ms = client._controller.estimate().network_ms
+        finally:
+            await client.close()
+    assert first.token_ids == second.token_ids == expected
+    assert second.stats.cloud_tokens > 60, "the second answer streams"
+    assert network_ms > 150, network_ms

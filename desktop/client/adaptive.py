@@ -178,6 +178,14 @@ class GammaController:
         nothing in flight (the wait for its first token, less that token's forward)."""
         self._network_ms.update(max(0.0, round_trip_ms))
 
+    def observe_stall(self, round_trip_ms: float) -> None:
+        """A stream ran dry before its top-up arrived, which came ``round_trip_ms`` (less its forward)
+        after the ask: the round trip is at least that. A longer one replaces the estimate outright, since
+        one too short stalls every top-up, and one too long only asks a few tokens more ahead."""
+        if round_trip_ms > self._network_ms.value:
+            self._network_ms.value = round_trip_ms
+            self._network_ms.seen = True
+
     def observe_draft_time(self, ms_per_token: float) -> None:
         """A draft timing measured outside a round (e.g. tokens drafted ahead)."""
         if ms_per_token > 0:

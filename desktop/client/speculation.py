@@ -30,6 +30,8 @@ from specd.desktop.client.rounds import SentRound, propose_timed, with_lookup
 from specd.shared.protocol import RoundDiscarded, RoundVerdict, TokensStreamed
 
 _ROUND = Step(round=True)
+# A streamed token that came this many usual gaps after the one before it: the stream had run dry.
+STALL = 1.5
 
 
 @dataclass(slots=True)
@@ -41,6 +43,9 @@ class _Streaming:
     last_at: float = 0.0
     since_round: bool = False  # tokens were streamed since the last round: the drafter has not read them
     asked_at: float | None = None  # when a stream was asked with nothing in flight: its first token times the link
+    topped_up_at: float | None = None  # when more tokens were asked while some were still owed ...
+    before_top_up: int = 0  # ... and how many of those owed tokens come before the top-up's first
+    token_gap_ms: float | None = None  # the usual gap between streamed tokens (a stall's left out)
 
 
 async def speculate(link: Link, run: Run) -> None:
@@ -160,10 +165,13 @@ class Speculation:
     async def _ask_stream(self, tokens: int) -> None:
         session = self.link.session
         tokens = min(tokens, session.welcome.limits.max_stream_tokens)
-        if not self.streaming.owed and not self.in_flight and self.run.stats.generated:
-            self.streaming.asked_at = time.perf_counter()  # (the first tokens of all wait for the prefill)
+        streaming = self.streaming
+        if not streaming.owed and not self.in_flight and self.run.stats.generated:
+            streaming.asked_at = time.perf_counter()  # (the first tokens of all wait for the prefill)
+        elif streaming.owed and streaming.topped_up_at is None:
+            streaming.topped_up_at, streaming.before_top_up = time.perf_counter(), streaming.owed
         await self.link.send(session.stream(tokens))
-        self.streaming.owed += tokens
+        streaming.owed += tokens
 
     async def _maybe_look_ahead(self) -> None:
         """While a round is verified, send the next one ahead if the lookup has it and it beats the model's
@@ -225,6 +233,23 @@ class Speculation:
         now = time.perf_counter()
         count = len(event.tokens.tokens)
         gap_ms = (now - streaming.last_at) * 1000.0 if streaming.steady else None
+        stalled = (gap_ms is not None and streaming.token_gap_ms is not None
+                   and gap_ms / count > STALL * streaming.token_gap_ms)
+        if gap_ms is not None and not stalled:
+            usual = streaming.token_gap_ms
+            streaming.token_gap_ms = gap_ms / count if usual is None else usual + 0.2 * (gap_ms / count - usual)
+        if streaming.topped_up_at is not None:
+            streaming.before_top_up -= count
+            if streaming.before_top_up < 0:  # these tokens include the top-up's first
+                if stalled:
+                    # The stream ran dry before the top-up arrived: it came a round trip and its forward
+                    # after the ask. The round trip was too short to ask far enough ahead: measure it (a
+                    # stale one, from before the link got slower, would stall every top-up) and keep the
+                    # stall out of what a streamed token costs.
+                    elapsed_ms = (now - streaming.topped_up_at) * 1000.0
+                    self.run.controller.observe_stall(elapsed_ms - event.tokens.forward_ms)
+                    gap_ms = None
+                streaming.topped_up_at = None
         streaming.owed = max(0, streaming.owed - count)
         streaming.steady, streaming.last_at, streaming.since_round = streaming.owed > 0, now, True
         if streaming.asked_at is not None:
