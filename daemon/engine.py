@@ -36,7 +36,16 @@ from typing import Any
 
 import torch
 
-from specd.daemon.goodput import Acceptance, Choice, ForwardCost, Offer, choose, suggested_gamma
+from specd.daemon.goodput import (
+    EXPLORE_BURST,
+    EXPLORE_SHARE,
+    Acceptance,
+    Choice,
+    ForwardCost,
+    Offer,
+    choose,
+    suggested_gamma,
+)
 from specd.daemon.kv_backends import KVBackend, SessionBackend, SlotBackend
 from specd.daemon.kv_slots import BatchRow, KVShape, batched_support, slot_count
 from specd.daemon.target import TargetModel
@@ -136,6 +145,7 @@ class Engine:
         self._last_was_prefill = False
         self._trimmed = 0
         self._idle_s = 0.0  # discounted mean time the engine waited for work between forwards
+        self._explore_credit = 0.0  # predicted forward seconds exploring starved sessions may still spend
         self.busy = False
 
     @classmethod
@@ -297,9 +307,16 @@ class Engine:
         offers = [Offer(drafts=j.drafts, h=j.session.acceptance.conditional(ceiling)) for j in rounds]
         sizes = dict(max_rows=self.backend.max_rows, max_positions=self.limits.max_batch_tokens, idle_s=self._idle_s)
         choice = choose(offers, self.cost, **sizes)
+        credit = self._explore_credit + EXPLORE_SHARE * self.cost.seconds(choice.rows, choice.width)
         if choice.width == 1 and any(j.drafts and j.session.acceptance.starved for j in rounds[:choice.rows]):
+            # Measure acceptance again: the whole forward at width 2, as its share of time allows.
             rows = max(1, min(choice.rows, self.limits.max_batch_tokens // 2))  # width 2 takes twice the positions
-            choice = Choice(width=2, rows=rows, goodput=choice.goodput)  # measure acceptance again
+            extra = self.cost.seconds(rows, 2) - self.cost.seconds(rows, 1)
+            credit = min(credit, EXPLORE_BURST * extra)
+            if credit >= extra:
+                credit -= extra
+                choice = Choice(width=2, rows=rows, goodput=choice.goodput)
+        self._explore_credit = credit
         hint = suggested_gamma(offers[:choice.rows], self.cost, ceiling=self.limits.max_draft, **sizes)
         batch = []
         for job, offer in zip(rounds[:choice.rows], offers, strict=False):

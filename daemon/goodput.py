@@ -39,10 +39,19 @@ COST_FORGETTING = 0.1
 SHAPE_FORGETTING = 0.2
 # A narrower forward is chosen only when it beats the wider ones by this much.
 MARGIN = 0.02
+# Drafts are verified only where that beats one cloud step per session by this much: the cost model is a
+# few per cent off between runs on a CPU, and that error must not make speculation cost more than
+# cloud-only where the two are near (a weak draft at high load).
+CLOUD_MARGIN = 0.05
 # A session none of whose drafts were judged for this many rounds in a row has one verified in its next
 # round, and in each round after while those are accepted: its acceptance is otherwise never measured
 # again, so drafts that got better (a copy, looked up in the conversation) would be trimmed for good.
 EXPLORE_AFTER = 8
+# Exploring pads the whole forward to width 2 where width 1 was chosen, so every session in it pays: the
+# engine spends on it at most this share of its forwards' (predicted) time, banked up to a few forwards'
+# worth (EXPLORE_BURST), so a session whose drafts became right is explored several rounds in a row.
+EXPLORE_SHARE = 0.02
+EXPLORE_BURST = 4
 
 
 @dataclass(slots=True)
@@ -259,7 +268,9 @@ def choose(offers: Sequence[Offer], cost: ForwardCost, *, max_rows: int, max_pos
     second of the verifier's time: the forward, plus ``idle_s``, the time the verifier then waits for
     rounds (measured; about 0 under load). So a lone session, whose client drafts while the verifier
     idles, has all its drafts verified, and trimming starts where forwards queue. A narrower forward
-    must beat the wider ones by ``MARGIN``: noise in the timings does not trim."""
+    must beat the wider ones by ``MARGIN``: noise in the timings does not trim; but any width must beat
+    one cloud step per session (width 1) by ``CLOUD_MARGIN``: in doubt, speculation costs what
+    cloud-only does."""
     if not offers:
         raise ValueError("no rounds to choose for")
     # cumulative[i][k]: expected tokens of offer i verifying k drafts.
@@ -278,6 +289,8 @@ def choose(offers: Sequence[Offer], cost: ForwardCost, *, max_rows: int, max_pos
         rate = tokens / (cost.seconds(rows, width) + idle_s)
         if best is None or rate > best.goodput * (1 + MARGIN):
             best = Choice(width=width, rows=rows, goodput=rate)
+        if width == 1 and best.width > 1 and best.goodput < rate * (1 + CLOUD_MARGIN):
+            best = Choice(width=1, rows=rows, goodput=rate)
     assert best is not None
     return best
 
