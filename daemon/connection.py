@@ -74,7 +74,8 @@ class SessionDriver:
         target = context.engine.target
         self.session = ServerSession(session_id=self.id, model=target.name, tokenizer=target.fingerprint,
                                      vocab_size=target.vocab_size, eos=target.eos, limits=context.limits,
-                                     server=context.server_name)
+                                     server=context.server_name,
+                                     decode_step_ms=context.engine.decode_step_ms())
         self.kv = context.engine.open()
         self.params = SamplingParams()
         self.seed = 0
@@ -249,7 +250,8 @@ class SessionDriver:
         # The rejected drafts stay in the KV until the next job rolls them back (O(1)).
         self.kv.acceptance.observe(result.verified, result.accepted)
         actions = self.session.verdict(result, queue_ms=queue_s * 1000.0, forward_ms=run_s * 1000.0,
-                                       verified=result.verified, suggested_gamma=self.kv.suggested_gamma)
+                                       verified=result.verified, suggested_gamma=self.kv.suggested_gamma,
+                                       decode_step_ms=self.engine.decode_step_ms())
         self.metrics.round(len(draft.tokens), result.accepted, run_s, queue_s, verified=result.verified)
         await self._perform(actions)
         if self.client is not None:

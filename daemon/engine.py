@@ -212,6 +212,14 @@ class Engine:
     def open_sessions(self) -> int:
         return self.backend.capacity - len(self._free)
 
+    def decode_step_ms(self) -> float:
+        """One decode step of a session that joins now, in ms: the cost model's forward of one position
+        for it and every session with work queued or running (0 before the model was calibrated)."""
+        if not self.cost.calibrated:
+            return 0.0
+        rows = 1 + len({job.session.slot for job in self._jobs}) if self.batched else 1
+        return 1000.0 * self.cost.seconds(min(rows, max(1, self.backend.max_rows)), 1)
+
     @property
     def pending(self) -> int:
         return len(self._jobs)

@@ -43,9 +43,10 @@ MARGIN = 0.02
 # few per cent off between runs on a CPU, and that error must not make speculation cost more than
 # cloud-only where the two are near (a weak draft at high load).
 CLOUD_MARGIN = 0.05
-# A session none of whose drafts were judged for this many rounds in a row has one verified in its next
-# round, and in each round after while those are accepted: its acceptance is otherwise never measured
-# again, so drafts that got better (a copy, looked up in the conversation) would be trimmed for good.
+# A session none of whose drafts were judged for this many rounds in a row has one verified in a later
+# round, as EXPLORE_SHARE allows, and in each round after while those are accepted: its acceptance is
+# otherwise never measured again, so drafts that got better (a copy, looked up in the conversation) would
+# be trimmed for good.
 EXPLORE_AFTER = 8
 # Exploring pads the whole forward to width 2 where width 1 was chosen, so every session in it pays: the
 # engine spends on it at most this share of its forwards' (predicted) time, banked up to a few forwards'

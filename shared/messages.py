@@ -103,6 +103,9 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     eos: list[TokenId]
     limits: Limits
     server: str = ""
+    # The verifier's forward for one decode step of a session joining now, in ms, as its forward cost
+    # model predicts it at its present load (0: not stated): the cost of a streamed token before any stream.
+    decode_step_ms: Millis = 0.0
 
 
 class Started(msgspec.Struct, tag="started", frozen=True):
@@ -117,6 +120,7 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True):
     ``verified``: how many drafts the server judged (its goodput budget may verify a prefix; drafts past
     it were not judged, not rejected); None from a server that judges every draft. ``suggested_gamma``:
     the γ the server would verify of the next round under its present load (0: no suggestion).
+    ``decode_step_ms``: as in ``welcome``, the server's decode step for this session now (0: not stated).
     """
 
     request: NonNegative
@@ -130,6 +134,7 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True):
     forward_ms: Millis = 0.0
     verified: NonNegative | None = None
     suggested_gamma: NonNegative = 0
+    decode_step_ms: Millis = 0.0
 
 
 class Discarded(msgspec.Struct, tag="discarded", frozen=True):

@@ -37,6 +37,7 @@ class Costs:
     first_prompt_read_ms: float = 0.0  # the drafter's first call of all reads the prompt cold, before a round
     cold_extra_network_ms: float = 0.0  # the first round waits for the prompt's prefill
     first_accepts: int | None = None  # how many drafts the very first round accepts (None: drawn)
+    stated_step: bool = False  # the verifier states its decode step (welcome, verdicts), as specd-verifier does
 
     def verify(self, now: float, gamma: int) -> float:
         return self.verify_fixed_ms(now) + self.verify_per_token_ms(now) * (gamma + 1)
@@ -108,6 +109,8 @@ class Simulation:
         self.clock += draft + network + verify
         self.controller.observe_round(drafted=gamma, accepted=accepted, draft_ms=draft, network_ms=network,
                                       verify_ms=verify, cold=cold)
+        if costs.stated_step:
+            self.controller.observe_server_step(costs.step_ms(self.clock))
         return min(remaining, accepted + 1)
 
     def _stream(self, trace: Trace, tokens: int, owed: int, *, after_round: bool) -> None:

@@ -373,3 +373,20 @@ async def test_exploring_starved_sessions_takes_a_bounded_share_of_a_full_batchs
     total = sum(cost.seconds(rows, width) for rows, width in rounds)
     assert explored, rounds
     assert extra <= EXPLORE_SHARE * total + EXPLORE_BURST * (cost.seconds(64, 2) - cost.seconds(64, 1)), (extra, total)
+
+
+async def test_the_decode_step_the_verifier_states_is_its_cost_models_for_the_sessions_with_work(engine_factory):
+    """``decode_step_ms`` (welcome, verdicts) is the cost model's forward of one position for the sessions
+    with work now and the one asking; an engine that never calibrated states none."""
+    _model, make = engine_factory
+    engine = make(scripted(per_row_ms=5.0, per_position_ms=1.0, fixed_ms=10.0))
+    assert engine.decode_step_ms() == pytest.approx(1000.0 * engine.cost.seconds(1, 1))
+    sessions = [engine.open() for _ in range(3)]
+    jobs = [asyncio.create_task(engine.prefill(session, [1, 2, 3, 4, 5], 0)) for session in sessions]
+    await asyncio.sleep(0)  # the three prefills are queued or running
+    assert engine.decode_step_ms() == pytest.approx(1000.0 * engine.cost.seconds(4, 1))
+    assert engine.decode_step_ms() > 1000.0 * engine.cost.seconds(1, 1)
+    await asyncio.gather(*jobs)
+    await engine.close_all()
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        assert Engine(engine.target, engine.backend, engine.limits, executor).decode_step_ms() == 0.0

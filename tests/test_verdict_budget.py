@@ -11,7 +11,7 @@ from specd.shared import messages as m
 from specd.shared import protocol as s
 from specd.shared.errors import ProtocolError
 from specd.shared.sampling import RoundResult
-from tests.test_session import EOS, Pair, _draft_frame
+from tests.test_session import EOS, Pair, _draft_frame, _server
 
 
 class OldVerdict(msgspec.Struct, tag="verdict", frozen=True):
@@ -130,3 +130,17 @@ def test_the_gamma_controller_caps_an_adaptive_gamma_at_the_verifiers_suggestion
     fixed = GammaController(8, fixed=6)
     fixed.observe_server_gamma(2)
     assert fixed.choose() == 6  # an explicit γ stays what the user set; the verifier trims if it must
+
+
+def test_the_welcome_and_every_verdict_state_the_servers_decode_step():
+    pair = Pair(server=_server(decode_step_ms=61.25))
+    pair.ready()
+    assert pair.client.welcome.decode_step_ms == 61.25
+    pair.server.receive(_draft_frame(pair, [7, 8]))
+    (event,) = pair.deliver(pair.server.verdict(RoundResult(accepted=2, token=9), decode_step_ms=70.5))
+    assert event.decode_step_ms == 70.5
+    unstated = Pair().ready()  # a server that does not state it
+    assert unstated.client.welcome.decode_step_ms == 0.0
+    unstated.server.receive(_draft_frame(unstated, [7]))
+    (event,) = unstated.deliver(unstated.server.verdict(RoundResult(accepted=1, token=9)))
+    assert event.decode_step_ms == 0.0

@@ -130,6 +130,8 @@ class GammaController:
         # The γ the verifier's goodput budget suggested in its last verdict (0: none): drafts past it
         # would not be verified under its present load.
         self._server_gamma = 0
+        # The verifier's decode step as it last stated it (welcome, verdicts; 0: never stated).
+        self.server_step_ms = 0.0
 
     # -- observations ---------------------------------------------------------------------------
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
@@ -161,6 +163,12 @@ class GammaController:
     def observe_server_gamma(self, suggested: int) -> None:
         """The verdict's ``suggested_gamma``: an adaptive γ stays at most this until the next verdict."""
         self._server_gamma = max(0, suggested)
+
+    def observe_server_step(self, step_ms: float) -> None:
+        """The decode step the verifier stated (``decode_step_ms`` of its welcome and verdicts): its own
+        forward cost model's prediction of one position for this session at its present load."""
+        if step_ms > 0:
+            self.server_step_ms = step_ms
 
     def observe_guess(self, hit: bool) -> None:
         """Whether the draft's guess of a round's bonus token (the premise of drafting ahead) was right."""

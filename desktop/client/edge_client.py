@@ -130,6 +130,7 @@ class EdgeClient:
                 self.session, self._ws, self.welcome = session, ws, event.welcome
                 if self._controller is not None:
                     self._controller.observe_network(self._handshake_ms or 0.0)
+                    self._controller.observe_server_step(event.welcome.decode_step_ms)
                 self._eos = frozenset(event.welcome.eos)
                 self._pace = client_pacer(event.welcome.limits.max_messages_per_second)
                 self._inbox = asyncio.Queue()
@@ -311,6 +312,8 @@ class EdgeClient:
             controller = GammaController(settings.gamma_max, settings.gamma, priors=self.estimate_priors)
             if self._handshake_ms is not None:
                 controller.observe_network(self._handshake_ms)
+            if self.welcome is not None:
+                controller.observe_server_step(self.welcome.decode_step_ms)
             self._controller = controller
             if self.modes is None or isinstance(self.modes, ModeChooser):
                 self.modes = ModeChooser(controller)

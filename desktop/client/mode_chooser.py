@@ -8,10 +8,12 @@ and probes at that same γ. A probe costs its round less what streaming would ha
 Estimates can be wrong in either direction, so a decision is never final:
 
 - **The decode step follows the verifier.** While streaming it is the verifier's own ``forward_ms`` per
-  token plus the gap the client sees beyond it; while speculating, the verify cost of one position from
-  the rounds, calibrated by what the last stream measured (once the rounds' fit rests on a few rounds,
-  not on priors). A verifier that becomes faster or slower mid-answer moves the comparison within a few
-  rounds or tokens.
+  token plus the gap the client sees beyond it; while speculating, the *reference* step, calibrated by
+  what the last stream measured. The reference is the step the verifier states (``decode_step_ms`` in its
+  welcome and every verdict: its own forward cost model, at its present load); from a verifier that does
+  not state it, the verify cost of one position from the rounds' fit (calibrated only once the fit rests
+  on a few rounds, not on priors). A verifier that becomes faster or slower mid-answer moves the
+  comparison within a few rounds or tokens.
 - **Probing never stops for good.** While streaming, a probe (a round, with the next stream asked for in
   the same send) re-measures acceptance. The first probe after a switch comes within
   ``first_probe_tokens`` streamed tokens — after ``first_share`` of the time instead, once several rounds
@@ -20,12 +22,13 @@ Estimates can be wrong in either direction, so a decision is never final:
   interval, and a close call grows it by half, up to the probe's cost over ``probe_share`` (≈ 2 % of
   the time), which bounds what probing loses where streaming really is faster. A close call backs off
   too: where the two modes are near, a probe every few tokens would cost more than a wrong choice does.
-- **The decode step is measured, not assumed.** Before any stream it is extrapolated from the rounds'
-  forwards over γ + 1 positions, and what one position costs is a guess there (on a CPU a forward grows
-  with its positions); so the first time rounds win by less than ``step_margin`` (a step that much
-  shorter than the guess could change the choice), the round is followed by ``step_probe`` streamed
-  tokens, once, and their forward times calibrate the extrapolation from then on. Where rounds win by
-  more, that stream would only cost time (it breaks drafting ahead, and the drafter must read its tokens).
+- **The decode step is measured, not assumed.** A stated step is a measurement of the verifier. Without
+  one, the step before any stream is extrapolated from the rounds' forwards over γ + 1 positions, and what
+  one position costs is a guess there (on a CPU a forward grows with its positions); so the first time
+  rounds win by less than ``step_margin`` (a step that much shorter than the guess could change the
+  choice), the round is followed by ``step_probe`` streamed tokens, once, and their forward times
+  calibrate the extrapolation from then on. Where rounds win by more, that stream would only cost time (it
+  breaks drafting ahead, and the drafter must read its tokens).
 - **Every switch is traced**: the :class:`~specd.desktop.client.adaptive.Step` carries the two rates that
   decided it, and the answer's stats keep them (``mode_switches``).
 """
@@ -51,22 +54,24 @@ class ModeChooser:
         forgetting = controller.forgetting
         self._stream_forward: ForgettingMean | None = None  # the verifier's forward per streamed token
         self._overhead = ForgettingMean(0.0, forgetting)  # what a streamed token costs beyond its forward
-        self._calibration = ForgettingMean(1.0, forgetting)  # streamed forward ÷ the rounds' one-position verify cost
+        self._calibration = ForgettingMean(1.0, forgetting)  # streamed forward ÷ the reference step
         self._rounds_mark = -1  # the controller's round count at the last streamed tokens
         self._streamed_ms = 0.0  # streaming time since the last probe
         self._interval_ms: float | None = None  # None: start afresh at the next probe
         self._probing = False
 
     # -- estimates ------------------------------------------------------------------------------
+    def reference_step_ms(self) -> float:
+        """The decode step as the verifier last stated it, else the verify cost of one position from the
+        rounds' fit: what the calibration by streams scales."""
+        return self.controller.server_step_ms or self.controller.single_step_ms()
+
     def step_ms(self) -> float:
         """Time per token when the verifier streams alone."""
-        fit = self.controller.single_step_ms()
-        if self._stream_forward is None:
-            forward = fit
-        elif self.controller.rounds_observed == self._rounds_mark:
+        if self._stream_forward is not None and self.controller.rounds_observed == self._rounds_mark:
             forward = self._stream_forward.value  # nothing newer than the last stream
-        else:
-            forward = self._calibration.value * fit  # rounds since: they carry the verifier's current speed
+        else:  # rounds since (or never a stream): they carry the verifier's current speed
+            forward = self._calibration.value * self.reference_step_ms()
         return max(1e-3, forward + self._overhead.value)
 
     def best_round(self, remaining: int) -> tuple[int, float]:
@@ -145,7 +150,8 @@ class ModeChooser:
                 # Speculation beats streaming itself, not only a stream's round trip over the few tokens
                 # left: start the probe schedule afresh next time streaming wins.
                 self._interval_ms = None
-            if (self._stream_forward is None and self.controller.rounds_observed and remaining > self.step_probe + 1
+            if (self._stream_forward is None and not self.controller.server_step_ms
+                    and self.controller.rounds_observed and remaining > self.step_probe + 1
                     and rate < self.step_margin * self.streaming_rate()):
                 # The decode step was only ever extrapolated from rounds' forwards (γ + 1 positions each,
                 # and what one position costs is a guess): stream a few tokens after this round, once.
@@ -191,11 +197,12 @@ class ModeChooser:
         controller = self.controller
         per_token = forward_ms / tokens if forward_ms > 0 else (gap_ms / tokens if gap_ms is not None else None)
         if per_token is not None:
-            if self._stream_forward is None:  # the rounds' estimate is the prior, worth one sample
-                self._stream_forward = ForgettingMean(controller.single_step_ms(), controller.forgetting)
+            reference = self.reference_step_ms()
+            if self._stream_forward is None:  # the estimate so far is the prior, worth one sample
+                self._stream_forward = ForgettingMean(self._calibration.value * reference, controller.forgetting)
             self._stream_forward.update(per_token)
-            if controller.rounds_seen >= 3:  # a fit of a round or two is mostly priors: no scale to keep
-                self._calibration.update(per_token / max(1e-3, controller.single_step_ms()))
+            if controller.server_step_ms or controller.rounds_seen >= 3:  # a fit of a round or two is mostly
+                self._calibration.update(per_token / max(1e-3, reference))  # priors: no scale to keep
             if gap_ms is not None:
                 self._overhead.update(max(0.0, gap_ms / tokens - per_token))
         self._rounds_mark = controller.rounds_observed

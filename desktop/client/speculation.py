@@ -281,6 +281,7 @@ class Speculation:
         server_ms = verdict.queue_ms + verdict.forward_ms
         drafted, accepted = event.verified, verdict.accepted  # drafts the budget left unverified were not judged
         run.controller.observe_server_gamma(event.suggested_gamma)
+        run.controller.observe_server_step(event.decode_step_ms)
         if verdict.finished and current is not None:
             # The request ended inside the round: drafts after the stop were never judged, and a draft that
             # was itself the stop token comes back as the verdict's token although it was right.

@@ -49,6 +49,11 @@ class RoundVerdict:
         return self.verdict.suggested_gamma
 
     @property
+    def decode_step_ms(self) -> float:
+        """The server's decode step for this session now, in ms (0: not stated)."""
+        return self.verdict.decode_step_ms
+
+    @property
     def finished(self) -> bool:
         return self.verdict.finished
 

@@ -121,7 +121,7 @@ class ServerSession:
     """The verifier's half of one connection."""
 
     def __init__(self, *, session_id: str, model: str, tokenizer: str, vocab_size: int,
-                 eos: list[int], limits: m.Limits, server: str = "") -> None:
+                 eos: list[int], limits: m.Limits, server: str = "", decode_step_ms: float = 0.0) -> None:
         self.session_id = session_id
         self.model = model
         self.tokenizer = tokenizer
@@ -129,6 +129,7 @@ class ServerSession:
         self.eos = frozenset(eos)
         self.limits = limits
         self.server = server
+        self.decode_step_ms = decode_step_ms  # stated in the welcome (0: not stated)
         self.state = ServerState.AWAIT_HELLO
         self.request: _Request | None = None
         self.history: list[int] = []  # committed tokens of the last request, for prefix reuse
@@ -183,7 +184,8 @@ class ServerSession:
         self._move(ServerTrigger.HELLO)
         welcome = m.Welcome(protocol=m.PROTOCOL_VERSION, session=self.session_id, model=self.model,
                             tokenizer=self.tokenizer, vocab_size=self.vocab_size,
-                            eos=sorted(self.eos), limits=self.limits, server=self.server)
+                            eos=sorted(self.eos), limits=self.limits, server=self.server,
+                            decode_step_ms=round(self.decode_step_ms, 3))
         return [Send.of(welcome)]
 
     def _start(self, start: m.Start) -> list[ServerAction]:
@@ -316,11 +318,13 @@ class ServerSession:
                                         cached_tokens=cached_tokens))]
 
     def verdict(self, result: VerifiedRound, *, queue_ms: float = 0.0, forward_ms: float = 0.0,
-                verified: int | None = None, suggested_gamma: int = 0) -> list[ServerAction]:
+                verified: int | None = None, suggested_gamma: int = 0,
+                decode_step_ms: float = 0.0) -> list[ServerAction]:
         """Commit a verified round, applying the stop rules, and build the ``verdict``.
 
         ``verified``: how many of the drafts were judged (a prefix; default all of them);
-        ``suggested_gamma``: the γ worth drafting next under the verifier's load (0: no suggestion).
+        ``suggested_gamma``: the γ worth drafting next under the verifier's load (0: no suggestion);
+        ``decode_step_ms``: the verifier's decode step for this session now (0: not stated).
         """
         draft, self._pending = self._pending, None
         req = self._active()
@@ -342,7 +346,7 @@ class ServerSession:
         verdict = m.Verdict(request=draft.request, round=draft.round, position=draft.position,
                             accepted=kept - 1, token=emitted[kept - 1], finished=reason is not None,
                             reason=reason, queue_ms=queue_ms, forward_ms=forward_ms, verified=verified,
-                            suggested_gamma=suggested_gamma)
+                            suggested_gamma=suggested_gamma, decode_step_ms=round(decode_step_ms, 3))
         actions: list[ServerAction] = [Send.of(verdict)]
         if reason:
             self._end_request(cancelled=False)
