@@ -10,6 +10,13 @@ suggests (at most the recorded γ); without it every draft of a fixed γ is veri
 run one target step per token. Both go through the same batched :class:`~specd.daemon.engine.Engine` the daemon
 serves with (no sockets: the figures are the verifier's own); ``one_session_per_forward`` measures the
 unbatched engine beside it.
+
+A cell measures N sessions busy from start to end, as a server with N users is: a session that has its
+tokens goes on with its user's next request (the same prompt, whose KV it keeps: no prefill) until every
+session has them. Sessions that stopped at
+their tokens would end a cell with a tail of forwards over a few sessions, and speculative rounds, which
+yield unevenly, make that tail longer than cloud-only's lockstep does (at 32 sessions a fixed γ averaged
+26 of 32 rows a forward, cloud-only 32).
 """
 
 from __future__ import annotations
@@ -121,18 +128,36 @@ class Cell:
         return asdict(self)
 
 
-async def _speculative(engine: Engine, rec: RecordedSession, gamma: int, tokens: int,
-                       latencies: list[float], start: asyncio.Event) -> tuple[int, int, int, float]:
-    """Rounds of ``gamma`` drafts; under the budget, of the γ the last verdict suggested (≤ ``gamma``).
-    Returns tokens generated, drafts verified, drafts accepted and the seconds it took."""
+@dataclass(slots=True)
+class _Quota:
+    """How many of a cell's sessions still lack their tokens; the others keep generating meanwhile."""
+
+    short: int
+
+    async def busy(self, generated: int, tokens: int, counted: bool) -> tuple[bool, bool]:
+        """Whether a session that has ``generated`` tokens goes on, and whether its quota is counted. It
+        yields once first, so every session the same forward answered counts before any goes on: the cell
+        ends with that forward, not with one more over the sessions that went on first."""
+        if generated >= tokens and not counted:
+            self.short -= 1
+            counted = True
+        await asyncio.sleep(0)
+        return self.short > 0, counted
+
+
+async def _speculative(engine: Engine, rec: RecordedSession, gamma: int, tokens: int, latencies: list[float],
+                       start: asyncio.Event, quota: _Quota) -> tuple[int, int, int, float]:
+    """Rounds of ``gamma`` drafts; under the budget, of the γ the last verdict suggested (≤ ``gamma``), until
+    every session of the cell has ``tokens``. Returns tokens generated, drafts verified, drafts accepted and
+    the seconds it took."""
     session = engine.open()
     committed = list(rec.prompt)
     await engine.prefill(session, committed, 0)
     await start.wait()
     began = time.monotonic()
     generated = drafted = accepted = 0
-    index = 0
-    while generated < tokens:
+    index, counted, busy = 0, False, True
+    while busy:
         recorded = rec.rounds[index % len(rec.rounds)]
         index += 1
         offered = min(gamma, session.suggested_gamma or gamma)
@@ -148,34 +173,42 @@ async def _speculative(engine: Engine, rec: RecordedSession, gamma: int, tokens:
         generated += keep + 1
         drafted += judged.verified
         accepted += keep
+        busy, counted = await quota.busy(generated, tokens, counted)
+        if len(committed) - len(rec.prompt) >= tokens:
+            committed = list(rec.prompt)  # the next request: the KV past the prompt is rolled back
     wall = time.monotonic() - began
     engine.close(session)
     return generated, drafted, accepted, wall
 
 
 async def _cloud(engine: Engine, rec: RecordedSession, tokens: int, latencies: list[float],
-                 start: asyncio.Event) -> tuple[int, int, int, float]:
+                 start: asyncio.Event, quota: _Quota) -> tuple[int, int, int, float]:
     session = engine.open()
     committed = list(rec.prompt)
     await engine.prefill(session, committed, 0)
     await start.wait()
     began = time.monotonic()
-    for _ in range(tokens):
+    generated, counted, busy = 0, False, True
+    while busy:
         t0 = time.monotonic()
         token, _q, _r = await engine.run(session, committed[:-1], [committed[-1]],
                                          cloud_token(GREEDY, 0, len(committed)))
         latencies.append(time.monotonic() - t0)
         committed.append(token)
+        generated += 1
+        busy, counted = await quota.busy(generated, tokens, counted)
+        if len(committed) - len(rec.prompt) >= tokens:
+            committed = list(rec.prompt)
     wall = time.monotonic() - began
     engine.close(session)
-    return tokens, 0, 0, wall
+    return generated, 0, 0, wall
 
 
 async def measure(target: TargetModel, recording: list[RecordedSession], *, mode: str, batched: bool,
                   sessions: int, gamma: int, tokens: int, max_batch_tokens: int,
                   executor: ThreadPoolExecutor, budget: bool = False, cost: ForwardCost | None = None,
                   population: Acceptance | None = None) -> Cell:
-    """``sessions`` concurrent sessions of ``mode`` (speculative or cloud), ``tokens`` new tokens each;
+    """``sessions`` concurrent sessions of ``mode`` (speculative or cloud), busy until each has ``tokens``;
     ``budget``: speculative rounds under the goodput budget (``cost``: the forward-cost model to start from;
     ``population``: the acceptance of the rounds judged before, which this cell's rounds join)."""
     longest = max(len(r.prompt) for r in recording)
@@ -191,8 +224,9 @@ async def measure(target: TargetModel, recording: list[RecordedSession], *, mode
     latencies: list[float] = []
     start = asyncio.Event()
     picks = [recording[i % len(recording)] for i in range(sessions)]
-    runs = [_speculative(engine, rec, gamma, tokens, latencies, start) if mode == "speculative"
-            else _cloud(engine, rec, tokens, latencies, start) for rec in picks]
+    quota = _Quota(short=sessions)
+    runs = [_speculative(engine, rec, gamma, tokens, latencies, start, quota) if mode == "speculative"
+            else _cloud(engine, rec, tokens, latencies, start, quota) for rec in picks]
     tasks = [asyncio.create_task(run) for run in runs]
     while engine.open_sessions < sessions or engine.pending or engine.busy:  # every prefill done
         await asyncio.sleep(0.01)

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="start every cell's acceptance from the prior, as a verifier just started; by default the "
         "speculative cells share one population, as one verifier's sessions do, so the budget of a cell "
         "starts from the acceptance of the rounds judged before it")
-    add("--tokens", type=int, default=64, metavar="N", help="new tokens per session (default 64)")
+    add("--tokens", type=int, default=64, metavar="N",
+        help="new tokens each session generates at least; those done first go on with another request until "
+             "every session has them (default 64)")
     add("--modes", nargs="+", choices=("speculative", "cloud"), default=["speculative", "cloud"])
     add("--one-session-per-forward", action="store_true",
         help="also measure every mode unbatched (one session per forward), for the batching speedup")

@@ -340,6 +340,26 @@ async def test_capacity_cells_share_one_population_as_one_verifiers_sessions_do(
     assert warm.verified_gamma == 4 and cold.verified_gamma < 2, (warm, cold)
 
 
+async def test_a_capacity_cell_keeps_every_session_busy_to_its_end():
+    """A session that has its tokens goes on with its user's next request until every session has them, so
+    a cell measures N sessions busy: sessions whose drafts are all accepted beside sessions whose drafts
+    never are leave no tail of forwards over the slow ones alone (2.4 rows a forward of 4 when each
+    stopped at its tokens)."""
+    from specd.daemon.capacity import RecordedRound, RecordedSession, measure
+
+    target = TargetModel(tiny_llama(1), None, name="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    recording = [RecordedSession(prompt=[1, 5, 6, 7], rounds=[RecordedRound([8, 9, 10, 11], accepted=4)]),
+                 RecordedSession(prompt=[1, 5, 6, 9], rounds=[RecordedRound([8, 9, 10, 11], accepted=0)])]
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        cell = await measure(target, recording, mode="speculative", batched=True, sessions=4, gamma=4, tokens=10,
+                             max_batch_tokens=64, executor=executor)
+        cloud = await measure(target, recording, mode="cloud", batched=True, sessions=4, gamma=4, tokens=10,
+                              max_batch_tokens=64, executor=executor)
+    assert cell.forwards == 10 and cell.mean_batch == 4, cell  # ten forwards of 4 (10 and 2.4 before)
+    assert cell.tokens >= 2 * 10 + 2 * 5 * 10, cell  # the fast sessions answered five requests meanwhile
+    assert cloud.forwards == 10 and cloud.mean_batch == 4 and cloud.tokens == 40, cloud
+
+
 def test_drafts_are_verified_only_where_they_clearly_beat_a_cloud_step():
     """Where verifying a draft is predicted a few per cent better than one cloud step per session, within
     the cost model's error, the budget takes the cloud step; where it is clearly better, the draft."""
