@@ -121,8 +121,9 @@ def markdown(report: dict[str, Any], cells: list[Cell]) -> str:
     lines = [f"# specd-verifier capacity: {meta['target']} on {meta['device']}", "",
              f"`{meta['command']}`", "",
              f"Draft rounds replayed from `{meta['recording']}` ({meta['recorded_draft']}, recorded at "
-             f"γ = {meta['recorded_gamma']}). {meta['tokens']} new tokens per session; round latency is one "
-             "verify (speculative) or one step (cloud-only), queueing included. "
+             f"γ = {meta['recorded_gamma']}). {meta['tokens']} new tokens per session at least: every session stays "
+             "busy until each has them. Round latency is one verify (speculative) or one step (cloud-only), "
+             "queueing included. "
              + ("The speculative cells share one pooled acceptance, in the order of the table, as one "
                 "verifier's sessions do: a budget session starts from the rounds judged before it."
                 if meta.get("shared_population") else
