@@ -13,10 +13,9 @@ unbatched engine beside it.
 
 A cell measures N sessions busy from start to end, as a server with N users is: a session that has its
 tokens goes on with its user's next request (the same prompt, whose KV it keeps: no prefill) until every
-session has them. Sessions that stopped at
-their tokens would end a cell with a tail of forwards over a few sessions, and speculative rounds, which
-yield unevenly, make that tail longer than cloud-only's lockstep does (at 32 sessions a fixed γ averaged
-26 of 32 rows a forward, cloud-only 32).
+session has them. Sessions that stopped at their tokens would end a cell with a tail of forwards over a
+few sessions, and speculative rounds, which yield unevenly, make that tail longer than cloud-only's
+lockstep does (at 32 sessions a fixed γ averaged 26 of 32 rows a forward, cloud-only 32).
 """
 
 from __future__ import annotations

@@ -132,6 +132,15 @@ def streaming_only_ms(costs: Costs, rtt: float, tokens: int) -> float:
     return rtt + tokens * costs.step_ms(0.0)
 
 
+def share_of_the_faster_mode(costs: Costs, rtt: float, priors: EstimatePriors | None, seed: int) -> float:
+    """Six answers of 64 tokens: the faster of rounds alone and streaming alone, over the chooser's time."""
+    chooser = simulation(costs, rtt=rtt, priors=priors, seed=seed)
+    rounds_only = simulation(costs, rtt=rtt, priors=priors, policy=False, seed=seed)
+    spent = sum(chooser.answer(64).ms for _ in range(6))
+    best = min(sum(rounds_only.answer(64).ms for _ in range(6)), 6 * streaming_only_ms(costs, rtt, 64))
+    return best / spent
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_cold_unlucky_first_round_does_not_lock_speculation_out(seed):
     """The trace of issue 27: the drafter's first call reads the prompt cold (177 ms, which timed inside the
@@ -170,14 +179,7 @@ def test_from_0_to_200_ms_the_chooser_keeps_up_with_the_faster_mode(rtt, priors)
     that agrees 90 % of the time: rounds are faster up to about 200 ms, where the two are close. Over six
     answers the chooser is within 10 % of the faster of rounds alone and streaming alone (within 4 % on
     average over three seeds), whatever it believed at first."""
-    ratios = []
-    for seed in range(3):
-        costs = Costs(rtt_ms=const(rtt))
-        chooser = simulation(costs, rtt=rtt, priors=priors, seed=seed)
-        rounds_only = simulation(costs, rtt=rtt, priors=priors, policy=False, seed=seed)
-        spent = sum(chooser.answer(64).ms for _ in range(6))
-        best = min(sum(rounds_only.answer(64).ms for _ in range(6)), 6 * streaming_only_ms(costs, rtt, 64))
-        ratios.append(best / spent)
+    ratios = [share_of_the_faster_mode(Costs(rtt_ms=const(rtt)), rtt, priors, seed) for seed in range(3)]
     assert min(ratios) >= 0.9 and sum(ratios) / len(ratios) >= 0.96, ratios
 
 
@@ -187,14 +189,8 @@ def test_with_the_step_the_verifier_states_the_chooser_keeps_up_too(rtt, priors)
     """The same verifier stating its decode step, as specd-verifier does, over eight seeds: within 4 % of
     the faster mode on average; a seed whose first rounds are unlucky (three rounds rejected early at
     α = 0.9) streams most of its first answer and costs up to 13 %."""
-    ratios = []
-    for seed in range(8):
-        costs = Costs(rtt_ms=const(rtt), stated_step=True)
-        chooser = simulation(costs, rtt=rtt, priors=priors, seed=seed)
-        rounds_only = simulation(costs, rtt=rtt, priors=priors, policy=False, seed=seed)
-        spent = sum(chooser.answer(64).ms for _ in range(6))
-        best = min(sum(rounds_only.answer(64).ms for _ in range(6)), 6 * streaming_only_ms(costs, rtt, 64))
-        ratios.append(best / spent)
+    costs = Costs(rtt_ms=const(rtt), stated_step=True)
+    ratios = [share_of_the_faster_mode(costs, rtt, priors, seed) for seed in range(8)]
     assert min(ratios) >= 0.87 and sum(ratios) / len(ratios) >= 0.96, ratios
 
 
