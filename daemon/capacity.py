@@ -190,8 +190,8 @@ async def _cloud(engine: Engine, rec: RecordedSession, tokens: int, latencies: l
     generated, counted, busy = 0, False, True
     while busy:
         t0 = time.monotonic()
-        token, _q, _r = await engine.run(session, committed[:-1], [committed[-1]],
-                                         cloud_token(GREEDY, 0, len(committed)))
+        (token, _p), _q, _r = await engine.run(session, committed[:-1], [committed[-1]],
+                                               cloud_token(GREEDY, 0, len(committed)))
         latencies.append(time.monotonic() - t0)
         committed.append(token)
         generated += 1

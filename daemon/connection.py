@@ -278,7 +278,7 @@ class SessionDriver:
                     return
                 try:
                     committed = session.committed
-                    token, _queue_s, run_s = await self.engine.run(
+                    (token, prob), _queue_s, run_s = await self.engine.run(
                         self.kv, committed[:-1], [committed[-1]],
                         cloud_token(self.params, self.seed, len(committed)))
                 except Exception as exc:
@@ -289,7 +289,7 @@ class SessionDriver:
                 self.metrics.streamed += 1
                 if self.client is not None:
                     self.client.charge(1)
-                actions, ended = session.stream([token], forward_ms=run_s * 1000.0)
+                actions, ended = session.stream([token], forward_ms=run_s * 1000.0, probs=[prob])
                 # Decided before the send: while it is sent the reader may start the task of a new stream.
                 done = ended or not session.streaming
                 await self._perform(actions)

@@ -86,13 +86,16 @@ def round_verdict(drafts: RoundDrafts, params: SamplingParams, seed: int,
     return finish
 
 
-def cloud_token(params: SamplingParams, seed: int, position: int) -> Callable[[torch.Tensor], int]:
-    """The target's next token (cloud-only mode) from the logits of the last committed token."""
+def cloud_token(params: SamplingParams, seed: int, position: int) -> Callable[[torch.Tensor], tuple[int, float]]:
+    """The target's next token (cloud-only mode) from the logits of the last committed token, and its
+    probability under the request's sampling (1 when greedy): a streamed token's ``probs`` entry."""
 
-    def finish(logits: torch.Tensor) -> int:
+    def finish(logits: torch.Tensor) -> tuple[int, float]:
         last = logits[-1]
         if params.greedy:
-            return int(last.argmax())
-        return sample(target_probs(last.cpu(), params), position_generator(seed, position, CLOUD_STREAM))
+            return int(last.argmax()), 1.0
+        probs = target_probs(last.cpu(), params)
+        token = sample(probs, position_generator(seed, position, CLOUD_STREAM))
+        return token, min(1.0, float(probs[token]))
 
     return finish

@@ -146,7 +146,12 @@ class Discarded(msgspec.Struct, tag="discarded", frozen=True):
 
 
 class Tokens(msgspec.Struct, tag="tokens", frozen=True):
-    """Cloud-only generation: tokens for positions ``position ..``, streamed as they are sampled."""
+    """Cloud-only generation: tokens for positions ``position ..``, streamed as they are sampled.
+
+    ``probs``: in a ``stream`` within a speculative request, each token's probability under the request's
+    sampling, as the target sampled it (1 when greedy); empty in cloud mode and from older servers. With
+    it the client's idle drafter can measure its acceptance on the streamed tokens (docs/protocol.md §3).
+    """
 
     request: NonNegative
     position: NonNegative
@@ -154,6 +159,7 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True):
     finished: bool = False
     reason: FinishReason | None = None
     forward_ms: Millis = 0.0
+    probs: list[Annotated[float, msgspec.Meta(ge=0.0)]] = []
 
 
 class Cancelled(msgspec.Struct, tag="cancelled", frozen=True):

@@ -38,6 +38,7 @@ class Costs:
     cold_extra_network_ms: float = 0.0  # the first round waits for the prompt's prefill
     first_accepts: int | None = None  # how many drafts the very first round accepts (None: drawn)
     stated_step: bool = False  # the verifier states its decode step (welcome, verdicts), as specd-verifier does
+    stream_probs: bool = False  # the verifier sends each streamed token's p, and the drafter scores it
 
     def verify(self, now: float, gamma: int) -> float:
         return self.verify_fixed_ms(now) + self.verify_per_token_ms(now) * (gamma + 1)
@@ -125,6 +126,10 @@ class Simulation:
             trace.streamed += 1
             trace.timeline.append((self.clock - self._start, trace.tokens))
             self.policy.observe_stream(1, step, step + stall if steady else None)
+            if self.costs.stream_probs and self.policy.scores_stream:
+                # The drafter's score of the token: a sample of α (here 0 or 1), and a draft step's time.
+                self.controller.observe_streamed_acceptance(1.0 if self.rng.random() < self.costs.alpha else 0.0)
+                self.controller.observe_draft_time(self.costs.draft_ms(self.clock))
             steady, stall = owed > 0, 0.0
             if trace.tokens < tokens:
                 more = self.policy.top_up(tokens - trace.tokens, owed)

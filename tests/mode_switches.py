@@ -21,8 +21,9 @@ from specd.desktop.client.edge_client import EdgeClient
 class ScriptedSwitches:
     """Random mode switches, reproducible for a seed: every kind of step occurs within a few tokens."""
 
-    def __init__(self, seed: int, *, longest: int = 3) -> None:
+    def __init__(self, seed: int, *, longest: int = 3, scores_stream: bool = True) -> None:
         self.random = random.Random(f"mode switches {seed}")
+        self.scores_stream = scores_stream  # the drafter scores streamed tokens, as under the product's chooser
         self.longest = longest
         self.steps: list[str] = []  # what was chosen, for the tests to check both ways occurred
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import msgspec
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from specd.daemon.server import Verifier
 from specd.shared import messages as m
 from specd.shared import protocol as s
 from specd.shared.errors import ErrorCode, ProtocolError
-from specd.shared.sampling import RoundResult
+from specd.shared.sampling import RoundResult, SamplingParams, target_probs
 from tests.daemon_support import daemon_config
-from tests.raw_frames import draft, enc, start
+from tests.raw_frames import PROMPT, draft, enc, start
 from tests.test_protocol_rules import Peer
 from tests.test_session import EOS, LIMITS, Pair, _draft_frame_raw, _errors, _server
 from tests.tiny_models import save_tiny_model
@@ -65,6 +66,20 @@ def test_a_driver_handing_more_tokens_than_the_chunk_owes_sends_only_those_asked
     assert pair.server.committed == pair.client.committed
     assert [type(a) for a in pair.server.receive(pair.client.stream(2))] == [s.StreamRequested]
     assert pair.server.request.chunk == 2
+
+
+def test_a_streams_tokens_carry_their_probabilities_and_cloud_modes_do_not():
+    """In a ``stream`` each token comes with p(token) as the target sampled it (the client's drafter scores
+    it), kept for the tokens sent; cloud mode has no drafter to score them, so none are sent."""
+    pair = _pair().ready(max_new_tokens=8)
+    pair.server.receive(pair.client.stream(3))
+    actions, _ = pair.server.stream([9], probs=[0.25])
+    assert [(e.tokens.tokens, e.tokens.probs) for e in pair.deliver(actions)] == [([9], [0.25])]
+    actions, _ = pair.server.stream([10, 11, 12], probs=[0.5, 0.75, 1.0])  # one more than the chunk owes
+    assert [(e.tokens.tokens, e.tokens.probs) for e in pair.deliver(actions)] == [([10, 11], [0.5, 0.75])]
+    cloud = Pair().ready(mode="cloud", max_new_tokens=5)
+    actions, _ = cloud.server.stream([7], probs=[0.5])
+    assert [(e.tokens.tokens, e.tokens.probs) for e in cloud.deliver(actions)] == [([7], [])]
 
 
 def test_a_stop_rule_inside_a_stream_ends_the_request():
@@ -159,6 +174,28 @@ async def test_rounds_and_streams_alternate_in_one_request_with_one_prefill(veri
     assert verifier.metrics.prefill_tokens == 2, "switching recomputed nothing (the prompt's 3 tokens, less one)"
     await peer.send(stream(1))  # for the ended request: ignored silently, so the next answer is the start's
     assert isinstance(await peer.ask(start(1)), m.Started)
+
+
+async def test_each_streamed_token_comes_with_the_targets_probability_of_it(verifier, tiny_folder):
+    """The verifier's ``probs`` are p(token) of the target's own law at each position, under the request's
+    sampling (here temperature 0.7, top-p 0.9): what a client needs to score its draft on the stream."""
+    sampling = {"temperature": 0.7, "top_p": 0.9}
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    peer = await Peer.open(verifier.url)
+    assert isinstance(await peer.ask(start(max_new_tokens=12, sampling=sampling, seed=3)), m.Started)
+    await peer.send(stream(6))
+    streamed = await _tokens(peer, 6)
+    tokens = [t for msg in streamed for t in msg.tokens]
+    probs = [p for msg in streamed for p in msg.probs]
+    assert len(probs) == len(tokens) == 6
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, torch_dtype=torch.float32).eval()
+    sequence = [*PROMPT, *tokens]
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0]
+    for i, (token, prob) in enumerate(zip(tokens, probs, strict=True)):
+        law = target_probs(logits[len(PROMPT) - 1 + i], params)
+        assert prob == pytest.approx(float(law[token]), abs=1e-4)
+        assert 0.0 < prob <= 1.0
 
 
 @pytest.mark.parametrize("bad,code,named", [

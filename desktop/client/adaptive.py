@@ -27,6 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+# A round's verdict counts as this many acceptance samples measured on streamed tokens (a round judges
+# about as many drafts; one streamed sample alone would sway α as much as a whole round).
+STREAMED_PER_ROUND = 4.0
+
 
 def expected_tokens(alpha: float, gamma: int) -> float:
     """Expected tokens emitted by one round of ``gamma`` drafts (accepted drafts plus one)."""
@@ -132,6 +136,7 @@ class GammaController:
         self._server_gamma = 0
         # The verifier's decode step as it last stated it (welcome, verdicts; 0: never stated).
         self.server_step_ms = 0.0
+        self.streamed_scored = 0  # streamed tokens the drafter scored (observe_streamed_acceptance), a count
 
     # -- observations ---------------------------------------------------------------------------
     def observe_round(self, *, drafted: int, accepted: int, draft_ms: float, network_ms: float,
@@ -159,6 +164,20 @@ class GammaController:
         self._sxy = decay * self._sxy + x * y
         self._n = decay * self._n + 1.0
         self._verify_default = y
+
+    def observe_streamed_acceptance(self, sample: float) -> None:
+        """What a draft would have been accepted with at a token the verifier streamed: min(1, q/p) of the
+        token it sampled (an unbiased sample of α, measured without a round; stream_scoring.py). A round's
+        verdict weighs as much as ``STREAMED_PER_ROUND`` of them, and every position learns from it (the
+        same α at every position is the prior's premise too)."""
+        decay = (1.0 - self.forgetting) ** (1.0 / STREAMED_PER_ROUND)
+        sample = min(1.0, max(0.0, sample))
+        self._success = decay * self._success + sample
+        self._trials = decay * self._trials + 1.0
+        for i in range(self.gamma_max):
+            self._pos_success[i] = decay * self._pos_success[i] + sample
+            self._pos_trials[i] = decay * self._pos_trials[i] + 1.0
+        self.streamed_scored += 1
 
     def observe_server_gamma(self, suggested: int) -> None:
         """The verdict's ``suggested_gamma``: an adaptive γ stays at most this until the next verdict."""
@@ -333,3 +352,7 @@ class ModePolicy(Protocol):
     def observe_stream(self, tokens: int, forward_ms: float, gap_ms: float | None) -> None:
         """``tokens`` arrived, sampled in ``forward_ms``; ``gap_ms`` after the previous ones of a stream that
         did not run dry (None: the first of a stream)."""
+
+    @property
+    def scores_stream(self) -> bool:
+        """Whether the idle drafter scores streamed tokens for the estimates (stream_scoring.py)."""

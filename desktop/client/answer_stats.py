@@ -51,6 +51,10 @@ class AnswerStats:
     # The mode chooser's decision trace: the answer's first step, every change between rounds and
     # streaming, and every probe, each with the two rates (tok/s) that decided it.
     mode_switches: list[dict[str, Any]] = field(default_factory=list)
+    # Streamed tokens the idle drafter scored, and their mean acceptance sample min(1, q/p): what rounds
+    # would have been accepted with while the verifier streamed (stream_scoring.py).
+    streamed_scored: int = 0
+    streamed_acceptance: float = 0.0
 
     # -- derived ----------------------------------------------------------------------------------
     @property
@@ -128,6 +132,12 @@ class AnswerStats:
 
     def on_drafting(self, ms: float) -> None:
         """The drafter worked ``ms`` for this answer (drafting, or reading tokens it did not draft)."""
+        self.edge_ms += ms
+
+    def on_stream_scored(self, sample: float, ms: float) -> None:
+        """The drafter scored a streamed token (acceptance sample ``sample``), working ``ms``."""
+        self.streamed_scored += 1
+        self.streamed_acceptance += (sample - self.streamed_acceptance) / self.streamed_scored
         self.edge_ms += ms
 
     def on_tokens_streamed(self, count: int, forward_ms: float) -> None:

@@ -14,6 +14,12 @@ Estimates can be wrong in either direction, so a decision is never final:
   not state it, the verify cost of one position from the rounds' fit (calibrated only once the fit rests
   on a few rounds, not on priors). A verifier that becomes faster or slower mid-answer moves the
   comparison within a few rounds or tokens.
+- **Streaming measures rounds too.** While the verifier streams, the idle drafter scores each streamed
+  token against the probability the verifier sampled it with (stream_scoring.py): acceptance and drafting
+  time stay current without a round, so the comparison switches back as soon as rounds would win. Once
+  ``scored_enough`` streamed tokens were scored since the last probe, probes come only at ``probe_share``
+  of the time: they re-measure what a round's forward and round trip cost. From a verifier that does not
+  send those probabilities, the probe schedule below is what undoes a wrong switch.
 - **Probing never stops for good.** While streaming, a probe (a round, with the next stream asked for in
   the same send) re-measures acceptance. The first probe after a switch comes within
   ``first_probe_tokens`` streamed tokens — after ``first_share`` of the time instead, once several rounds
@@ -41,6 +47,8 @@ from specd.desktop.client.adaptive import ForgettingMean, GammaController, Step
 class ModeChooser:
     """The :class:`~specd.desktop.client.adaptive.ModePolicy` of the product (module docstring)."""
 
+    scores_stream = True  # the idle drafter scores streamed tokens: acceptance measured without a probe
+
     def __init__(self, controller: GammaController, *, probe_share: float = 0.02, first_share: float = 0.1,
                  min_chunk: int = 8, first_probe_tokens: int = 16, close_call: float = 0.8) -> None:
         self.controller = controller
@@ -51,6 +59,8 @@ class ModeChooser:
         self.close_call = close_call  # a probe backs off fully when rounds reach less than this share of streaming
         self.step_probe = 2  # tokens streamed once, after a round, to measure the decode step
         self.step_margin = 2.0  # ... once rounds are less than this many times as fast as the guessed step
+        self.scored_enough = 4  # streamed tokens scored since the last probe that make probes rare
+        self._scored_mark = 0  # the controller's count of scored streamed tokens at the last probe
         forgetting = controller.forgetting
         self._stream_forward: ForgettingMean | None = None  # the verifier's forward per streamed token
         self._overhead = ForgettingMean(0.0, forgetting)  # what a streamed token costs beyond its forward
@@ -129,11 +139,19 @@ class ModeChooser:
             return True
         if self._interval_ms is None:
             self._interval_ms = self._first_interval(remaining)
-        return self._streamed_ms >= self._interval_ms
+        interval = self._interval_ms
+        if self.controller.streamed_scored - self._scored_mark >= self.scored_enough:
+            # The drafter measures acceptance and drafting time on the stream itself, so the estimates
+            # switch back as soon as rounds would win; a probe would only re-measure what a round's
+            # forward and round trip cost, worth its price over ``probe_share`` of the time.
+            interval = max(interval, self.probe_cost_ms(remaining) / self.probe_share)
+        return self._streamed_ms >= interval
 
     def _never_measured(self) -> bool:
         """No round seen, and no record of this draft against this verifier to start from."""
-        return self.controller.rounds_seen <= 0 and self.controller.priors.source == "built-in"
+        controller = self.controller
+        return (controller.rounds_seen <= 0 and controller.streamed_scored == 0
+                and controller.priors.source == "built-in")
 
     def lead_tokens(self) -> int:
         """Tokens to keep asked for ahead: a round trip's worth of steps, and two to spare."""
@@ -149,7 +167,7 @@ class ModeChooser:
             if not self.prefers_streaming(remaining):
                 # Speculation beats streaming itself, not only a stream's round trip over the few tokens
                 # left: start the probe schedule afresh next time streaming wins.
-                self._interval_ms = None
+                self._interval_ms, self._scored_mark = None, self.controller.streamed_scored
             if (self._stream_forward is None and not self.controller.server_step_ms
                     and self.controller.rounds_observed and remaining > self.step_probe + 1
                     and rate < self.step_margin * self.streaming_rate()):
@@ -164,6 +182,7 @@ class ModeChooser:
             why = ("probe: acceptance never measured" if self._never_measured()
                    else f"probe after {self._streamed_ms:.0f} ms streamed")
             self._probing, self._streamed_ms = True, 0.0
+            self._scored_mark = self.controller.streamed_scored
             return Step(round=True, stream=max(1, chunk - 1), why=why, **rates)
         return Step(round=False, stream=chunk, why="streaming is faster", **rates)
 

@@ -27,6 +27,7 @@ from specd.desktop.client.drafting_ahead import DraftingAhead
 from specd.desktop.client.link import Link
 from specd.desktop.client.round_planner import RoundPlanner
 from specd.desktop.client.rounds import SentRound, propose_timed, with_lookup
+from specd.desktop.client.stream_scoring import StreamScoring
 from specd.shared.protocol import RoundDiscarded, RoundVerdict, TokensStreamed
 
 _ROUND = Step(round=True)
@@ -59,6 +60,8 @@ class Speculation:
     def __init__(self, link: Link, run: Run) -> None:
         self.link, self.run = link, run
         self.modes = run.modes if link.session.can_stream else None  # a verifier that does not announce it
+        # While the verifier streams, the idle drafter scores its tokens (acceptance, drafting time).
+        self.scoring = StreamScoring(link, run) if self.modes is not None and self.modes.scores_stream else None
         self.streaming = _Streaming()
         self.in_flight: list[SentRound] = []
         self.ahead: DraftingAhead | None = None
@@ -82,6 +85,8 @@ class Speculation:
         finally:
             if self.ahead is not None:
                 await self.ahead.drop(run)
+            if self.scoring is not None:
+                await self.scoring.finish()
             run.close_request()
 
     async def _turn(self) -> bool:
@@ -118,6 +123,8 @@ class Speculation:
         """What to send next; the mode policy's choice goes into the answer's decision trace."""
         if self.modes is None:
             return _ROUND
+        if self.scoring is not None:
+            self.scoring.collect()  # a score of the last streamed tokens, if it is ready
         step = self.modes.next_step(self.run.remaining)
         self.run.stats.on_mode_step(step)
         return step
@@ -125,6 +132,8 @@ class Speculation:
     async def _send_step(self) -> None:
         step, self.step = self.step or self._next_step(), None
         if step.round:
+            if self.scoring is not None:
+                await self.scoring.finish()
             if self.streaming.since_round:
                 await self._catch_up()
                 self.streaming.since_round = False
@@ -263,6 +272,8 @@ class Speculation:
             modes.observe_stream(count, event.tokens.forward_ms, gap_ms)
         if take_streamed(self.run, event):
             return True
+        if self.scoring is not None:
+            self.scoring.add(event)
         if modes is not None and not self.cancel_sent:
             more = modes.top_up(self.run.remaining, streaming.owed)
             if more > 0:

@@ -357,8 +357,11 @@ class ServerSession:
         """Whether the generation loop should take its next step (cloud mode, or a stream asked for)."""
         return self.state in STREAMING_STATES and not self.cancel_requested
 
-    def stream(self, tokens: list[int], *, forward_ms: float = 0.0) -> tuple[list[ServerAction], bool]:
+    def stream(self, tokens: list[int], *, forward_ms: float = 0.0,
+               probs: list[float] | None = None) -> tuple[list[ServerAction], bool]:
         """Commit tokens the target sampled alone; returns the actions and whether the request ended.
+        ``probs``: each token's probability as it was sampled, sent with the tokens of a ``stream`` within
+        a speculative request (the client measures its draft's acceptance on them), not in cloud mode.
 
         In ``STREAMING_CHUNK`` the session returns to ``SPECULATING`` once every token asked for is sent
         (``streaming`` is then false: the generation loop stops). A driver that hands more tokens than the
@@ -377,8 +380,9 @@ class ServerSession:
             reason = _finish_reason(req, token, self.eos, self.limits.max_total_tokens)
             if reason:
                 break
+        sent_probs = list(probs[: len(kept)]) if probs is not None and self.state is ServerState.STREAMING_CHUNK else []
         msg = m.Tokens(request=req.start.request, position=position, tokens=kept,
-                       finished=reason is not None, reason=reason, forward_ms=forward_ms)
+                       finished=reason is not None, reason=reason, forward_ms=forward_ms, probs=sent_probs)
         if reason:
             self._end_request(cancelled=False)
         elif self.state is ServerState.STREAMING_CHUNK:
