@@ -68,6 +68,8 @@ class Simulation:
         self.rng = random.Random(seed)
         self.first_round = True
         self._start = 0.0
+        self._scored = -2  # the streamed-token count at the drafter's last score
+        self._score_at = 0.0  # the clock before which the drafter does not score again
 
     def answer(self, tokens: int) -> Trace:
         trace, start = Trace(), self.clock
@@ -114,6 +116,18 @@ class Simulation:
             self.controller.observe_server_step(costs.step_ms(self.clock))
         return min(remaining, accepted + 1)
 
+    def _score(self, streamed: int, remaining: int) -> None:
+        """The drafter scores the streamed token if its share of time allows (stream_scoring.py): a sample
+        of α (here 0 or 1), and a draft step's time; it worked two steps when it read earlier tokens first."""
+        share = self.policy.scoring_share(remaining)
+        if share <= 0 or self.clock < self._score_at:
+            return
+        self.controller.observe_streamed_acceptance(1.0 if self.rng.random() < self.costs.alpha else 0.0)
+        draft_ms = self.costs.draft_ms(self.clock)
+        self.controller.observe_draft_time(draft_ms)
+        worked_ms = draft_ms if self._scored == streamed - 1 else 2 * draft_ms
+        self._scored, self._score_at = streamed, self.clock + worked_ms * (1.0 / share - 1.0)
+
     def _stream(self, trace: Trace, tokens: int, owed: int, *, after_round: bool) -> None:
         """Tokens one decode step apart; a top-up that reaches the verifier after it ran dry stalls it."""
         del after_round  # the round before a probe's stream already paid the round trip
@@ -126,10 +140,8 @@ class Simulation:
             trace.streamed += 1
             trace.timeline.append((self.clock - self._start, trace.tokens))
             self.policy.observe_stream(1, step, step + stall if steady else None)
-            if self.costs.stream_probs and self.policy.scores_stream:
-                # The drafter's score of the token: a sample of α (here 0 or 1), and a draft step's time.
-                self.controller.observe_streamed_acceptance(1.0 if self.rng.random() < self.costs.alpha else 0.0)
-                self.controller.observe_draft_time(self.costs.draft_ms(self.clock))
+            if self.costs.stream_probs:
+                self._score(trace.streamed, tokens - trace.tokens)
             steady, stall = owed > 0, 0.0
             if trace.tokens < tokens:
                 more = self.policy.top_up(tokens - trace.tokens, owed)

@@ -21,9 +21,8 @@ from specd.desktop.client.edge_client import EdgeClient
 class ScriptedSwitches:
     """Random mode switches, reproducible for a seed: every kind of step occurs within a few tokens."""
 
-    def __init__(self, seed: int, *, longest: int = 3, scores_stream: bool = True) -> None:
+    def __init__(self, seed: int, *, longest: int = 3) -> None:
         self.random = random.Random(f"mode switches {seed}")
-        self.scores_stream = scores_stream  # the drafter scores streamed tokens, as under the product's chooser
         self.longest = longest
         self.steps: list[str] = []  # what was chosen, for the tests to check both ways occurred
 
@@ -43,6 +42,9 @@ class ScriptedSwitches:
 
     def observe_stream(self, tokens: int, forward_ms: float, gap_ms: float | None) -> None:
         pass
+
+    def scoring_share(self, remaining: int) -> float:
+        return 0.5  # the drafter scores streamed tokens, as under the product's chooser
 
 
 async def switching_answer(client: EdgeClient, prompt: list[int], settings: Settings) -> list[Answer]:

@@ -74,25 +74,30 @@ def test_scored_tokens_move_acceptance_as_a_quarter_round_each():
 def test_with_the_stream_scored_unlucky_first_rounds_cost_little(rtt, priors):
     """test_mode_chooser.py's CPU verifier stating its step, over eight seeds: a seed whose first rounds are
     rejected early streams, and without scores it streamed most of its first answer (up to 13 % behind the
-    faster mode); the scores of the stream bring acceptance back within a few tokens. Every seed within 5 %
+    faster mode); the scores of the stream bring acceptance back within a few tokens. Every seed within 7 %
     of the faster mode, 2 % on average."""
     costs = Costs(rtt_ms=const(rtt), stated_step=True, stream_probs=True)
     ratios = [share_of_the_faster_mode(costs, rtt, priors, seed) for seed in range(8)]
-    assert min(ratios) >= 0.95 and sum(ratios) / len(ratios) >= 0.98, ratios
+    assert min(ratios) >= 0.93 and sum(ratios) / len(ratios) >= 0.98, ratios
 
 
 @pytest.mark.parametrize("rtt", [200.0, 400.0])
 def test_a_slow_draft_far_away_probes_seldom_when_the_stream_is_scored(rtt):
     """The torch draft on one core against a CPU verifier 200–400 ms away (the slow-draft case of
-    test_mode_chooser.py): the scores keep acceptance and drafting time current, so probes come only at
-    2 % of the time, and six answers are within 3 % of streaming alone on every seed (9–11 % without)."""
+    test_mode_chooser.py): even a round accepted in full loses to streaming, so the drafter scores a token
+    now and then (5 % of its time), and once the stream is scored probes come only at 2 % of the time: at
+    most 3 in six answers (5–7 without scores), within 5 % of streaming alone on every seed and 3 % on
+    average (7 % and 9 % without)."""
+    ratios = []
     for seed in range(3):
         costs = Costs(rtt_ms=const(rtt), draft_ms=const(60.0), step_ms=const(67.0), verify_fixed_ms=const(60.0),
                       verify_per_token_ms=const(7.0), alpha=0.99, stated_step=True, stream_probs=True)
         chooser = simulation(costs, rtt=rtt, seed=seed, gamma_max=16)
         answers = [chooser.answer(64) for _ in range(6)]
-        assert 6 * streaming_only_ms(costs, rtt, 64) / sum(t.ms for t in answers) >= 0.97
+        ratios.append(6 * streaming_only_ms(costs, rtt, 64) / sum(t.ms for t in answers))
         assert sum(t.rounds for t in answers) <= 3
+        assert 0 < chooser.controller.streamed_scored < sum(t.streamed for t in answers) // 4, "a share of the time"
+    assert min(ratios) >= 0.95 and sum(ratios) / len(ratios) >= 0.97, ratios
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +108,7 @@ def folders(tmp_path_factory):
 
 async def _streamed_answers(folders, draft: str, sampling: SamplingParams) -> tuple[list, GammaController]:
     """Two answers of the product's chooser 150 ms from the verifier, where the tiny verifier's step beats
-    any round, so they stream."""
+    any round, so they stream (and the drafter scores a token now and then: 5 % of its time)."""
     settings = replace(Settings.from_config(load_config(None)), sampling=sampling, max_new_tokens=40, seed=4)
     async with (Verifier(verifier_config(folders["target"])) as verifier,
                 DelayProxy("127.0.0.1", verifier.port, rtt_ms=150) as proxy):
@@ -118,7 +123,7 @@ async def _streamed_answers(folders, draft: str, sampling: SamplingParams) -> tu
 async def test_a_draft_that_is_the_target_scores_one_on_every_streamed_token(folders):
     answers, controller = await _streamed_answers(folders, "target", SamplingParams(temperature=0.7, top_p=0.9))
     scored = sum(a.stats.streamed_scored for a in answers)
-    assert scored >= 10 and controller.streamed_scored == scored
+    assert scored >= len(answers) and controller.streamed_scored == scored  # each answer's first, at least
     assert all(a.stats.streamed_acceptance == pytest.approx(1.0, abs=1e-3) for a in answers if a.stats.streamed_scored)
 
 

@@ -353,6 +353,6 @@ class ModePolicy(Protocol):
         """``tokens`` arrived, sampled in ``forward_ms``; ``gap_ms`` after the previous ones of a stream that
         did not run dry (None: the first of a stream)."""
 
-    @property
-    def scores_stream(self) -> bool:
-        """Whether the idle drafter scores streamed tokens for the estimates (stream_scoring.py)."""
+    def scoring_share(self, remaining: int) -> float:
+        """The share of the drafter's time to spend scoring streamed tokens for the estimates
+        (stream_scoring.py); 0: none."""

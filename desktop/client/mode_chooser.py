@@ -47,8 +47,6 @@ from specd.desktop.client.adaptive import ForgettingMean, GammaController, Step
 class ModeChooser:
     """The :class:`~specd.desktop.client.adaptive.ModePolicy` of the product (module docstring)."""
 
-    scores_stream = True  # the idle drafter scores streamed tokens: acceptance measured without a probe
-
     def __init__(self, controller: GammaController, *, probe_share: float = 0.02, first_share: float = 0.1,
                  min_chunk: int = 8, first_probe_tokens: int = 16, close_call: float = 0.8) -> None:
         self.controller = controller
@@ -59,7 +57,11 @@ class ModeChooser:
         self.close_call = close_call  # a probe backs off fully when rounds reach less than this share of streaming
         self.step_probe = 2  # tokens streamed once, after a round, to measure the decode step
         self.step_margin = 2.0  # ... once rounds are less than this many times as fast as the guessed step
-        self.scored_enough = 4  # streamed tokens scored since the last probe that make probes rare
+        self.scored_enough = 1  # streamed tokens scored since the last probe that make probes rare
+        # The drafter's time spent scoring streamed tokens: while a round accepted in full would beat
+        # streaming, and otherwise (enough to see acceptance or drafting time change; where drafter and
+        # verifier share a machine or its memory, the drafter's forwards slow the verifier's).
+        self.scoring_within_reach, self.scoring_out_of_reach = 0.3, 0.05
         self._scored_mark = 0  # the controller's count of scored streamed tokens at the last probe
         forgetting = controller.forgetting
         self._stream_forward: ForgettingMean | None = None  # the verifier's forward per streamed token
@@ -152,6 +154,11 @@ class ModeChooser:
         controller = self.controller
         return (controller.rounds_seen <= 0 and controller.streamed_scored == 0
                 and controller.priors.source == "built-in")
+
+    def scoring_share(self, remaining: int) -> float:
+        if self.speculative_rate(remaining, optimistic=True) > self.streaming_rate():
+            return self.scoring_within_reach
+        return self.scoring_out_of_reach
 
     def lead_tokens(self) -> int:
         """Tokens to keep asked for ahead: a round trip's worth of steps, and two to spare."""

@@ -61,7 +61,7 @@ class Speculation:
         self.link, self.run = link, run
         self.modes = run.modes if link.session.can_stream else None  # a verifier that does not announce it
         # While the verifier streams, the idle drafter scores its tokens (acceptance, drafting time).
-        self.scoring = StreamScoring(link, run) if self.modes is not None and self.modes.scores_stream else None
+        self.scoring = StreamScoring(link, run, self.modes) if self.modes is not None else None
         self.streaming = _Streaming()
         self.in_flight: list[SentRound] = []
         self.ahead: DraftingAhead | None = None

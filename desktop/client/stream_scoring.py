@@ -8,10 +8,11 @@ most likely token is x, else 0). The one-token forward that gives q is a draft s
 streaming, acceptance and drafting time stay current without a probe round — the mode chooser can switch
 back as soon as rounds would win — and the drafter has read the stream when they do.
 
-Scoring takes the drafter's one thread a token at a time and never builds a queue: tokens that arrive
-while it is busy wait, and of those only the newest is scored (the others are read in one forward with
-it, unscored). Which tokens are scored never depends on what they are, so the samples stay unbiased, and
-a drafter slower than the stream (where rounds could not win anyway) costs at most one forward behind it.
+Scoring takes the drafter's one thread for at most the share of its time the mode policy allows
+(``scoring_share``: more while rounds are within reach than while even a round accepted in full would lose
+to streaming), and never builds a queue: of the tokens that came since the last score only the newest is
+scored (the others are read in one forward before it, untimed). Which tokens are scored never depends on
+what they are, so the samples stay unbiased.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import time
 
 import torch
 
+from specd.desktop.client.adaptive import ModePolicy
 from specd.desktop.client.answer import Run
 from specd.desktop.client.link import Link
 from specd.desktop.drafters.base import Drafter, draft_proposal
 from specd.shared.protocol import TokensStreamed
+from specd.shared.protocol.codec import common_prefix
 from specd.shared.sampling import SamplingParams
 
 
@@ -42,29 +45,30 @@ def acceptance_sample(logits: torch.Tensor, token: int, target_prob: float, para
 def score_token(drafter: Drafter, before: list[int], token: int, target_prob: float, params: SamplingParams,
                 support_k: int) -> tuple[float, float, float]:
     """Read ``before`` (the committed tokens up to the streamed ``token``) and score the token: its
-    acceptance sample, the milliseconds of the one-token forward and proposal that gave it (a draft step),
-    and the milliseconds of reading what came before (untimed as drafting: the stream's tokens)."""
+    acceptance sample, the milliseconds of the one-token forward and proposal that gave it (a draft step:
+    the tokens before its last are read first, untimed), and the milliseconds the drafter worked."""
     start = time.perf_counter()
-    if len(before) > 1:
+    if len(before) - common_prefix(drafter.tokens(), before) > 1:
         drafter.prefill(before[:-1])
         drafter.next_logits()
     drafter.prefill(before)
     timed = time.perf_counter()
     sample = acceptance_sample(drafter.next_logits(), token, target_prob, params, support_k)
     end = time.perf_counter()
-    return sample, (end - timed) * 1000.0, (timed - start) * 1000.0
+    return sample, (end - timed) * 1000.0, (end - start) * 1000.0
 
 
 class StreamScoring:
     """The streamed tokens of one answer, scored by the drafter between its rounds (module docstring)."""
 
-    def __init__(self, link: Link, run: Run) -> None:
-        self.link, self.run = link, run
+    def __init__(self, link: Link, run: Run, policy: ModePolicy) -> None:
+        self.link, self.run, self.policy = link, run, policy
         self.newest: tuple[int, int, float] | None = None  # (position, token, p) of the newest unscored token
         self.task: asyncio.Future | None = None
+        self.idle_until = 0.0  # perf_counter time before which the drafter does not score again
 
     def add(self, event: TokensStreamed) -> None:
-        """Streamed tokens (already committed): score the newest once the drafter is free."""
+        """Streamed tokens (already committed): score the newest once the drafter may."""
         tokens = event.tokens
         if not tokens.tokens or len(tokens.probs) != len(tokens.tokens):
             return  # a server that does not send p, or cloud mode
@@ -73,31 +77,35 @@ class StreamScoring:
         self.collect()
 
     def collect(self) -> None:
-        """Take a finished score into the estimates, and start the next one if a token waits."""
+        """Take a finished score into the estimates, and start the next one if a token waits and the
+        drafter's share allows."""
         task = self.task
         if task is not None and task.done():
             self.task = None
             self._learn(task.result())
-        if self.task is None and self.newest is not None:
+        if self.task is None and self.newest is not None and time.perf_counter() >= self.idle_until:
             position, token, prob = self.newest
             self.newest = None
             before = list(self.run.committed[:position])
-            if before:
+            if before and self.policy.scoring_share(self.run.remaining) > 0:
                 drafter, settings = self.link.drafter, self.run.settings
                 self.task = asyncio.ensure_future(self.link.in_drafter(lambda: score_token(
                     drafter, before, token, prob, settings.sampling, settings.support_k)))
 
     async def finish(self) -> None:
         """Before the drafter drafts a round, or the answer ends: let the score in progress end (its result
-        counts) and forget the tokens that wait (the round reads them anyway)."""
+        counts) and forget the token that waits (the round reads it anyway)."""
         self.newest = None
         if self.task is not None:
             task, self.task = self.task, None
             self._learn(await task)
 
     def _learn(self, result: tuple[float, float, float]) -> None:
-        sample, step_ms, read_ms = result
+        sample, step_ms, worked_ms = result
         run = self.run
         run.controller.observe_streamed_acceptance(sample)
         run.controller.observe_draft_time(step_ms)
-        run.stats.on_stream_scored(sample, step_ms + read_ms)
+        run.stats.on_stream_scored(sample, worked_ms)
+        share = self.policy.scoring_share(run.remaining)
+        rest_ms = worked_ms * (1.0 / share - 1.0) if share > 0 else float("inf")
+        self.idle_until = time.perf_counter() + min(rest_ms, 60_000.0) / 1000.0
