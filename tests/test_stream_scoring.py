@@ -87,7 +87,7 @@ def test_a_slow_draft_far_away_probes_seldom_when_the_stream_is_scored(rtt):
     test_mode_chooser.py): even a round accepted in full loses to streaming, so the drafter scores a token
     now and then (5 % of its time), and once the stream is scored probes come only at 2 % of the time: at
     most 3 in six answers (5–7 without scores), within 5 % of streaming alone on every seed and 3 % on
-    average (7 % and 9 % without)."""
+    average (without: up to 9 % and 5–7 %)."""
     ratios = []
     for seed in range(3):
         costs = Costs(rtt_ms=const(rtt), draft_ms=const(60.0), step_ms=const(67.0), verify_fixed_ms=const(60.0),

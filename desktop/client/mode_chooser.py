@@ -16,10 +16,13 @@ Estimates can be wrong in either direction, so a decision is never final:
   comparison within a few rounds or tokens.
 - **Streaming measures rounds too.** While the verifier streams, the idle drafter scores each streamed
   token against the probability the verifier sampled it with (stream_scoring.py): acceptance and drafting
-  time stay current without a round, so the comparison switches back as soon as rounds would win. Once
-  ``scored_enough`` streamed tokens were scored since the last probe, probes come only at ``probe_share``
-  of the time: they re-measure what a round's forward and round trip cost. From a verifier that does not
-  send those probabilities, the probe schedule below is what undoes a wrong switch.
+  time stay current without a round, so the comparison switches back as soon as rounds would win. It
+  spends ``scoring_within_reach`` of the drafter's time while a round accepted in full would beat
+  streaming, ``scoring_out_of_reach`` otherwise (where drafter and verifier share a machine, the drafter's
+  forwards slow the verifier's). Once ``scored_enough`` streamed tokens were scored since the last probe,
+  probes come only at ``probe_share`` of the time: they re-measure what a round's forward and round trip
+  cost. From a verifier that does not send those probabilities, the probe schedule below is what undoes a
+  wrong switch.
 - **Probing never stops for good.** While streaming, a probe (a round, with the next stream asked for in
   the same send) re-measures acceptance. The first probe after a switch comes within
   ``first_probe_tokens`` streamed tokens — after ``first_share`` of the time instead, once several rounds
@@ -58,9 +61,7 @@ class ModeChooser:
         self.step_probe = 2  # tokens streamed once, after a round, to measure the decode step
         self.step_margin = 2.0  # ... once rounds are less than this many times as fast as the guessed step
         self.scored_enough = 1  # streamed tokens scored since the last probe that make probes rare
-        # The drafter's time spent scoring streamed tokens: while a round accepted in full would beat
-        # streaming, and otherwise (enough to see acceptance or drafting time change; where drafter and
-        # verifier share a machine or its memory, the drafter's forwards slow the verifier's).
+        # The share of the drafter's time spent scoring streamed tokens (module docstring).
         self.scoring_within_reach, self.scoring_out_of_reach = 0.3, 0.05
         self._scored_mark = 0  # the controller's count of scored streamed tokens at the last probe
         forgetting = controller.forgetting
@@ -150,12 +151,14 @@ class ModeChooser:
         return self._streamed_ms >= interval
 
     def _never_measured(self) -> bool:
-        """No round seen, and no record of this draft against this verifier to start from."""
+        """No round seen, no streamed token scored, and no record of this draft against this verifier."""
         controller = self.controller
         return (controller.rounds_seen <= 0 and controller.streamed_scored == 0
                 and controller.priors.source == "built-in")
 
     def scoring_share(self, remaining: int) -> float:
+        """Most while a round accepted in full would beat streaming; a little otherwise, enough to see
+        acceptance or drafting time change."""
         if self.speculative_rate(remaining, optimistic=True) > self.streaming_rate():
             return self.scoring_within_reach
         return self.scoring_out_of_reach
