@@ -8,11 +8,14 @@ length (O(1) for slots: the mask hides them); ``release`` frees a session's memo
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Protocol
 
 import torch
 
 from specd.daemon.kv_slots import BatchRow, KVShape, batch_inputs
+
+log = logging.getLogger("specd.daemon.engine")
 
 
 class KVBackend(Protocol):
@@ -36,7 +39,8 @@ class SlotBackend:
 
     def __init__(self, model: Any, *, dtype: torch.dtype, device: torch.device, slots: int, slot_len: int,
                  max_rows: int) -> None:
-        from specd.daemon.slot_cache import SlotCache  # transformers: only once a model is loaded
+        from specd.daemon.grouped_attention import use_grouped_sdpa  # transformers: only once a model is loaded
+        from specd.daemon.slot_cache import SlotCache
 
         self.model, self.device, self.dtype = model, device, dtype
         self.capacity, self.max_rows = slots, max_rows
@@ -44,6 +48,8 @@ class SlotBackend:
         self._decoder = model.model
         self._head = model.get_output_embeddings()
         self._kwarg = _cache_kwarg(self._decoder)
+        if use_grouped_sdpa(model, device):
+            log.info("attention: grouped key/value heads passed to PyTorch as they are (%s)", device)
         self._attention = getattr(model.config, "_attn_implementation", None) or "eager"
 
     @torch.inference_mode()

@@ -24,7 +24,10 @@ log = logging.getLogger("specd.daemon.engine")
 # Architectures whose transformers code takes a custom cache and a 4D mask as batched here; others
 # run one session per forward on transformers' own DynamicCache.
 BATCHED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-BATCHED_ATTENTION = ("sdpa", "eager")
+# transformers' SDPA, and the same with grouped key/value heads passed as they are (daemon/grouped_attention.py)
+GROUPED_SDPA = "specd_grouped_sdpa"
+SDPA_ATTENTION = ("sdpa", GROUPED_SDPA)
+BATCHED_ATTENTION = (*SDPA_ATTENTION, "eager")
 
 
 def batched_support(model: Any) -> str | None:
@@ -95,7 +98,7 @@ def batch_inputs(rows: list[BatchRow], width: int, device: torch.device, dtype: 
         last_visible[b, :n] = positions[b, :n]
     visible = torch.arange(kv_len).view(1, 1, kv_len) <= last_visible.unsqueeze(-1)  # [B, width, kv_len]
     mask = visible.unsqueeze(1)
-    if attention != "sdpa":  # eager attention adds the mask to the scores
+    if attention not in SDPA_ATTENTION:  # eager attention adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
     return ids.to(device), positions.to(device), mask.to(device)
 
