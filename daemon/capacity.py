@@ -122,9 +122,36 @@ class Cell:
     budget: bool = False  # the goodput budget chose each forward's verified drafts
     verified_gamma: float | None = None  # mean drafts verified per round
     mean_width: float = 0.0  # positions per row of a forward (rows are padded to the widest)
+    rounds: int = 0  # rounds (speculative) or steps (cloud) timed
+    repeats: int = 1  # measurements combined into this cell (``combine``)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def combine(parts: list[Cell]) -> Cell:
+    """One cell from repeats of the same mode, N and γ measured in turn with the others (``--repeat``):
+    tokens and seconds summed, so a burst of load elsewhere weighs as long as it lasted; acceptance,
+    verified drafts, width and batch weighted by what they count; p50 the median of the repeats' p50 and
+    p99 the worst repeat's."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    tokens, wall = sum(c.tokens for c in parts), sum(c.wall_s for c in parts)
+    rounds, forwards = sum(c.rounds for c in parts), sum(c.forwards for c in parts)
+    drafted = [(c.verified_gamma or 0.0) * c.rounds for c in parts]
+    accepted = sum((c.acceptance or 0.0) * d for c, d in zip(parts, drafted, strict=True))
+    return Cell(mode=first.mode, batched=first.batched, sessions=first.sessions, gamma=first.gamma,
+                tokens=tokens, wall_s=round(wall, 4), aggregate_tps=round(tokens / wall, 3),
+                per_user_tps=round(sum(c.per_user_tps * c.wall_s for c in parts) / wall, 3),
+                p50_ms=round(statistics.median(c.p50_ms for c in parts), 3), p99_ms=max(c.p99_ms for c in parts),
+                device_s_per_1k=round(sum(c.device_s_per_1k * c.tokens for c in parts) / tokens, 4),
+                acceptance=round(accepted / sum(drafted), 4) if sum(drafted) else None, forwards=forwards,
+                mean_batch=round(sum(c.mean_batch * c.forwards for c in parts) / forwards, 3) if forwards else 0.0,
+                budget=first.budget,
+                verified_gamma=round(sum(drafted) / rounds, 3) if first.verified_gamma is not None and rounds else None,
+                mean_width=round(sum(c.mean_width * c.forwards for c in parts) / forwards, 3) if forwards else 0.0,
+                rounds=rounds, repeats=sum(c.repeats for c in parts))
 
 
 @dataclass(slots=True)
@@ -250,7 +277,8 @@ async def measure(target: TargetModel, recording: list[RecordedSession], *, mode
                 acceptance=round(accepted / drafted, 4) if drafted else None, forwards=len(stats),
                 mean_batch=round(statistics.fmean(s.sessions for s in stats), 3) if stats else 0.0,
                 budget=budget, verified_gamma=round(drafted / len(latencies), 3) if mode == "speculative" else None,
-                mean_width=round(statistics.fmean(s.width for s in stats), 3) if stats else 0.0)
+                mean_width=round(statistics.fmean(s.width for s in stats), 3) if stats else 0.0,
+                rounds=len(latencies))
 
 
 async def calibrated_cost(target: TargetModel, *, sessions: int, max_batch_tokens: int, gamma: int,

@@ -9,9 +9,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from specd.shared.config import default_config_path, load_config
 from specd.shared.errors import ConfigError, SpecdError
+
+if TYPE_CHECKING:
+    from specd.daemon.capacity import Cell
 
 PROG = "specd-verifier capacity"
 log = logging.getLogger("specd.daemon.capacity")
@@ -46,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tokens", type=int, default=64, metavar="N",
         help="new tokens each session generates at least; those done first go on with another request until "
              "every session has them (default 64)")
+    add("--repeat", type=int, default=1, metavar="K",
+        help="measure each N's cells K times, every mode and γ in turn within each pass, and combine each "
+        "cell's passes (default 1): a slow minute of the machine then weighs on every side of a ratio alike")
     add("--modes", nargs="+", choices=("speculative", "cloud"), default=["speculative", "cloud"])
     add("--one-session-per-forward", action="store_true",
         help="also measure every mode unbatched (one session per forward), for the batching speedup")
@@ -75,13 +82,13 @@ def capacity_main(argv: list[str]) -> int:
 async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from specd.daemon.capacity import RECORDINGS, calibrated_cost, load_recording, measure, random_target
+    from specd.daemon.capacity import RECORDINGS, calibrated_cost, combine, load_recording, measure, random_target
     from specd.daemon.capacity_report import headline_table, table, write_outputs
     from specd.daemon.goodput import Acceptance
     from specd.daemon.target import TargetModel, resolve_device, resolve_dtype
 
-    if min(args.sessions) < 1 or min(args.gamma) < 1 or args.tokens < 1:
-        raise ConfigError("--sessions, --gamma and --tokens must be at least 1")
+    if min(args.sessions) < 1 or min(args.gamma) < 1 or args.tokens < 1 or args.repeat < 1:
+        raise ConfigError("--sessions, --gamma, --tokens and --repeat must be at least 1")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
@@ -102,7 +109,7 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
         target = await loop.run_in_executor(executor, TargetModel.load, config, log.info)
     if max(max(r.drafts) for s in recording for r in s.rounds) >= target.vocab_size:
         raise ConfigError(f"--recording {recording_path}: its token ids exceed {target.name}'s vocabulary")
-    cells = []
+    parts: dict[tuple[str, bool, int, int, bool], list[Cell]] = {}
     # Every mode takes its turn at each N (and batched beside unbatched), so a change in the machine's load
     # hits the sides of each ratio alike.
     budget = "speculative" in args.modes and not args.no_budget
@@ -116,6 +123,7 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if budget:
         plan = [p for n in args.sessions for p in
                 [*(q for q in plan if q[2] == n), ("speculative", True, n, max(args.gamma), True)]]
+    plan = [p for n in args.sessions for _pass in range(args.repeat) for p in plan if p[2] == n]
     # One verifier process serves one load after another: every speculative cell's rounds join the same
     # pooled acceptance, which a session of the budget starts from (unless --fresh-population).
     population = None if args.fresh_population else Acceptance.pooled()
@@ -127,13 +135,15 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
         cell = await measure(target, recording, mode=mode, batched=batched, sessions=n, gamma=gamma or 1,
                              tokens=args.tokens, max_batch_tokens=config.limits.max_batch_tokens, executor=executor,
                              budget=under_budget, cost=cost, population=population)
-        cells.append(cell)
+        parts.setdefault((mode, batched, n, gamma, under_budget), []).append(cell)
         log.info("      %.1f tokens/s in all, p99 %.0f ms (%.1f s)", cell.aggregate_tps, cell.p99_ms,
                  time.monotonic() - began)
+    cells = [combine(repeats) for repeats in parts.values()]
     meta = {"target": target.name, "device": str(target.device), "dtype": str(target.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "tokens": args.tokens, "recording": str(recording_path.name),
             "recorded_draft": meta_rec.get("draft", "?"), "recorded_gamma": meta_rec.get("gamma", "?"),
             "max_batch_tokens": config.limits.max_batch_tokens, "shared_population": population is not None,
+            "repeat": args.repeat,
             "command": "specd-verifier capacity " + " ".join(argv)}
     print(table(cells))
     print()

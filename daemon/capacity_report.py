@@ -127,7 +127,10 @@ def markdown(report: dict[str, Any], cells: list[Cell]) -> str:
              + ("The speculative cells share one pooled acceptance, in the order of the table, as one "
                 "verifier's sessions do: a budget session starts from the rounds judged before it."
                 if meta.get("shared_population") else
-                "Every cell's acceptance starts from the prior, as a verifier just started (--fresh-population)."),
+                "Every cell's acceptance starts from the prior, as a verifier just started (--fresh-population).")
+             + (f" Each cell combines {meta['repeat']} passes (--repeat {meta['repeat']}): each N's cells were "
+                "measured in turn, pass after pass, and a cell's tokens and seconds summed over its passes; p50 is "
+                "the median of the passes' and p99 the worst pass's." if meta.get("repeat", 1) > 1 else ""),
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(cells)]
     head, rows = _headline_rows(cells)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.request
 
 import pytest
@@ -125,6 +126,48 @@ def test_capacity_writes_its_table_json_and_markdown(tiny_folder, tmp_path, caps
     assert "share one pooled acceptance" in markdown
     printed = capsys.readouterr().out
     assert "tok/s all" in printed and "budget ÷ best" in printed
+
+
+def test_capacity_repeats_measure_every_cell_in_turn_and_combine_them(tiny_folder, tmp_path, caplog):
+    recording = {"draft": "tiny", "target": "tiny", "gamma": 2, "sessions": [
+        {"prompt": [1, 5, 6, 7], "rounds": [{"drafts": [8, 9], "accepted": 1}, {"drafts": [12, 13], "accepted": 2}]}]}
+    path = tmp_path / "rounds.json"
+    path.write_text(json.dumps(recording))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="specd.daemon.capacity"):
+        code = capacity_main(["--model", str(tiny_folder), "--device", "cpu", "--sessions", "1", "2", "--gamma", "2",
+                              "--tokens", "4", "--recording", str(path), "--repeat", "2", "--out", str(out)])
+    assert code == 0
+    started = [r.getMessage().split("] ", 1)[1] for r in caplog.records if r.getMessage().startswith("[")]
+    one = ["speculative, 1 session(s), γ=2", "cloud, 1 session(s)",
+           "speculative, 1 session(s) under the goodput budget, γ ≤ 2"]
+    assert started[:6] == one + one  # each N's cells in turn, pass after pass, before the next N
+    assert len(started) == 12
+    report = json.loads((out / "capacity.json").read_text())
+    assert report["meta"]["repeat"] == 2 and len(report["cells"]) == 6
+    for cell in report["cells"]:
+        assert cell["repeats"] == 2 and cell["tokens"] >= 2 * 4 * cell["sessions"]
+        assert cell["aggregate_tps"] == pytest.approx(cell["tokens"] / cell["wall_s"], rel=1e-3)
+    assert "--repeat 2" in (out / "capacity.md").read_text()
+
+
+def test_combined_cells_weigh_each_pass_by_what_it_counted():
+    from specd.daemon.capacity import Cell, combine
+
+    def cell(tokens, wall, rounds, verified, acceptance, forwards, width, p50, p99):
+        return Cell(mode="speculative", batched=True, sessions=4, gamma=4, tokens=tokens, wall_s=wall,
+                    aggregate_tps=tokens / wall, per_user_tps=tokens / wall / 4, p50_ms=p50, p99_ms=p99,
+                    device_s_per_1k=wall / tokens * 1000, acceptance=acceptance, forwards=forwards, mean_batch=4.0,
+                    verified_gamma=verified, mean_width=width, rounds=rounds)
+
+    both = combine([cell(100, 2.0, 40, 2.0, 0.5, 10, 3.0, 80.0, 120.0),
+                    cell(300, 4.0, 60, 4.0, 0.75, 30, 5.0, 90.0, 200.0)])
+    assert both.tokens == 400 and both.wall_s == 6.0 and both.aggregate_tps == pytest.approx(400 / 6, abs=1e-3)
+    assert both.rounds == 100 and both.forwards == 40 and both.repeats == 2
+    # 80 drafts verified at 0.5 and 240 at 0.75
+    assert both.verified_gamma == pytest.approx(3.2) and both.acceptance == pytest.approx((40 + 180) / 320, abs=1e-4)
+    assert both.mean_width == pytest.approx((30 + 150) / 40) and both.device_s_per_1k == pytest.approx(15.0)
+    assert both.p50_ms == 85.0 and both.p99_ms == 200.0
 
 
 def test_capacity_builds_a_random_model_of_a_shape(tmp_path, monkeypatch):
