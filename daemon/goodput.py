@@ -10,6 +10,10 @@ choice. It is the one that maximises expected committed tokens per second of the
 
     goodput(w) = Σ_rows E_i(min(γ_i, w − 1)) / T(rows, w)
 
+over every ready round: where ``max_positions`` fits fewer of them than are ready at width ``w``, the
+rest wait for the forwards after it, and their time counts (a width that leaves 8 of 64 rounds for a
+forward of their own pays for that forward's fixed part again).
+
 ``E_i(k) = 1 + Σ_{j ≤ k} Π_{l ≤ j} h_l`` from the session's measured acceptance ``h_l`` of the l-th draft
 given the earlier ones were accepted (:class:`Acceptance`), and ``T`` from :class:`ForwardCost`, an
 online least-squares model of the engine's own forward seconds against rows and positions, measured on
@@ -266,12 +270,12 @@ class Choice:
 def choose(offers: Sequence[Offer], cost: ForwardCost, *, max_rows: int, max_positions: int,
            idle_s: float = 0.0) -> Choice:
     """The width (and so the rows, under ``max_positions`` per forward) with the most expected tokens per
-    second of the verifier's time: the forward, plus ``idle_s``, the time the verifier then waits for
-    rounds (measured; about 0 under load). So a lone session, whose client drafts while the verifier
-    idles, has all its drafts verified, and trimming starts where forwards queue. A narrower forward
-    must beat the wider ones by ``MARGIN``: noise in the timings does not trim; but any width must beat
-    one cloud step per session (width 1) by ``CLOUD_MARGIN``: in doubt, speculation costs what
-    cloud-only does."""
+    second of the verifier's time over every offer: the forwards the offers need at that width, plus
+    ``idle_s``, the time the verifier then waits for rounds (measured; about 0 under load). So a lone
+    session, whose client drafts while the verifier idles, has all its drafts verified, and trimming
+    starts where forwards queue. A narrower forward must beat the wider ones by ``MARGIN``: noise in the
+    timings does not trim; but any width must beat one cloud step per session (width 1) by
+    ``CLOUD_MARGIN``: in doubt, speculation costs what cloud-only does."""
     if not offers:
         raise ValueError("no rounds to choose for")
     # cumulative[i][k]: expected tokens of offer i verifying k drafts.
@@ -285,9 +289,14 @@ def choose(offers: Sequence[Offer], cost: ForwardCost, *, max_rows: int, max_pos
     widest = max(len(row) for row in cumulative)
     best: Choice | None = None
     for width in range(widest, 0, -1):
-        rows = max(1, min(len(offers), max_rows, max_positions // width))
-        tokens = sum(row[min(len(row), width) - 1] for row in cumulative[:rows])
-        rate = tokens / (cost.seconds(rows, width) + idle_s)
+        per_forward = max(1, min(max_rows, max_positions // width))
+        rows = min(len(offers), per_forward)
+        tokens = sum(row[min(len(row), width) - 1] for row in cumulative)
+        seconds, left = idle_s, len(offers)
+        while left > 0:  # the rounds this forward leaves wait for the next one(s), of the same width
+            seconds += cost.seconds(min(left, per_forward), width)
+            left -= per_forward
+        rate = tokens / seconds
         if best is None or rate > best.goodput * (1 + MARGIN):
             best = Choice(width=width, rows=rows, goodput=rate)
         if width == 1 and best.width > 1 and best.goodput < rate * (1 + CLOUD_MARGIN):

@@ -93,6 +93,21 @@ def test_max_positions_leaves_rows_for_the_next_forward():
     assert choice.width * choice.rows <= 36 and choice.rows >= 1
 
 
+def test_a_width_that_leaves_rounds_for_another_forward_pays_for_that_forward():
+    """64 sessions, 512 positions a forward: width 9 takes 56 rows and leaves 8 rounds for a forward of
+    their own, which costs its fixed part again. Judged on the one forward alone width 9 looked best; over
+    every ready round, width 8, which takes all 64 in one forward, is."""
+    cost = scripted(per_row_ms=3.0, per_position_ms=2.0, fixed_ms=100.0)
+    ready = offers(64, 8, 0.99)
+    choice = choose(ready, cost, max_rows=64, max_positions=512)
+    assert (choice.width, choice.rows) == (8, 64)
+    alone = sum(expected_tokens(o.h, 8) for o in ready[:56]) / cost.seconds(56, 9)
+    assert alone > choice.goodput  # what width 9 promised for its own forward
+    assert suggested_gamma(ready, cost, ceiling=8, max_rows=64, max_positions=512) == 7
+    few = choose(offers(56, 8, 0.99), cost, max_rows=64, max_positions=512)
+    assert (few.width, few.rows) == (9, 56)  # where every round fits, the widest still wins
+
+
 def test_idle_time_between_forwards_favours_verifying_everything():
     """A lone client drafting while the verifier waits: trimming would save time nobody else uses."""
     cost = scripted(per_row_ms=0.0, per_position_ms=10.0)
