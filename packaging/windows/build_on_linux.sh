@@ -36,10 +36,11 @@ version=$("$python" -c "import tomllib; print(tomllib.load(open('pyproject.toml'
 numeric=$("$python" -c "import sys; sys.path.insert(0, 'packaging'); import pyinstaller_shared as s
 print('.'.join(map(str, s.numeric_version('$version'))))")
 installer=$distdir/specd-desktop-$version-setup.exe
-# The bundle depends on these files only (not on the .iss or the build scripts).
+# The bundle depends on these files only (not on the .iss or the build scripts). Relative paths: the stamp
+# hashes each file's path with its content, so an absolute one would give every clone its own stamp.
 bundle_inputs=(desktop shared pyproject.toml packaging/pyinstaller_shared.py packaging/frozen_main.py
                packaging/windows/specd-desktop.spec packaging/windows/specd_cli.py packaging/windows/specd_desktop.py
-               packaging/windows/hooks "$constraints")
+               packaging/windows/hooks "${constraints#"$root"/}")
 sources_stamp=$(find "${bundle_inputs[@]}" -type f ! -name "*.pyc" | sort | xargs sha256sum | sha256sum | cut -c1-16)
 say "specd $version: building $installer (cache $windows_cache)"
 
