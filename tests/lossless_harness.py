@@ -275,6 +275,7 @@ def _tally(answer: Answer, kinds: Counter) -> None:
     kinds["rounds"] += answer.stats.rounds
     kinds["looked-up drafts"] += answer.stats.proposed_by_source["context"]
     kinds["model drafts"] += answer.stats.proposed_by_source["model"]
+    kinds["looked-ahead drafts"] += answer.stats.looked_ahead_drafts
     kinds["ahead rounds"] += answer.stats.ahead_rounds
 
 

@@ -71,6 +71,9 @@ CONTEXT_CASE = Case("temperature-1, context proposer", SamplingParams(temperatur
 # The same, every round drafted ahead on the lookup's guess (:func:`drafted_ahead_with_lookups`).
 CONTEXT_AHEAD_CASE = replace(CONTEXT_CASE, name="temperature-1, context proposer, drafted ahead", tokens=8,
                              first_seed=11 * 10**6)
+# The same, the model drafting on the lookup's guess every other round (:func:`model_drafts_on_the_lookups_guess`).
+LOOKAHEAD_CASE = replace(CONTEXT_CASE, name="temperature-1, model drafts on the lookup's guess",
+                         first_seed=12 * 10**6)
 
 
 def context_prompt(models: Models, length: int = 4) -> tuple[int, ...]:
@@ -129,6 +132,38 @@ def drafted_ahead_with_lookups() -> Iterator[Counter]:
             mock.patch("specd.desktop.client.adaptive.GammaController.worth_drafting_ahead", return_value=True), \
             mock.patch.object(DraftingAhead, "finish", counted):
         yield sent
+
+
+@contextlib.contextmanager
+def model_drafts_on_the_lookups_guess() -> Iterator[Counter]:
+    """Every other round the lookup has tokens for, drafted by the model alone (drafted ahead or not), with
+    the lookup fed as its guess wherever it has one (``lookahead.py``, whatever its measured acceptance), so
+    the χ² cases see model drafts read from the logits of a forward over several tokens. Yields a count of
+    the rounds so planned."""
+    from specd.desktop.client.round_planner import RoundPlan, RoundPlanner
+
+    planned: Counter = Counter()
+
+    def model_only(plan: RoundPlan) -> RoundPlan:
+        planned["plans with a lookup"] += bool(plan.found)
+        if not plan.found or planned["plans with a lookup"] % 2:
+            return plan
+        planned["model drafts on the lookup's guess"] += 1
+        return replace(plan, lookup=(), model_gamma=plan.gamma)
+
+    plan, plan_ahead = RoundPlanner.plan, RoundPlanner.plan_ahead
+
+    def planned_model_only(planner: RoundPlanner, *args, **kwargs) -> RoundPlan:
+        return model_only(plan(planner, *args, **kwargs))
+
+    def planned_ahead_model_only(planner: RoundPlanner, *args, **kwargs):
+        ahead = plan_ahead(planner, *args, **kwargs)
+        return None if ahead is None else replace(ahead, plan=model_only(ahead.plan))
+
+    with mock.patch.object(RoundPlanner, "plan", planned_model_only), \
+            mock.patch.object(RoundPlanner, "plan_ahead", planned_ahead_model_only), \
+            mock.patch("specd.desktop.client.lookahead.LOOKAHEAD_WORTH", 0.0):
+        yield planned
 
 
 SUBPROCESS_CASE = Case("temperature-1, specd-verifier subprocess", SamplingParams(temperature=1.0), gamma=2,

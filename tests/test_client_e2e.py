@@ -52,9 +52,9 @@ def verifier_config(target, port: int = 0, **limits):
 class SlowDrafter(TorchDrafter):
     """A drafter as slow as a laptop's (tiny models are too fast to see a reconnection mid-answer)."""
 
-    def next_logits(self):
+    def next_logits(self, ahead=()):
         time.sleep(0.015)
-        return super().next_logits()
+        return super().next_logits(ahead)
 
 
 class GuessesTheEnd(TorchDrafter):

@@ -13,6 +13,7 @@ import torch
 from specd.daemon.server import Verifier
 from specd.desktop.client.adaptive import GammaController
 from specd.desktop.client.context_lookup import ContextLookup
+from specd.desktop.client.lookahead import LookupGuesses
 from specd.desktop.client.round_planner import RoundPlanner, SourceAcceptance
 from specd.desktop.client.rounds import with_lookup
 from specd.desktop.client.stats_line import stats_line
@@ -116,6 +117,22 @@ def test_the_planner_chooses_the_source_by_expected_tokens_per_second():
     assert plan.lookup == (4, 5, 6) and plan.model_gamma == 0  # nothing is drafted past a stop token
     off = RoundPlanner(planner(0.9, 30.0).controller, None)
     assert off.plan(copy, 40, 16, frozenset()).lookup == ()
+
+
+def test_the_models_guess_is_looked_up_after_the_drafts_it_drew_so_far():
+    """Asked before each forward, the guess continues the committed tokens, what the round assumes and the
+    drafts so far; it covers only drafts whose logits a later draft reads, and only while it is likely."""
+    copy = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2]
+    guesses = LookupGuesses(planner(0.9, draft_ms=2.0).acceptance)
+    guess = guesses.for_round(copy, [3], gamma=6)  # the round assumes 3 first (a looked-up draft, a bonus guess)
+    assert guess([]) == [4, 5, 6, 7, 8]  # drafts 1-5; the sixth's logits are never read
+    assert guess([4, 5]) == [6, 7, 8]
+    assert guess([4, 9]) == []  # the draft left the copy, and one token is no match
+    assert guess([4, 9, 10]) == [11, 1]  # ... but two are: the copy goes on from there
+    assert guess([4, 9, 10, 11, 1]) == []  # no room left
+    assert guess([4, 5, 99]) == []  # nothing matches
+    unlikely = LookupGuesses(planner(0.05, draft_ms=2.0).acceptance).for_round(copy, [3], gamma=6)
+    assert unlikely([]) == []  # a guess that rarely comes true costs a wider forward for nothing
 
 
 def test_a_round_in_flight_is_followed_by_one_looked_up_ahead():

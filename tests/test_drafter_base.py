@@ -49,6 +49,16 @@ class CountingDrafter(CachedDrafter):
         self.truncations.append(length)
 
 
+class FeedingAheadDrafter(CountingDrafter):
+    """The same logits, from a backend that gives every fed token's (as the torch and ORT GenAI ones do)."""
+
+    feeds_ahead = True
+
+    def _forward_all(self, token_ids: list[int], start: int) -> torch.Tensor:
+        self._forward(token_ids, start)
+        return torch.stack([self.logits_after(self.cache[: start + i + 1]) for i in range(len(token_ids))])
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.7, top_p=0.95),
     SamplingParams(temperature=1.3, top_k=40, top_p=0.9),
@@ -155,3 +165,85 @@ def test_propose_reconciles_the_drafters_cache_with_the_prefix_it_is_handed():
     again = drafter.propose(verdict, 2, SamplingParams(temperature=0.0), 8, seed=0)
     assert drafter.passes[0] == (6, [9])  # the common prefix stays cached: only the new token runs first
     assert drafter.tokens() == [*verdict, *again.tokens] and drafter.cache[:7] == verdict
+
+
+def guessing(expected: list[int], asked: list | None = None):
+    """A guess that expects the drafts to be ``expected`` (what it offers while they are); logs its calls."""
+
+    def guess(drafts):
+        if asked is not None:
+            asked.append(list(drafts))
+        return expected[len(drafts):] if list(drafts) == expected[: len(drafts)] else []
+
+    return guess
+
+
+def drafts_and_passes(drafter: CountingDrafter, expected: list[int], params: SamplingParams, gamma: int = 6):
+    drafter.prefill([3, 1, 4, 1, 5])
+    drafter.next_logits()
+    drafter.append([9])  # the verifier's token: the round's first forward feeds it
+    drafter.passes.clear()
+    drafted = drafter.propose(drafter.tokens(), gamma, params, 8, seed=21, guess=guessing(expected))
+    return drafted, list(drafter.passes)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=0.95), SamplingParams(temperature=0.0)])
+def test_a_guess_that_comes_true_saves_the_forwards_and_changes_no_draft(params):
+    plain, plain_passes = drafts_and_passes(CountingDrafter(), [], params)
+    assert len(plain_passes) == 6
+    guess = plain.tokens[:4]  # the lookup guessed the first four drafts right, the fifth not
+    drafted, passes = drafts_and_passes(FeedingAheadDrafter(), [*guess, (plain.tokens[4] + 1) % 50], params)
+    assert drafted.tokens == plain.tokens
+    if plain.proposal is not None:
+        torch.testing.assert_close(drafted.proposal.probs, plain.proposal.probs)
+        assert torch.equal(drafted.proposal.ids, plain.proposal.ids)
+    # One forward feeds the verifier's token and the five guesses; drafts 2-5 read their logits from it;
+    # the wrong fifth guess is cut and the drawn fifth draft runs, and the sixth needs one more.
+    assert passes[0] == (5, [9, *guess, (plain.tokens[4] + 1) % 50])
+    assert passes[1:] == [(10, [plain.tokens[4]])] and len(passes) == 2
+    assert drafted.looked_ahead == 4
+
+
+def test_a_wrong_guess_costs_one_wider_forward_and_changes_no_draft():
+    params = SamplingParams(temperature=0.7, top_p=0.95)
+    plain, _ = drafts_and_passes(CountingDrafter(), [], params)
+    wrong = [(token + 1) % 50 for token in plain.tokens[:3]]
+    drafter = FeedingAheadDrafter()
+    drafted, passes = drafts_and_passes(drafter, wrong, params)
+    assert drafted.tokens == plain.tokens and drafted.looked_ahead == 0
+    assert passes[0] == (5, [9, *wrong]) and len(passes) == 6
+    assert drafter.cache == drafter.tokens()[:-1]  # the wrong guesses were cut; the last draft is not fed yet
+
+
+def test_guesses_fed_ahead_outlive_a_prefill_that_only_confirms_the_sequence():
+    """Drafting ahead proposes one token at a time (to stop between tokens): the guesses fed with the first
+    stay cached while the tokens drawn equal them."""
+    params = SamplingParams(temperature=0.7, top_p=0.95)
+    plain, _ = drafts_and_passes(CountingDrafter(), [], params, gamma=4)
+    drafter = FeedingAheadDrafter()
+    drafter.prefill([3, 1, 4, 1, 5, 9])
+    drafter.next_logits()
+    drafter.passes.clear()
+    sequence, drawn, pieces, asked = drafter.tokens(), [], [], []
+    guess = guessing(plain.tokens, asked)
+
+    def round_guess(drafts):  # as drafting ahead asks: the round's drafts so far, then the piece's
+        return guess([*drawn, *drafts])
+
+    for _ in range(4):
+        piece = drafter.propose(sequence, 1, params, 8, seed=21, guess=round_guess)
+        pieces.append(piece)
+        drawn.extend(piece.tokens)
+        sequence += piece.tokens
+    assert drawn == plain.tokens
+    # The first draft's logits were remembered; the second's forward feeds the first draft and the guesses.
+    assert drafter.passes == [(6, plain.tokens)]
+    assert [piece.looked_ahead for piece in pieces] == [0, 0, 1, 1]  # the drafts read after a guess
+    assert asked == [plain.tokens[:1]]  # asked only where a forward was to run
+
+
+def test_a_backend_that_gives_only_the_last_logits_ignores_the_guess():
+    params = SamplingParams(temperature=0.7, top_p=0.95)
+    plain, plain_passes = drafts_and_passes(CountingDrafter(), [], params)
+    drafted, passes = drafts_and_passes(CountingDrafter(), plain.tokens, params)
+    assert drafted.tokens == plain.tokens and passes == plain_passes and drafted.looked_ahead == 0

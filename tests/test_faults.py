@@ -64,10 +64,10 @@ class OfflineSlowDrafter(TorchDrafter):
 
     client: EdgeClient | None = None
 
-    def next_logits(self):
+    def next_logits(self, ahead=()):
         if self.client is not None and not self.client.connected:
             time.sleep(0.1)
-        return super().next_logits()
+        return super().next_logits(ahead)
 
 
 def make_client(url: str, folder: Path, *, drafter: bool) -> EdgeClient:

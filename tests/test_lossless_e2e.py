@@ -25,6 +25,7 @@ from tests.lossless_run import (
     CONTEXT_CASE,
     CONTROL_CASE,
     CONTROLS,
+    LOOKAHEAD_CASE,
     SHORT,
     SHORT_CASES,
     SWITCHING_CASE,
@@ -32,6 +33,7 @@ from tests.lossless_run import (
     context_prompt,
     drafted_ahead_with_lookups,
     look_ahead_always,
+    model_drafts_on_the_lookups_guess,
     short_alpha,
 )
 from tests.mode_switches import switching_answer
@@ -105,6 +107,22 @@ async def test_rounds_drafted_ahead_that_start_with_looked_up_drafts_follow_the_
     assert sent["drafted ahead, looked-up first"] > SHORT["case"] // 10, (result.summary(), dict(sent))
     assert sent["drafted ahead, looked-up then model"] > 0, (result.summary(), dict(sent))
     kinds = result.sample.kinds
+    assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
+    assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
+
+
+async def test_model_drafts_read_from_a_forward_fed_the_lookups_guess_follow_the_targets_law(models):
+    """The model drafting on the lookup's guess: the drafts that equal it come from the logits of one
+    forward over the guess (drafted ahead too), not one forward each. The draft is the target's own model
+    here (as in the product's embedded pair, a draft that agrees with the target), so its drafts equal the
+    lookup's tokens, the target's likely continuation, often."""
+    case = replace(LOOKAHEAD_CASE, answers=SHORT["case"], prompt=context_prompt(models))
+    with model_drafts_on_the_lookups_guess() as planned:
+        result = await run_case(case, replace(models, draft=models.target))
+    print(result.summary(), dict(planned))  # shown with -s
+    kinds = result.sample.kinds
+    assert planned["model drafts on the lookup's guess"] > SHORT["case"] // 2, (result.summary(), dict(planned))
+    assert kinds["looked-ahead drafts"] >= SHORT["case"] // 20, result.summary()  # 24 of 200 answers in one run
     assert kinds["accepted"] and kinds["corrected"] and kinds["bonus"], result.summary()
     assert result.pvalue > short_alpha(), f"the answers differ from the target's law: {result.summary()}"
 

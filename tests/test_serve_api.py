@@ -260,9 +260,9 @@ def slow_drafter(monkeypatch):
 
     fast = TorchDrafter.next_logits
 
-    def next_logits(self):
+    def next_logits(self, ahead=()):
         time.sleep(0.01)
-        return fast(self)
+        return fast(self, ahead)
 
     monkeypatch.setattr(TorchDrafter, "next_logits", next_logits)
 

@@ -27,9 +27,9 @@ def test_the_local_api_is_switched_on_in_settings_shown_counted_and_off_again(qt
                                                                                draft_folder, monkeypatch):
     slow = TorchDrafter.next_logits
 
-    def next_logits(self):  # a laptop-slow draft model, so a request is still running when it is counted
+    def next_logits(self, ahead=()):  # a laptop-slow draft model, so a request is still running when it is counted
         time.sleep(0.01)
-        return slow(self)
+        return slow(self, ahead)
 
     monkeypatch.setattr(TorchDrafter, "next_logits", next_logits)
     qapp.setQuitOnLastWindowClosed(False)

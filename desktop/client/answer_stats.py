@@ -3,10 +3,12 @@ the events that change it: a verdict, a discarded round, streamed tokens, drafti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from specd.desktop.client.adaptive import Step
+from specd.desktop.drafters.base import DraftProposal
 
 Source = Literal["draft", "target", "local", "cloud"]
 Mode = Literal["speculative", "local", "cloud-only", "edge-only"]
@@ -55,6 +57,10 @@ class AnswerStats:
     # would have been accepted with while the verifier streamed (stream_scoring.py).
     streamed_scored: int = 0
     streamed_acceptance: float = 0.0
+    # The context lookup as the model's guess (lookahead.py): looked-up tokens the drafter's forwards fed
+    # beyond what they needed, and the model's drafts that came out equal to them, so needed no forward.
+    lookahead_fed: int = 0
+    looked_ahead_drafts: int = 0
 
     # -- derived ----------------------------------------------------------------------------------
     @property
@@ -130,9 +136,11 @@ class AnswerStats:
     def on_round_sent_ahead(self) -> None:
         self.ahead_rounds += 1
 
-    def on_drafting(self, ms: float) -> None:
-        """The drafter worked ``ms`` for this answer (drafting, or reading tokens it did not draft)."""
+    def on_drafting(self, ms: float, drafts: Sequence[DraftProposal] = ()) -> None:
+        """The drafter worked ``ms`` for this answer (drafting ``drafts``, or reading tokens it did not draft)."""
         self.edge_ms += ms
+        self.lookahead_fed += sum(d.guessed for d in drafts)
+        self.looked_ahead_drafts += sum(d.looked_ahead for d in drafts)
 
     def on_stream_scored(self, sample: float, ms: float) -> None:
         """The drafter scored a streamed token (acceptance sample ``sample``), working ``ms``."""

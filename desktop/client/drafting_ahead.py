@@ -6,7 +6,8 @@ committed sequence becomes exactly that prefix (the verifier discards it otherwi
 position and seed, so drafting ahead changes when tokens come, never which. When the context lookup
 continues the drafts in flight with the same guess (or its guesses come true more often than the
 drafter's), the round takes the lookup's guess and starts with what it looked up, at no drafting cost; the
-model drafts after it as the planner's split says.
+model drafts after it as the planner's split says, with what the lookup finds after them as its guess
+(lookahead.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Sequence
 
 from specd.desktop.client.answer import Run
 from specd.desktop.client.link import Link
+from specd.desktop.client.lookahead import LookupGuesses
 from specd.desktop.client.round_planner import AheadPlan, RoundPlan
 from specd.desktop.client.rounds import SentRound, merge, with_lookup
 from specd.desktop.drafters.base import DraftProposal
@@ -37,7 +40,7 @@ class DraftingAhead:
 
     @classmethod
     def start(cls, link: Link, run: Run, current: SentRound, room: int,
-              looked_up: AheadPlan | None = None) -> DraftingAhead:
+              looked_up: AheadPlan | None = None, guesses: LookupGuesses | None = None) -> DraftingAhead:
         base = [*current.prefix, *current.tokens]
         job = cls(max(1, min(run.controller.choose(room), link.max_gamma(len(base) + 1))), base, looked_up)
         loop = asyncio.get_running_loop()
@@ -55,10 +58,19 @@ class DraftingAhead:
             start = time.perf_counter()
             sequence = [*base, guess, *job.plan.lookup]
             pieces: list[DraftProposal] = []
+            drawn: list[int] = []  # the round's model drafts so far
+            round_guess = None if guesses is None else guesses.for_round(
+                current.prefix, [*current.tokens, guess, *job.plan.lookup], job.plan.model_gamma)
+
+            def piece_guess(drafts: Sequence[int]) -> list[int]:
+                return round_guess([*drawn, *drafts]) if round_guess is not None else []
+
             for _ in range(job.plan.model_gamma):  # one at a time, so an abort stops it between tokens
                 if job.abort.is_set() or sequence[-1] in stop:
                     break
-                pieces.append(drafter.propose(sequence, 1, settings.sampling, settings.support_k, seed, stop))
+                pieces.append(drafter.propose(sequence, 1, settings.sampling, settings.support_k, seed, stop,
+                                              piece_guess if round_guess is not None else None))
+                drawn.extend(pieces[-1].tokens)
                 sequence += pieces[-1].tokens
             return pieces, (time.perf_counter() - start) * 1000.0
 
@@ -103,5 +115,5 @@ class DraftingAhead:
     async def _collect(self, run: Run) -> tuple[list[DraftProposal], float]:
         assert self.task is not None
         pieces, draft_ms = await self.task
-        run.stats.on_drafting(draft_ms)
+        run.stats.on_drafting(draft_ms, pieces)
         return pieces, draft_ms

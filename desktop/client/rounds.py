@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +28,11 @@ class SentRound:
 
 
 def propose_timed(drafter: Drafter, prefix: list[int], gamma: int, sampling: SamplingParams, support_k: int,
-                  seed: int, stop: frozenset[int]) -> tuple[DraftProposal, float]:
+                  seed: int, stop: frozenset[int],
+                  guess: Callable[[Sequence[int]], Sequence[int]] | None = None) -> tuple[DraftProposal, float]:
     """``drafter.propose`` (which reconciles its cache with ``prefix``) and the milliseconds it took."""
     start = time.perf_counter()
-    proposal = drafter.propose(prefix, gamma, sampling, support_k, seed, stop)
+    proposal = drafter.propose(prefix, gamma, sampling, support_k, seed, stop, guess)
     return proposal, (time.perf_counter() - start) * 1000.0
 
 

@@ -25,6 +25,7 @@ from specd.desktop.client.answer import Run, common_event, take_streamed
 from specd.desktop.client.context_lookup import ContextLookup
 from specd.desktop.client.drafting_ahead import DraftingAhead
 from specd.desktop.client.link import Link
+from specd.desktop.client.lookahead import LookupGuesses
 from specd.desktop.client.round_planner import RoundPlanner
 from specd.desktop.client.rounds import SentRound, propose_timed, with_lookup
 from specd.desktop.client.stream_scoring import StreamScoring
@@ -70,6 +71,8 @@ class Speculation:
         self.step: Step | None = None  # what to send once nothing is in flight (None: ask the policy then)
         lookup = ContextLookup() if run.settings.context_proposer else None
         self.planner = RoundPlanner(run.controller, lookup, run.context_acceptance)
+        # The lookup as the model's guess, in the drafter's thread (lookahead.py).
+        self.guesses = LookupGuesses(self.planner.acceptance) if lookup is not None else None
 
     async def run_to_end(self) -> None:
         """Send the request and handle its events until it ends; connection loss raises out of here."""
@@ -148,9 +151,11 @@ class Speculation:
         model, draft_ms = None, 0.0
         if plan.model_gamma:
             after = [*prefix, *plan.lookup]
+            guess = None if self.guesses is None else self.guesses.for_round(prefix, plan.lookup, plan.model_gamma)
             model, draft_ms = await link.in_drafter(lambda: propose_timed(
-                link.drafter, after, plan.model_gamma, settings.sampling, settings.support_k, run.seed, run.stop_ids))
-            run.stats.on_drafting(draft_ms)
+                link.drafter, after, plan.model_gamma, settings.sampling, settings.support_k, run.seed, run.stop_ids,
+                guess))
+            run.stats.on_drafting(draft_ms, [model])
         proposal = with_lookup(plan.lookup, model, settings.sampling.greedy)
         number, frame = link.session.draft(proposal.tokens, proposal.wire())
         await link.send(frame)
@@ -216,7 +221,7 @@ class Speculation:
             position = len(current.prefix) + len(current.tokens) + 1
             looked_up = self.planner.plan_ahead(current.prefix, current.tokens, room, self.link.max_gamma(position),
                                                 run.stop_ids)
-            self.ahead = DraftingAhead.start(self.link, run, current, room, looked_up)
+            self.ahead = DraftingAhead.start(self.link, run, current, room, looked_up, self.guesses)
 
     # -- events -----------------------------------------------------------------------------------
     async def on_verdict(self, event: RoundVerdict) -> bool:

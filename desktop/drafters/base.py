@@ -9,7 +9,7 @@ sequence; drafting ahead is ``propose(committed + drafts + [guess], …)``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ class DraftProposal:
 
     tokens: list[int]
     proposal: ProposalDistribution | None
+    looked_ahead: int = 0  # drafts whose logits came from a forward that fed the caller's guess
+    guessed: int = 0  # guessed tokens the forwards fed
 
     def wire(self) -> WireProposal | None:
         """The proposal as a ``draft`` message carries it."""
@@ -65,6 +67,8 @@ class Drafter(ABC):
     model_name: str = ""
     #: folder with the model's Hugging Face tokenizer files (what :meth:`load_tokenizer` reads)
     tokenizer_path: Path | None = None
+    #: whether a forward can feed guessed tokens and give their logits too (see :meth:`propose`)
+    feeds_ahead: bool = False
     #: the weight precision it was built at (int4, int8, fp16, fp32, prepared) and why (set by the loader)
     precision: str = ""
     precision_reason: str = ""
@@ -93,8 +97,9 @@ class Drafter(ABC):
         """Keep only the first ``length`` tokens; later model state must equal a fresh run."""
 
     @abstractmethod
-    def next_logits(self) -> torch.Tensor:
-        """float32 logits ``[V]`` for the token after the current sequence."""
+    def next_logits(self, ahead: Sequence[int] = ()) -> torch.Tensor:
+        """float32 logits ``[V]`` for the token after the current sequence. ``ahead``: tokens guessed to come
+        next, which a backend that can may feed in the same forward pass (see :meth:`propose`)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook; most backends free memory on garbage collection
         """Release the model; the drafter is unusable afterwards."""
@@ -116,7 +121,8 @@ class Drafter(ABC):
         self.append(token_ids[keep:])
 
     def propose(self, prefix: Sequence[int], gamma: int, params: SamplingParams, support_k: int, seed: int,
-                stop: Collection[int] = ()) -> DraftProposal:
+                stop: Collection[int] = (), guess: Callable[[Sequence[int]], Sequence[int]] | None = None,
+                ) -> DraftProposal:
         """Make the sequence ``prefix`` (keeping the common prefix cached), then sample γ drafts after it
         autoregressively, appending each; returns them with their proposals.
 
@@ -124,13 +130,24 @@ class Drafter(ABC):
 
         The draw for the token at absolute position n uses ``position_generator(seed, n, DRAFT_STREAM)``,
         so the same prefix and seed give the same drafts however rounds are split.
+
+        ``guess``: asked, with the drafts drawn so far, before each forward a draft needs, what is likely to
+        follow them (the context lookup's continuation). Where the backend gives the logits of every token
+        fed (:attr:`feeds_ahead`) the forward feeds the guess too, so while the drafts drawn equal it the
+        next logits are already there and no forward runs. Each draft is still drawn from the model's own
+        proposal with its own stream: the guess changes how many forwards run, never which token is drawn
+        or from what (up to the rounding of a forward over several tokens).
         """
         self.prefill(prefix)
         tokens: list[int] = []
         ids: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
+        looked_ahead = guessed = 0
         for _ in range(gamma):
-            logits = self.next_logits().unsqueeze(0)
+            looked_ahead += self.has_guessed_logits()
+            ahead = guess(tokens) if guess is not None and self.feeds_ahead and not self.has_logits() else ()
+            guessed += len(ahead)
+            logits = self.next_logits(ahead).unsqueeze(0)
             if params.greedy:
                 token = int(logits.argmax(dim=-1))
             else:
@@ -144,9 +161,19 @@ class Drafter(ABC):
             if token in stop:
                 break
         if params.greedy:
-            return DraftProposal(tokens=tokens, proposal=None)
+            return DraftProposal(tokens=tokens, proposal=None, looked_ahead=looked_ahead, guessed=guessed)
         return DraftProposal(tokens=tokens, proposal=ProposalDistribution(ids=torch.stack(ids),
-                                                                          probs=torch.stack(probs)))
+                                                                          probs=torch.stack(probs)),
+                             looked_ahead=looked_ahead, guessed=guessed)
+
+    def has_logits(self) -> bool:
+        """Whether :meth:`next_logits` would answer without a forward pass."""
+        return False
+
+    def has_guessed_logits(self) -> bool:
+        """Whether :meth:`next_logits` would answer without a forward pass, from one that fed a guess of the
+        sequence's last token."""
+        return False
 
     def most_likely_next(self) -> int:
         """The draft's guess for the verifier's next token (used when drafting ahead)."""
@@ -158,19 +185,26 @@ class CachedDrafter(Drafter):
 
     Tokens are fed lazily: ``append`` only records them, and the next :meth:`next_logits` runs one
     forward pass over everything not yet in the cache (after a verdict usually just the verifier's
-    token). Logits are remembered per sequence length, so rolling back to a length the drafter already
-    saw reuses them; otherwise the last kept token is run again.
-    Backends implement :meth:`_forward` and :meth:`_truncate`.
+    token), and over the tokens guessed to come next where the backend gives the logits of every token
+    it is fed (:attr:`feeds_ahead`): the cache may then hold guesses past the sequence, kept while the
+    tokens appended equal them. Logits are remembered per cached length, so rolling back to a length the
+    drafter already saw, or appending a guessed token, reuses them; otherwise the last kept token is run
+    again. Backends implement :meth:`_forward` and :meth:`_truncate` (and :meth:`_forward_all` to feed ahead).
     """
 
     def __init__(self) -> None:
         self._tokens: list[int] = []
-        self._cached = 0  # tokens whose keys and values are in the backend's cache
-        self._memo: dict[int, torch.Tensor] = {}  # sequence length -> logits for the next token
+        self._in_cache: list[int] = []  # the tokens in the backend's cache: a prefix of the sequence, then guesses
+        self._memo: dict[int, torch.Tensor] = {}  # cached length -> logits for the next token
+        self._guessed: set[int] = set()  # the lengths in the memo whose last token was fed as a guess
 
     @abstractmethod
     def _forward(self, token_ids: list[int], start: int) -> torch.Tensor:
         """Run ``token_ids`` (at positions ``start``…) on top of the cache; float32 logits ``[V]`` of the last."""
+
+    def _forward_all(self, token_ids: list[int], start: int) -> torch.Tensor:
+        """Like :meth:`_forward`, but logits ``[len(token_ids), V]`` of every token fed."""
+        raise NotImplementedError(f"the {self.backend} drafter does not feed guessed tokens ahead")
 
     @abstractmethod
     def _truncate(self, length: int) -> None:
@@ -193,27 +227,47 @@ class CachedDrafter(Drafter):
     def rollback(self, length: int) -> None:
         if not 0 <= length <= len(self._tokens):
             raise ValueError(f"cannot roll back to {length}: the drafter holds {len(self._tokens)} tokens")
+        if length == len(self._tokens):
+            return  # nothing dropped: guesses cached past the sequence stay
         del self._tokens[length:]
-        self._memo = {n: v for n, v in self._memo.items() if n <= length}
-        if self._cached > length:
-            self._truncate(length)
-            self._cached = length
+        self._cut_cache(length)
 
-    def next_logits(self) -> torch.Tensor:
+    def _cut_cache(self, length: int) -> None:
+        self._memo = {n: v for n, v in self._memo.items() if n <= length}
+        if len(self._in_cache) > length:
+            self._truncate(length)
+            del self._in_cache[length:]
+
+    def has_logits(self) -> bool:
+        length = len(self._tokens)
+        return length in self._memo and self._in_cache[:length] == self._tokens
+
+    def has_guessed_logits(self) -> bool:
+        return len(self._tokens) in self._guessed and self.has_logits()
+
+    def next_logits(self, ahead: Sequence[int] = ()) -> torch.Tensor:
         length = len(self._tokens)
         if length == 0:
             raise ValueError("the drafter holds no tokens: prefill a prompt first")
-        if self._cached == length and length in self._memo:
+        if self.has_logits():
             return self._memo[length]
-        if self._cached == length:  # rolled back to a length never computed: re-run its last token
-            self._truncate(length - 1)
-            self._cached = length - 1
-        logits = self._forward(self._tokens[self._cached:], self._cached).to(torch.float32)
-        self._cached = length
-        self._memo[length] = logits
-        if len(self._memo) > _LOGITS_MEMO:
+        # Keep what the cache shares with the sequence, but at least the last token runs again (its logits
+        # are not remembered, or the cache went past it with a guess that did not come true).
+        start = min(common_prefix(self._in_cache, self._tokens), length - 1)
+        self._cut_cache(start)
+        fed = self._tokens[start:]
+        guessed = [int(t) for t in ahead] if self.feeds_ahead else []
+        if guessed:
+            rows = self._forward_all(fed + guessed, start).to(torch.float32)
+            for i in range(len(fed) - 1, rows.shape[0]):
+                self._memo[start + i + 1] = rows[i]
+        else:
+            self._memo[length] = self._forward(fed, start).to(torch.float32)
+        self._guessed = {length + i + 1 for i in range(len(guessed))}
+        self._in_cache = self._tokens + guessed
+        while len(self._memo) > _LOGITS_MEMO:
             del self._memo[min(self._memo)]
-        return logits
+        return self._memo[length]
 
     def reset(self) -> None:
         """Forget every token (a new conversation)."""

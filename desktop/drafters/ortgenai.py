@@ -38,6 +38,7 @@ class OrtGenAIDrafter(CachedDrafter):
     """An ORT GenAI model folder (``genai_config.json`` + ``model.onnx``) on one execution provider."""
 
     backend = "onnxruntime-genai"
+    feeds_ahead = True
 
     def __init__(self, folder: str | Path, provider: str = "cpu", *, max_length: int = 4096,
                  provider_options: dict[str, str] | None = None, model_name: str = "") -> None:
@@ -79,14 +80,22 @@ class OrtGenAIDrafter(CachedDrafter):
         return self._vocab
 
     def _forward(self, token_ids: list[int], start: int) -> torch.Tensor:
+        return self._run(token_ids, start, every=False)[-1]
+
+    def _forward_all(self, token_ids: list[int], start: int) -> torch.Tensor:
+        return self._run(token_ids, start, every=True)
+
+    def _run(self, token_ids: list[int], start: int, *, every: bool) -> torch.Tensor:
+        """Feed ``token_ids``; logits ``[n, V]`` of the last token, or of every token fed (``every``)."""
         if start + len(token_ids) > self.max_length:
             raise ModelError(f"the draft context is full ({self.max_length} tokens, [limits] max_total_tokens)")
         try:
             self._generator.append_tokens(token_ids)
-            logits = self._generator.get_logits()
+            # The model's logits output holds every token fed; get_logits keeps only the last.
+            logits = self._generator.get_output("logits") if every else self._generator.get_logits()
         except RuntimeError as exc:  # the native runtime's message names the failing node
             raise DeviceError(f"ONNX Runtime GenAI failed running {self.model_name} on {self.device}: {exc}") from None
-        return torch.from_numpy(logits[0, -1].copy())
+        return torch.from_numpy(logits[0].copy())
 
     def _truncate(self, length: int) -> None:
         self._generator.rewind_to(length)

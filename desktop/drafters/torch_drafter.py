@@ -30,6 +30,7 @@ class TorchDrafter(CachedDrafter):
     """A Hugging Face model folder run by transformers, KV cache in a ``DynamicCache``."""
 
     backend = "torch"
+    feeds_ahead = True
 
     def __init__(self, folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                  model_name: str = "") -> None:
@@ -58,13 +59,20 @@ class TorchDrafter(CachedDrafter):
     def vocab_size(self) -> int:
         return self._vocab
 
-    @torch.inference_mode()
     def _forward(self, token_ids: list[int], start: int) -> torch.Tensor:
+        return self._run(token_ids, start, keep=1)[-1]
+
+    def _forward_all(self, token_ids: list[int], start: int) -> torch.Tensor:
+        return self._run(token_ids, start, keep=len(token_ids))
+
+    @torch.inference_mode()
+    def _run(self, token_ids: list[int], start: int, keep: int) -> torch.Tensor:
+        """Feed ``token_ids``; float32 logits ``[keep, V]`` of the last ``keep`` of them."""
         ids = torch.tensor([token_ids], dtype=torch.long, device=self._device)
         positions = torch.arange(start, start + len(token_ids), device=self._device)
-        out = self._model(input_ids=ids, use_cache=True, cache_position=positions, logits_to_keep=1,
+        out = self._model(input_ids=ids, use_cache=True, cache_position=positions, logits_to_keep=keep,
                           **{self._cache_kwarg: self._cache})
-        return out.logits[0, -1].float().cpu()
+        return out.logits[0].float().cpu()
 
     def _truncate(self, length: int) -> None:
         if length == 0:
