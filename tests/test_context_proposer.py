@@ -232,8 +232,12 @@ async def test_greedy_answers_with_looked_up_drafts_equal_the_targets(folders, g
     assert answer.token_ids == expected == off.token_ids
     stats = answer.to_json()["stats"]
     proposed, accepted = stats["proposed_by_source"], stats["accepted_by_source"]
-    assert proposed["context"] > 0 and 0 < accepted["context"] <= proposed["context"]
     assert proposed["context"] + proposed["model"] == answer.stats.drafted
     assert accepted["context"] + accepted["model"] == answer.stats.accepted
-    assert "looked-up drafts accepted" in stats_line(stats, answer.finish_reason)
+    assert accepted["context"] <= proposed["context"]
     assert off.stats.proposed_by_source["context"] == 0
+    if gamma is not None:
+        # A fixed γ sends what the lookup finds; an adaptive one sends it where the measured rates favour
+        # it, which a loaded machine changes, so only the fixed case is sure to carry looked-up drafts.
+        assert proposed["context"] > 0 and accepted["context"] > 0
+        assert "looked-up drafts accepted" in stats_line(stats, answer.finish_reason)
