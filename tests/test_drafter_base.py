@@ -247,3 +247,20 @@ def test_a_backend_that_gives_only_the_last_logits_ignores_the_guess():
     plain, plain_passes = drafts_and_passes(CountingDrafter(), [], params)
     drafted, passes = drafts_and_passes(CountingDrafter(), plain.tokens, params)
     assert drafted.tokens == plain.tokens and passes == plain_passes and drafted.looked_ahead == 0
+
+
+class LastLogitsOnly(FeedingAheadDrafter):
+    """A model built to output its last token's logits only, whatever it is fed (some exported graphs)."""
+
+    def _forward_all(self, token_ids: list[int], start: int) -> torch.Tensor:
+        return super()._forward_all(token_ids, start)[-1:]
+
+
+def test_a_model_that_outputs_the_last_logits_only_drafts_without_the_guess(caplog):
+    params = SamplingParams(temperature=0.7, top_p=0.95)
+    plain, _ = drafts_and_passes(CountingDrafter(), [], params)
+    drafter = LastLogitsOnly()
+    drafted, passes = drafts_and_passes(drafter, plain.tokens, params)
+    assert drafted.tokens == plain.tokens and drafted.looked_ahead == 0 and not drafter.feeds_ahead
+    assert passes[1] == (5, [9]) and len(passes) == 7  # the guess was cut, then one forward per draft
+    assert "gives the logits of the last token it is fed only" in caplog.text

@@ -8,6 +8,7 @@ sequence; drafting ahead is ``propose(committed + drafts + [guess], …)``.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from specd.shared.sampling import (
     sample_proposal,
     sparse_proposal,
 )
+
+log = logging.getLogger("specd.desktop")
 
 BACKENDS = ("torch", "onnxruntime-genai", "openvino")
 
@@ -259,6 +262,12 @@ class CachedDrafter(Drafter):
         guessed = [int(t) for t in ahead] if self.feeds_ahead else []
         if guessed:
             rows = self._forward_all(fed + guessed, start).to(torch.float32)
+            if rows.shape[0] != len(fed) + len(guessed):  # a model built to output the last token's only
+                log.warning("the %s draft %s gives the logits of the last token it is fed only: drafting "
+                            "without the context lookup's guess", self.backend, self.model_name)
+                self.feeds_ahead = False
+                self._in_cache = self._tokens + guessed
+                return self.next_logits()
             for i in range(len(fed) - 1, rows.shape[0]):
                 self._memo[start + i + 1] = rows[i]
         else:
